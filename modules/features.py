@@ -1,0 +1,38 @@
+"""Target features: what the EAGLE drafts learn from.
+
+EAGLE-1/2 use the target's last hidden state AFTER the final norm (the vector lm_head turns into
+logits). EAGLE-3 additionally fuses three intermediate hidden states ("aux layers"). Ids index
+HF's `hidden_states` tuple: entry 0 is the embedding output, entry i the input of decoder layer i.
+"""
+import torch
+
+
+def default_aux_layers(num_layers: int) -> list[int]:
+    """The official EAGLE-3 choice: the inputs of layers 2, N//2 and N-3 (low, middle, high)."""
+    return [2, num_layers // 2, num_layers - 3]
+
+
+def base_model(model):
+    """The decoder stack without the LM head (LlamaModel inside LlamaForCausalLM, etc.)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+
+
+@torch.no_grad()
+def target_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    aux_layers: list[int] | None = None):
+    """(last [B,T,H], aux [B,T,len(aux_layers)*H] or None) for a (right-)padded batch.
+
+    `last` is the post-final-norm state: lm_head(last) equals the model's logits. The LM head
+    itself is skipped: it is the most expensive matmul for small targets and not needed here.
+    """
+    want_aux = bool(aux_layers)
+    out = base_model(model)(input_ids=input_ids, attention_mask=attention_mask,
+                            output_hidden_states=want_aux, use_cache=False, return_dict=True)
+    aux = None
+    if want_aux:
+        n = len(out.hidden_states)
+        for i in aux_layers:
+            if not 0 <= i < n - 1:  # the last entry is the normed output, not a layer input
+                raise ValueError(f"aux layer id {i} out of range for a model with {n - 1} layers")
+        aux = torch.cat([out.hidden_states[i] for i in aux_layers], dim=-1)
+    return out.last_hidden_state, aux

@@ -1,0 +1,264 @@
+"""On-disk EAGLE training data: safetensors shards of packed conversations plus a manifest.
+
+A data folder is what one generate_data.py run writes for a row slice [start, end):
+
+    manifest.json
+    shard-<first_row:08d>-<end_row:08d>.safetensors   (one per block of rows_per_shard rows)
+
+Each shard holds every kept conversation of its rows, packed end to end (no padding):
+    input_ids          int32  [N_tok]
+    loss_mask          uint8  [N_tok]          1 = the draft is trained to predict this token
+    hidden_states      bf16   [N_tok, H]       target's last hidden state (post final norm)
+    aux_hidden_states  bf16   [N_tok, k*H]     optional: EAGLE-3 fused low/mid/high features
+    offsets            int64  [n_conv + 1]     conversation c = tokens offsets[c]:offsets[c+1]
+    row_ids            int64  [n_conv]         dataset row of each conversation
+and str metadata: format, first_row, end_row, rows, tokens, trained_tokens, skipped (JSON).
+
+Shards are written under a temporary name and renamed, so a killed run leaves only whole shards
+and a rerun continues from the first missing one. The format is readable with `safetensors` alone.
+"""
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FORMAT = "eagle-data-v1"
+MANIFEST = "manifest.json"
+SHARD_RE = re.compile(r"^shard-(\d{8})-(\d{8})\.safetensors$")
+SHARD_KEYS = ("input_ids", "loss_mask", "hidden_states", "offsets", "row_ids")
+
+
+class DataFormatError(RuntimeError):
+    """Missing, empty or corrupt data folder/shard (the message names the file)."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+def shard_name(first_row: int, end_row: int) -> str:
+    return f"shard-{first_row:08d}-{end_row:08d}.safetensors"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def pack_conversations(conversations: list[dict], hidden_dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Concatenate conversations ({input_ids, loss_mask, hidden_states, [aux_hidden_states], row_id})
+    into the shard tensors. Works for zero conversations (a shard whose rows were all skipped)."""
+    lengths = [len(c["input_ids"]) for c in conversations]
+    offsets = torch.zeros(len(conversations) + 1, dtype=torch.int64)
+    if lengths:
+        offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+
+    def cat(key, dtype, width=None):
+        parts = [torch.as_tensor(c[key]).to(dtype) for c in conversations]
+        if parts:
+            return torch.cat(parts).contiguous()
+        return torch.zeros((0,) if width is None else (0, width), dtype=dtype)
+
+    hidden = cat("hidden_states", hidden_dtype, conversations[0]["hidden_states"].shape[-1] if conversations else 0)
+    tensors = {
+        "input_ids": cat("input_ids", torch.int32),
+        "loss_mask": cat("loss_mask", torch.uint8),
+        "hidden_states": hidden,
+        "offsets": offsets,
+        "row_ids": torch.tensor([int(c["row_id"]) for c in conversations], dtype=torch.int64),
+    }
+    if conversations and "aux_hidden_states" in conversations[0]:
+        tensors["aux_hidden_states"] = cat("aux_hidden_states", hidden_dtype)
+    return tensors
+
+
+def write_shard(folder: str | Path, first_row: int, end_row: int, conversations: list[dict],
+                skipped: dict[str, int], hidden_dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Write one shard atomically; return its stats (the same as its metadata, decoded)."""
+    tensors = pack_conversations(conversations, hidden_dtype)
+    stats = {
+        "format": FORMAT, "first_row": first_row, "end_row": end_row,
+        "rows": len(conversations), "tokens": int(tensors["input_ids"].numel()),
+        "trained_tokens": int(tensors["loss_mask"].sum()), "skipped": dict(sorted(skipped.items())),
+    }
+    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in stats.items()}
+    path = Path(folder) / shard_name(first_row, end_row)
+    tmp = Path(str(path) + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    stats["bytes"] = path.stat().st_size
+    return stats
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> None:
+    atomic_write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataFormatError(f"no {MANIFEST} in {folder}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataFormatError(f"corrupt manifest {path}: {err}") from None
+    if manifest.get("format") != FORMAT:
+        raise DataFormatError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def list_shards(folder: str | Path) -> list[Path]:
+    """Whole shards in a folder, sorted by first row (temporary files of a killed run are ignored)."""
+    found = [(int(m.group(1)), p) for p in Path(folder).iterdir() if (m := SHARD_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def read_shard_stats(path: str | Path) -> dict:
+    """The metadata of one shard, decoded (first_row, end_row, rows, tokens, trained_tokens, skipped)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise DataFormatError(f"corrupt shard {path}: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise DataFormatError(f"shard {path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    stats = {k: (v if k == "format" else json.loads(v)) for k, v in meta.items()}
+    stats["bytes"] = Path(path).stat().st_size
+    return stats
+
+
+def summarize_shards(folder: str | Path) -> dict:
+    """Totals over a folder's shards: rows_written, tokens, trained_tokens, skipped, bytes, shards."""
+    total = {"rows_written": 0, "tokens": 0, "trained_tokens": 0, "skipped": {}, "bytes": 0, "shards": 0}
+    for path in list_shards(folder):
+        s = read_shard_stats(path)
+        total["rows_written"] += s["rows"]
+        total["tokens"] += s["tokens"]
+        total["trained_tokens"] += s["trained_tokens"]
+        total["bytes"] += s["bytes"]
+        total["shards"] += 1
+        for reason, n in s["skipped"].items():
+            total["skipped"][reason] = total["skipped"].get(reason, 0) + n
+    total["skipped"] = dict(sorted(total["skipped"].items()))
+    return total
+
+
+def find_data_folders(dirs) -> list[Path]:
+    """A folder holding manifest.json, or a parent whose (sorted) subfolders hold them; or a list."""
+    if isinstance(dirs, (str, Path)):
+        dirs = [dirs]
+    folders = []
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise DataFormatError(f"data folder not found: {d}")
+        if (d / MANIFEST).is_file():
+            folders.append(d)
+            continue
+        subs = sorted(p for p in d.iterdir() if (p / MANIFEST).is_file())
+        if not subs:
+            raise DataFormatError(f"no {MANIFEST} in {d} or its subfolders: not EAGLE data (run generate_data.py)")
+        folders.extend(subs)
+    return folders
+
+
+class EagleDataset(torch.utils.data.Dataset):
+    """All conversations of one or more data folders, memory-mapped, one conversation per item.
+
+    ds[i] -> {"input_ids": LongTensor[T], "loss_mask": LongTensor[T], "hidden_states": Tensor[T,H],
+              ["aux_hidden_states": Tensor[T,k*H]], "row_id": int}
+    """
+
+    def __init__(self, dirs):
+        self.folders = find_data_folders(dirs)
+        self.manifests = [read_manifest(f) for f in self.folders]
+        self._check_compatible()
+        self.shards: list[Path] = []
+        shard_ids, starts, ends, row_ids = [], [], [], []
+        for folder in self.folders:
+            for path in list_shards(folder):
+                offsets, rows, keys = self._read_index(path)
+                k = len(self.shards)
+                self.shards.append(path)
+                shard_ids += [k] * len(rows)
+                starts.append(offsets[:-1])
+                ends.append(offsets[1:])
+                row_ids.append(rows)
+                if self.has_aux and rows.numel() and "aux_hidden_states" not in keys:
+                    raise DataFormatError(f"corrupt shard {path}: manifest has aux_layers but no aux_hidden_states")
+        if not shard_ids:
+            raise DataFormatError(f"no conversations in {', '.join(map(str, self.folders))}")
+        self._shard = torch.tensor(shard_ids, dtype=torch.int64)
+        self._start = torch.cat(starts)
+        self._end = torch.cat(ends)
+        self.row_ids = torch.cat(row_ids)
+        self._handles = {}
+
+    def _check_compatible(self):
+        first = self.manifests[0]
+        for folder, m in zip(self.folders, self.manifests):
+            for key in ("hidden_size", "model", "aux_layers", "dtype"):
+                if m.get(key) != first.get(key):
+                    raise DataFormatError(
+                        f"{folder}: {key}={m.get(key)!r} differs from {self.folders[0]}: {first.get(key)!r}")
+        self.hidden_size = int(first["hidden_size"])
+        self.model_name = first["model"]
+        self.aux_layers = first.get("aux_layers")
+        self.has_aux = bool(self.aux_layers)
+
+    @staticmethod
+    def _read_index(path: Path):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = set(f.keys())
+                missing = [k for k in SHARD_KEYS if k not in keys]
+                if missing:
+                    raise DataFormatError(f"corrupt shard {path}: missing tensors {missing}")
+                offsets, rows = f.get_tensor("offsets"), f.get_tensor("row_ids")
+                n_tok = f.get_slice("input_ids").get_shape()[0]
+        except (SafetensorError, OSError) as err:
+            raise DataFormatError(f"corrupt shard {path}: {err}") from None
+        if len(offsets) != len(rows) + 1 or int(offsets[-1]) != n_tok or int(offsets[0]) != 0:
+            raise DataFormatError(f"corrupt shard {path}: offsets do not match input_ids")
+        return offsets, rows, keys
+
+    def __len__(self) -> int:
+        return len(self._shard)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Token count of every conversation (for length-grouped batching)."""
+        return self._end - self._start
+
+    def _open(self, k: int):
+        # One lazily opened memory map per shard and process (DataLoader workers reopen theirs).
+        key = (os.getpid(), k)
+        if key not in self._handles:
+            self._handles[key] = safe_open(str(self.shards[k]), framework="pt")
+        return self._handles[key]
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i = int(i) % len(self)
+        k, a, b = int(self._shard[i]), int(self._start[i]), int(self._end[i])
+        f = self._open(k)
+        item = {
+            "input_ids": f.get_slice("input_ids")[a:b].long(),
+            "loss_mask": f.get_slice("loss_mask")[a:b].long(),
+            "hidden_states": f.get_slice("hidden_states")[a:b],
+            "row_id": int(self.row_ids[i]),
+        }
+        if self.has_aux:
+            item["aux_hidden_states"] = f.get_slice("aux_hidden_states")[a:b]
+        return item
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"] = {}  # open files do not pickle (spawned DataLoader workers)
+        return state

