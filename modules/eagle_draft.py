@@ -1,0 +1,245 @@
+"""The EAGLE-1/2 draft model: fc(cat(token embedding, target feature)) -> one decoder layer.
+
+Input at position t is the target's feature f_t (post-final-norm hidden state) and the
+embedding of token t+1; the output is the predicted feature f_{t+1}, which the target's frozen
+lm_head turns into logits for token t+2.
+
+The decoder layer is the TARGET family's own class (LlamaDecoderLayer, Qwen2DecoderLayer,
+MistralDecoderLayer, ...) so that attention goes through transformers' attention interface
+(sdpa / eager / flash_attention_2) and the weights have the names serving engines expect.
+Its input_layernorm is replaced by Identity (the fc output is not normalised, as in the
+official EAGLE-1 code), and there is no final norm.
+
+Saved layout (SGLang `LlamaForCausalLMEagle`, vLLM `EagleLlamaForCausalLM`):
+config.json + model.safetensors with keys fc.*, layers.0.*, embed_tokens.weight.
+The lm_head is never saved: `from_pretrained(dir, target=...)` re-attaches it from the target.
+"""
+import copy
+import importlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+EAGLE_ARCHITECTURE = "LlamaForCausalLMEagle"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def family_classes(config):
+    """(DecoderLayer class, RotaryEmbedding class) of the target's model family.
+
+    Found through the Auto mapping (config class -> e.g. Qwen2Model) and its modeling module,
+    so any Llama-like family works without a hand-written table.
+    """
+    try:
+        base_cls = MODEL_MAPPING[type(config)]
+    except KeyError as e:
+        raise ValueError(f"no transformers model class for model_type '{config.model_type}'") from e
+    module = importlib.import_module(base_cls.__module__)
+    prefix = base_cls.__name__[: -len("Model")]
+    layer_cls = getattr(module, f"{prefix}DecoderLayer", None)
+    rotary_cls = getattr(module, f"{prefix}RotaryEmbedding", None)
+    if layer_cls is None or rotary_cls is None:
+        raise ValueError(
+            f"model_type '{config.model_type}' is not Llama-like: {module.__name__} has no "
+            f"{prefix}DecoderLayer / {prefix}RotaryEmbedding"
+        )
+    return layer_cls, rotary_cls
+
+
+def make_draft_config(target_config, bias=True, target_model=None, attn_implementation="sdpa"):
+    """Draft config = copy of the target's text config with one layer plus EAGLE fields."""
+    cfg = copy.deepcopy(target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config)
+    cfg.num_hidden_layers = 1
+    if getattr(cfg, "layer_types", None):
+        # Families with per-layer attention types (Qwen2, ...): the draft layer is full attention.
+        cfg.layer_types = ["full_attention"]
+    cfg.use_sliding_window = False if hasattr(cfg, "use_sliding_window") else None
+    cfg.architectures = [EAGLE_ARCHITECTURE]
+    cfg.bias = bool(bias)  # SGLang/official EAGLE read this flag for fc.bias
+    cfg.eagle_version = 2
+    if target_model is not None:
+        cfg.target_model = str(target_model)
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def _to_attention_format(mask4d, attn_implementation, dtype):
+    """A ready 4D mask [B,1,Q,K] goes to the layer as the implementation expects it.
+
+    sdpa takes bool (True = attend) as is; eager adds the mask to the scores, so a bool mask
+    becomes 0 / dtype-min. Float masks are assumed additive already.
+    """
+    if mask4d.dtype == torch.bool and attn_implementation != "sdpa":
+        return torch.zeros(mask4d.shape, dtype=dtype, device=mask4d.device).masked_fill(
+            ~mask4d, torch.finfo(dtype).min
+        )
+    return mask4d
+
+
+class EagleDraft(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        h, vocab = config.hidden_size, config.vocab_size
+        layer_cls, rotary_cls = family_classes(config)
+        # Frozen parts: filled from the target's weights (modules/target_weights.py).
+        self.embed_tokens = nn.Embedding(vocab, h)
+        self.lm_head = nn.Linear(h, vocab, bias=False)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.lm_head.weight.requires_grad_(False)
+        # Trained parts.
+        self.fc = nn.Linear(2 * h, h, bias=getattr(config, "bias", True))
+        layer = layer_cls(config, layer_idx=0)
+        layer.input_layernorm = nn.Identity()  # official EAGLE: no norm on the fc output
+        self.layers = nn.ModuleList([layer])
+        self.rotary_emb = rotary_cls(config=config)
+        self._init_trainable(getattr(config, "initializer_range", 0.02))
+
+    # ---- construction -------------------------------------------------------------------
+    def _init_trainable(self, std):
+        for module in [self.fc, self.layers]:
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=std)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_target(cls, target=None, bias=True, attn_implementation="sdpa", load_head=True):
+        """Fresh draft for a target: a model name/path (None = embedded default), a loaded
+        nn.Module, or a config (then embed/head stay random unless load_head finds weights)."""
+        from modules import target_weights
+
+        config = target_weights.target_config(target)
+        name = target_weights.target_name(target)
+        draft = cls(make_draft_config(config, bias=bias, target_model=name, attn_implementation=attn_implementation))
+        if load_head and not hasattr(target, "model_type"):
+            draft.load_frozen(*target_weights.load_embed_and_head(target))
+        return draft
+
+    def load_frozen(self, embed, head):
+        """Attach frozen embedding / lm_head weights ([V, H] each; the same tensor when tied)."""
+        v, h = self.embed_tokens.weight.shape
+        for name, w in (("embed_tokens", embed), ("lm_head", head)):
+            if tuple(w.shape) != (v, h):
+                raise ValueError(f"target {name} has shape {tuple(w.shape)}, draft expects {(v, h)}")
+        dtype = self.fc.weight.dtype
+        self.embed_tokens.weight = nn.Parameter(embed.to(dtype).clone(), requires_grad=False)
+        if head is embed:  # tied (SmolLM2): share one tensor, no second copy in memory
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            self.lm_head.weight = nn.Parameter(head.to(dtype).clone(), requires_grad=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(bfloat16) would also round RoPE's inv_freq buffer; keep it float32 as computed.
+        super()._apply(fn, *args, **kwargs)
+        inv = self.rotary_emb.inv_freq
+        if inv.dtype != torch.float32:
+            fresh = type(self.rotary_emb)(config=self.config)
+            self.rotary_emb = fresh.to(inv.device)
+        return self
+
+    # ---- forward ------------------------------------------------------------------------
+    def forward(self, input_ids, hidden_states, attention_mask=None, position_ids=None,
+                past_key_values=None, use_cache=False):
+        """input_ids [B,T] (token t+1 at position t), hidden_states [B,T,H] (feature f_t).
+
+        attention_mask: None (causal), 2D padding mask [B, T_past+T], or a ready 4D mask
+        [B,1,T,T_past+T] (bool True = attend, or additive float) used unchanged.
+        past_key_values: a transformers DynamicCache, updated in place.
+        Returns out_hidden [B,T,H]; with use_cache=True returns (out_hidden, cache), creating a
+        DynamicCache when none was given.
+        """
+        inputs_embeds = self.embed_tokens(input_ids).to(hidden_states.dtype)
+        x = self.fc(torch.cat((inputs_embeds, hidden_states), dim=-1))
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        bsz, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + T, device=x.device).unsqueeze(0).expand(bsz, -1)
+        impl = self.config._attn_implementation
+        if attention_mask is not None and attention_mask.ndim == 4:
+            mask = _to_attention_format(attention_mask, impl, x.dtype)
+        else:
+            mask = create_causal_mask(
+                config=self.config, inputs_embeds=x, attention_mask=attention_mask,
+                past_key_values=past_key_values, position_ids=position_ids,
+            )
+        position_embeddings = self.rotary_emb(x, position_ids)
+        out = self.layers[0](
+            x, attention_mask=mask, position_ids=position_ids, past_key_values=past_key_values,
+            use_cache=past_key_values is not None, position_embeddings=position_embeddings,
+        )
+        if isinstance(out, tuple):  # older layer classes return tuples
+            out = out[0]
+        return (out, past_key_values) if use_cache else out
+
+    def compute_logits(self, h):
+        return self.lm_head(h.to(self.lm_head.weight.dtype))
+
+    # ---- save / load --------------------------------------------------------------------
+    def trainable_state_dict(self, with_embed=True):
+        """Serving-layout weights: fc.*, layers.0.* (+ embed_tokens.weight). No lm_head, no rotary buffers."""
+        sd = {k: v for k, v in self.state_dict().items()
+              if k.startswith("fc.") or k.startswith("layers.")}
+        if with_embed:
+            sd["embed_tokens.weight"] = self.embed_tokens.weight
+        return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+    def save_pretrained(self, out_dir, with_embed=True, dtype=None):
+        """Write config.json + model.safetensors (SGLang/vLLM EAGLE layout), atomically."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sd = self.trainable_state_dict(with_embed=with_embed)
+        if dtype is not None:
+            sd = {k: v.to(dtype) for k, v in sd.items()}
+        tmp = out_dir / (WEIGHTS_NAME + ".tmp")
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out_dir / WEIGHTS_NAME)
+        cfg = self.config.to_dict()
+        cfg["architectures"] = [EAGLE_ARCHITECTURE]
+        cfg["num_hidden_layers"] = 1
+        cfg.pop("_attn_implementation_autoset", None)
+        if dtype is not None:
+            cfg["dtype"] = str(dtype).replace("torch.", "")
+        tmp = out_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        os.replace(tmp, out_dir / "config.json")
+
+    @classmethod
+    def from_pretrained(cls, draft_dir, target=None, attn_implementation="sdpa", dtype=torch.float32):
+        """Load a saved draft; the frozen lm_head (and embed when not saved) come from `target`
+        (name/path/None = the config's target_model, or a loaded nn.Module)."""
+        from modules import target_weights
+
+        draft_dir = Path(draft_dir)
+        config = AutoConfig.from_pretrained(draft_dir)
+        config._attn_implementation = attn_implementation
+        draft = cls(config).to(dtype)
+        sd = load_file(str(draft_dir / WEIGHTS_NAME))
+        if target is None:
+            target = getattr(config, "target_model", None)
+        embed, head = target_weights.load_embed_and_head(target)
+        draft.load_frozen(embed, head)
+        if "embed_tokens.weight" in sd:
+            saved = sd.pop("embed_tokens.weight")
+            if saved.shape != draft.embed_tokens.weight.shape:
+                raise ValueError(f"{draft_dir}: embed_tokens {tuple(saved.shape)} does not fit the target")
+            if head is embed:  # keep the tie: the head must stay the target's
+                draft.embed_tokens.weight = nn.Parameter(saved.to(dtype), requires_grad=False)
+            else:
+                draft.embed_tokens.weight.data.copy_(saved)
+        missing, unexpected = draft.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if k.startswith(("fc.", "layers."))]
+        if missing or unexpected:
+            raise ValueError(f"{draft_dir / WEIGHTS_NAME}: missing keys {missing}, unexpected keys {unexpected}")
+        return draft
