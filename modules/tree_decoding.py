@@ -1,0 +1,389 @@
+"""Lossless EAGLE-2 tree speculative decoding over a Hugging Face causal LM (batch size 1).
+
+One cycle, with n tokens already in the target's KV cache and the root token x_n chosen:
+  1. draft: grow a dynamic tree after x_n (modules/tree.py), `depth - 1` batched draft forwards
+     over a tree attention mask, on top of the draft's own KV cache of the accepted context;
+  2. verify: ONE target forward over the tree tokens, with a 4D tree mask and tree position ids
+     (n + depth) on top of the target's KV cache;
+  3. accept the longest path the target agrees with (greedy) or walk the tree with speculative
+     sampling (temperature > 0, modules/sampling.py); the target's choice after the path is the
+     bonus token, the next root;
+  4. compact: keep the KV entries of the accepted path in the target cache (gather), drop the rest;
+     drop the draft's tree entries and feed it the accepted tokens with the target's real features
+     (its "catch-up" forward, whose last output starts the next tree).
+
+The draft protocol (what the decoder needs from any draft) is `DraftAdapter`. EAGLE-1/2 drafts
+(modules/eagle_draft.EagleDraft) use `Eagle2Adapter`. An EAGLE-3 draft plugs in by subclassing
+DraftAdapter:
+  - `aux_layers = [low, mid, high]`: the decoder then runs the target with
+    output_hidden_states=True and hands all hidden states to `target_features`;
+  - `target_features(last_hidden, hidden_states)` returns
+    fc(cat(hidden_states[i] for i in aux_layers)): the features already projected to the draft
+    width, so `forward` receives the same kind of input for target features and for its own
+    outputs (which EAGLE-3 feeds back unprojected);
+  - `logprobs(hidden)` applies the draft's final norm and its own lm_head over the DRAFT vocab;
+  - `to_target_ids(draft_ids)` returns draft_ids + d2t[draft_ids].
+  Then either return the adapter from a `tree_adapter()` method on the draft class, or pass the
+  adapter instance itself to EagleDecoder: `make_adapter` accepts both.
+"""
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from modules.sampling import probs_from_logits, sample_accept
+from modules.tree import CandidatePool, MaskBuffer, greedy_accept
+
+
+# ---- KV cache with preallocated buffers and in-place compaction ----------------------------
+
+class BufferedLayer(DynamicLayer):
+    """A DynamicLayer writing into a preallocated [B, H, capacity, D] buffer.
+
+    No torch.cat per step (HF's DynamicLayer copies the whole cache each token), and the tree's
+    rejected entries are dropped by moving the accepted ones down (`compact`).
+    """
+
+    def __init__(self, capacity):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, dk = key_states.shape
+        self.kbuf = key_states.new_zeros(b, h, self.capacity, dk)
+        self.vbuf = value_states.new_zeros(b, value_states.shape[1], self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+        self._set_views()
+
+    def _set_views(self):
+        self.keys = self.kbuf[:, :, :self.length]
+        self.values = self.vbuf[:, :, :self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({end} positions)")
+        self.kbuf[:, :, self.length:end] = key_states
+        self.vbuf[:, :, self.length:end] = value_states
+        self.length = end
+        self._set_views()
+        return self.keys, self.values
+
+    def get_seq_length(self):
+        return self.length
+
+    def truncate(self, length):
+        self.length = min(self.length, length)
+        if self.is_initialized:
+            self._set_views()
+
+    def crop(self, tokens_to_remove):
+        # Negative = remove that many; positive = keep that many (transformers' legacy meaning).
+        self.truncate(self.length + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove)
+
+    def compact(self, start, keep):
+        """Keep entries start + keep (ascending) at start.., drop everything after them."""
+        n = keep.shape[0]
+        src = keep + start
+        self.kbuf[:, :, start:start + n] = self.kbuf.index_select(2, src)
+        self.vbuf[:, :, start:start + n] = self.vbuf.index_select(2, src)
+        self.length = start + n
+        self._set_views()
+
+    def reset(self):
+        self.length = 0
+        if self.is_initialized:
+            self._set_views()
+
+
+class TreeKVCache(DynamicCache):
+    """A DynamicCache (what HF models and EagleDraft expect) made of BufferedLayers."""
+
+    def __init__(self, num_layers, capacity):
+        Cache.__init__(self, layers=[BufferedLayer(capacity) for _ in range(num_layers)])
+
+    def truncate(self, length):
+        for layer in self.layers:
+            layer.truncate(length)
+
+    def compact(self, start, keep):
+        for layer in self.layers:
+            layer.compact(start, keep)
+
+
+# ---- draft protocol -----------------------------------------------------------------------
+
+class DraftAdapter:
+    """What the tree decoder needs from a draft model (see the module docstring for EAGLE-3).
+
+    Shapes: batch 1. `features` are in the draft's input space (width H_d); `forward` returns
+    hidden states of the same width, which the decoder feeds back as the next step's features.
+    """
+
+    aux_layers = None  # None: the target's post-norm last hidden state; else hidden_states ids
+    draft = None
+
+    def check_target(self, target):
+        """Raise ValueError when the draft does not fit this target."""
+
+    def target_features(self, last_hidden, hidden_states):
+        """Target outputs [1,T,H] (+ all hidden states when aux_layers) -> draft features [1,T,H_d]."""
+        return last_hidden
+
+    def new_cache(self, capacity):
+        return TreeKVCache(self.draft.config.num_hidden_layers, capacity)
+
+    def forward(self, input_ids, features, position_ids, attention_mask, cache):
+        """input_ids [1,T] target ids (token t+1), features [1,T,H_d] (feature t), position_ids
+        [1,T], attention_mask [1,1,T,past+T] bool (True = attend), cache updated in place.
+        Returns hidden [1,T,H_d]."""
+        raise NotImplementedError
+
+    def logprobs(self, hidden):
+        """hidden [..., H_d] -> float32 log-probabilities over the draft vocab [..., V_d]."""
+        raise NotImplementedError
+
+    def to_target_ids(self, draft_ids):
+        """Draft-vocab ids -> target-vocab ids (identity when the vocabularies are the same)."""
+        return draft_ids
+
+
+class Eagle2Adapter(DraftAdapter):
+    """EAGLE-1/2 draft (EagleDraft): features = the target's last hidden state, target's lm_head."""
+
+    def __init__(self, draft):
+        self.draft = draft
+
+    def check_target(self, target):
+        tcfg = target.config.get_text_config()
+        dcfg = self.draft.config
+        problems = []
+        if dcfg.hidden_size != tcfg.hidden_size:
+            problems.append(f"hidden size {dcfg.hidden_size} vs target {tcfg.hidden_size}")
+        head = target.get_output_embeddings()
+        dvocab = self.draft.lm_head.weight.shape[0]
+        if head is not None and dvocab != head.weight.shape[0]:
+            problems.append(f"vocab {dvocab} vs target {head.weight.shape[0]}")
+        if problems:
+            raise ValueError("draft does not fit the target: " + "; ".join(problems))
+
+    def forward(self, input_ids, features, position_ids, attention_mask, cache):
+        out, _ = self.draft(input_ids, features.to(self.draft.fc.weight.dtype), attention_mask=attention_mask,
+                            position_ids=position_ids, past_key_values=cache, use_cache=True)
+        return out
+
+    def logprobs(self, hidden):
+        return torch.log_softmax(self.draft.compute_logits(hidden).float(), dim=-1)
+
+
+def make_adapter(draft):
+    """A DraftAdapter for `draft`: itself if it is one, draft.tree_adapter() if it has that
+    method (EAGLE-3), else Eagle2Adapter."""
+    if isinstance(draft, DraftAdapter):
+        return draft
+    if hasattr(draft, "tree_adapter"):
+        return draft.tree_adapter()
+    return Eagle2Adapter(draft)
+
+
+# ---- the decoder --------------------------------------------------------------------------
+
+@dataclass
+class DecodeResult:
+    tokens: list                  # new token ids (prompt excluded), EOS included when hit
+    accept_lengths: list = field(default_factory=list)  # per cycle: accepted draft tokens + 1 bonus
+    prefill_s: float = 0.0
+    draft_s: float = 0.0          # draft forwards + log-probs inside cycles
+    target_s: float = 0.0         # target verify forwards + lm_head inside cycles
+    cycles_s: float = 0.0         # wall time of all cycles
+    total_s: float = 0.0
+
+    @property
+    def cycles(self):
+        return len(self.accept_lengths)
+
+    @property
+    def tau(self):
+        """Mean tokens per draft-verify cycle, the bonus token included."""
+        return sum(self.accept_lengths) / max(len(self.accept_lengths), 1)
+
+    @property
+    def overhead_s(self):
+        """Decoder time outside target and draft forwards (tree building, acceptance, caches)."""
+        return self.cycles_s - self.draft_s - self.target_s
+
+
+class EagleDecoder:
+    """EAGLE-2 dynamic-tree speculative decoding, batch size 1, CPU or CUDA.
+
+    target: a HF causal LM (Llama-like: base model + lm_head; sdpa or eager attention).
+    draft: an EagleDraft, a DraftAdapter, or anything with tree_adapter().
+    total_tokens: tree size verified per cycle, root included; depth: draft levels; top_k: nodes
+    expanded per level and children per node. temperature 0 = greedy.
+    """
+
+    def __init__(self, target, draft, total_tokens=16, depth=4, top_k=4, temperature=0.0):
+        if total_tokens < 1 or depth < 1 or top_k < 1:
+            raise ValueError(f"need total_tokens, depth, top_k >= 1, got {total_tokens}, {depth}, {top_k}")
+        self.target = target
+        self.adapter = make_adapter(draft)
+        self.adapter.check_target(target)
+        self.config = target.config.get_text_config()
+        impl = getattr(self.config, "_attn_implementation", "sdpa") or "sdpa"
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"tree verification needs sdpa or eager attention, target uses '{impl}'")
+        for name in ("final_logit_softcapping", "logit_scale"):
+            if getattr(self.config, name, None) not in (None, 1.0):
+                raise ValueError(f"targets with {name} are not supported by the tree decoder")
+        self.base = getattr(target, target.base_model_prefix)
+        self.lm_head = target.get_output_embeddings()
+        self.device = self.lm_head.weight.device
+        self.target_mask_dtype = torch.bool if impl == "sdpa" else self.lm_head.weight.dtype
+        self.total_tokens, self.depth, self.top_k = total_tokens, depth, top_k
+        self.temperature = temperature
+        self.max_positions = getattr(self.config, "max_position_embeddings", None) or 1 << 30
+        self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+    # -- forwards (timed) --
+    def _target(self, ids, position_ids, mask, cache, result=None):
+        out = self.base(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                        use_cache=True, output_hidden_states=self.adapter.aux_layers is not None)
+        return out.last_hidden_state, out.hidden_states
+
+    def _draft(self, ids, feats, position_ids, mask, cache, result, last_only=False):
+        t = time.perf_counter()
+        h = self.adapter.forward(ids, feats, position_ids, mask, cache)
+        lp = self.adapter.logprobs(h[:, -1] if last_only else h[0])
+        self._sync()
+        result.draft_s += time.perf_counter() - t
+        return h, lp
+
+    def _choose(self, logits, generator):
+        if self.temperature <= 0:
+            return torch.argmax(logits, dim=-1)
+        return torch.multinomial(probs_from_logits(logits, self.temperature), 1, generator=generator)[..., 0]
+
+    # -- one tree --
+    def _grow_tree(self, root, h_root, lp_root, n, depth, dcache, dmask, pool, result):
+        """Draft a tree after `root` (whose draft output is h_root [H_d], log-probs lp_root [V_d])."""
+        k = min(self.top_k, lp_root.shape[-1])
+        pool.reset(root)
+        top_lp, top_ids = lp_root.topk(k)
+        ids = self.adapter.to_target_ids(top_ids)
+        front_idx = pool.add(ids, torch.zeros_like(ids), top_lp, 1)
+        front_tokens, front_scores = ids, top_lp
+        front_h = h_root.unsqueeze(0).expand(k, -1)
+        front_slots = torch.arange(k, device=self.device)
+        slot_anc = torch.zeros(k * depth, k * depth, dtype=torch.bool, device=self.device)
+        eye = torch.eye(k, dtype=torch.bool, device=self.device)
+        for d in range(1, depth):
+            # Frontier nodes sit at depth d: draft position n + d - 1, attending to the accepted
+            # context, to their ancestors among the slots cached this round, and to themselves.
+            start = (d - 1) * k
+            q = front_tokens.shape[0]
+            slot_anc[front_slots, front_slots] = True
+            mask = dmask.tree(n, eye[:q, :q], extra=slot_anc[front_slots, :start])
+            pos = torch.full((1, q), n + d - 1, dtype=torch.long, device=self.device)
+            h, lp = self._draft(front_tokens.unsqueeze(0), front_h.unsqueeze(0), pos, mask, dcache, result)
+            top_lp, top_ids = lp.topk(k, dim=-1)                  # [q, k]
+            cum = front_scores.unsqueeze(1) + top_lp               # cumulative log-prob
+            ids = self.adapter.to_target_ids(top_ids)
+            child_idx = pool.add(ids, front_idx.unsqueeze(1).expand(q, k), cum, d + 1)
+            if d == depth - 1:
+                break
+            best = cum.reshape(-1).topk(min(k, cum.numel())).indices
+            parent = best // k
+            new_slots = torch.arange(d * k, d * k + best.numel(), device=self.device)
+            slot_anc[new_slots] = slot_anc[front_slots[parent]]
+            front_idx, front_tokens = child_idx.reshape(-1)[best], ids.reshape(-1)[best]
+            front_scores, front_h, front_slots = cum.reshape(-1)[best], h[0, parent], new_slots
+        dcache.truncate(n)  # the tree's draft entries are not reused
+        return pool.select(self.total_tokens)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens=128, eos_token_id=None, generator=None):
+        """input_ids: [P] or [1, P] prompt. Returns DecodeResult (tokens = the new tokens).
+
+        Stops at max_new_tokens, at an EOS (kept in the output, as HF generate does), or at the
+        target's context length. A prompt that fills the context raises ValueError.
+        """
+        t0 = time.perf_counter()
+        result = DecodeResult(tokens=[])
+        ids = torch.as_tensor(input_ids, device=self.device).reshape(1, -1).long()
+        P = ids.shape[1]
+        if P == 0:
+            raise ValueError("empty prompt")
+        if P >= self.max_positions:
+            raise ValueError(f"prompt has {P} tokens, the target's context holds {self.max_positions}: "
+                             f"no room to generate")
+        max_new = min(max_new_tokens, self.max_positions - P)
+        eos = set() if eos_token_id is None else (
+            {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+        k, depth = self.top_k, self.depth
+        tree_cap = 1 + k + max(depth - 1, 0) * k * k
+        tcache = TreeKVCache(self.config.num_hidden_layers, P + max_new + self.total_tokens + 1)
+        dcache = self.adapter.new_cache(P + max_new + k * depth + 1)
+        tmask = MaskBuffer(min(self.total_tokens, tree_cap), P + max_new + self.total_tokens + 1,
+                           self.device, self.target_mask_dtype)
+        dmask = MaskBuffer(max(P, max_new + 1, k), P + max_new + k * depth + 1, self.device)
+        pool = CandidatePool(depth, k, self.device)
+
+        # Prefill: target over the prompt (causal, HF builds the mask), first token, draft catch-up.
+        last, hs = self._target(ids, None, None, tcache)
+        feats = self.adapter.target_features(last, hs)
+        root = self._choose(self.lm_head(last[:, -1]), generator)[0]
+        tokens = [int(root)]
+        pos = torch.arange(P, device=self.device).unsqueeze(0)
+        h, lp = self._draft(torch.cat([ids[:, 1:], root.view(1, 1)], 1), feats, pos,
+                            dmask.causal_after(0, P), dcache, result, last_only=True)
+        self._sync()
+        result.prefill_s = time.perf_counter() - t0
+        result.draft_s = 0.0
+        n = P  # position of the root; the caches hold positions < n
+        done = tokens[0] in eos or len(tokens) >= max_new
+        while not done:
+            t_cycle = time.perf_counter()
+            tree_depth = min(depth, self.max_positions - 1 - n)
+            if tree_depth < 1:
+                break
+            tree = self._grow_tree(root, h[0, -1], lp[0], n, tree_depth, dcache, dmask, pool, result)
+
+            t = time.perf_counter()
+            mask = tmask.tree(n, tree.anc)
+            last, hs = self._target(tree.tokens.unsqueeze(0), (n + tree.depths).unsqueeze(0), mask, tcache)
+            logits = self.lm_head(last[0])
+            self._sync()
+            result.target_s += time.perf_counter() - t
+
+            if self.temperature <= 0:
+                path, bonus = greedy_accept(tree, torch.argmax(logits, dim=-1))
+            else:
+                path, bonus = sample_accept(tree, probs_from_logits(logits, self.temperature), generator)
+            tcache.compact(n, path)
+            new = torch.cat([tree.tokens[path[1:]], bonus.view(1)])
+            L = new.shape[0]
+            result.accept_lengths.append(L)
+            new_list = new.tolist()
+            for i, tok in enumerate(new_list):
+                if tok in eos or len(tokens) + i + 1 >= max_new:
+                    new_list = new_list[:i + 1]
+                    done = True
+                    break
+            tokens.extend(new_list)
+            if not done:
+                # Draft catch-up: accepted tokens with the target's real features at the path.
+                feats = self.adapter.target_features(last, hs)[:, path]
+                pos = torch.arange(n, n + L, device=self.device).unsqueeze(0)
+                h, lp = self._draft(new.unsqueeze(0), feats, pos, dmask.causal_after(n, L), dcache, result,
+                                    last_only=True)
+                n += L
+                root = bonus
+            result.cycles_s += time.perf_counter() - t_cycle
+        result.tokens = tokens
+        result.total_s = time.perf_counter() - t0
+        return result
