@@ -1,0 +1,324 @@
+"""The EAGLE-3 draft model.
+
+    fused target features [B,T,3H] --fc (no bias)--> g [B,T,h]
+    midlayer:  a = attn(cat(input_layernorm(embed(token t+1)), hidden_norm(g)))   (2h-wide q/k/v)
+               x = g + a;  out = x + mlp(post_attention_layernorm(x))
+    logits over the DRAFT vocabulary = lm_head(norm(out)),  target id = draft id + d2t[draft id]
+
+`out` (before the final norm) is the draft's "hidden state": the next draft step feeds it back in
+place of g (fc is applied to real fused features only). The token embedding is the target's,
+frozen; lm_head starts as the target head's rows of the draft vocabulary and is trained.
+
+Same calling convention as modules/eagle_draft.EagleDraft, so the tree decoder can drive either:
+`forward(input_ids, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+use_cache=False)` where hidden_states is either fused target features [B,T,3H] (fc applied) or
+the draft's own previous output [B,T,h] (chosen by width, or forced with `fused=`).
+
+Saved layout (SGLang `LlamaForCausalLMEagle3`, vLLM `Eagle3LlamaForCausalLM`, specforge):
+config.json (LlamaConfig, architectures ["LlamaForCausalLMEagle3"], draft_vocab_size,
+target_hidden_size, eagle_config.eagle_aux_hidden_state_layer_ids) + model.safetensors with
+fc.weight, midlayer.*, norm.weight, lm_head.weight, d2t, t2d (+ embed_tokens.weight).
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlamaConfig
+from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache
+from transformers.models.llama.modeling_llama import (
+    LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb, repeat_kv,
+)
+
+from modules import ttt_attention
+from modules.draft_vocab import build_mappings
+
+EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def make_eagle3_config(target_config, draft_vocab_size, aux_layers, target_model=None,
+                       intermediate_size=None):
+    """A one-layer LlamaConfig shaped like the target, plus the EAGLE-3 fields serving engines read."""
+    t = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    cfg = LlamaConfig(
+        hidden_size=t.hidden_size,
+        intermediate_size=intermediate_size or t.intermediate_size,
+        num_hidden_layers=1,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=getattr(t, "num_key_value_heads", None) or t.num_attention_heads,
+        head_dim=head_dim,
+        hidden_act=getattr(t, "hidden_act", "silu"),
+        max_position_embeddings=getattr(t, "max_position_embeddings", 4096),
+        rms_norm_eps=getattr(t, "rms_norm_eps", 1e-6),
+        vocab_size=t.vocab_size,
+        rope_parameters=dict(getattr(t, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0}),
+        tie_word_embeddings=False,
+        bos_token_id=getattr(t, "bos_token_id", None),
+        eos_token_id=getattr(t, "eos_token_id", None),
+        pad_token_id=getattr(t, "pad_token_id", None),
+    )
+    cfg.architectures = [EAGLE3_ARCHITECTURE]
+    cfg.draft_vocab_size = int(draft_vocab_size)
+    cfg.target_hidden_size = t.hidden_size
+    cfg.eagle_config = {"eagle_aux_hidden_state_layer_ids": [int(i) for i in aux_layers]}
+    cfg.eagle_version = 3
+    if target_model is not None:
+        cfg.target_model = str(target_model)
+    return cfg
+
+
+def _additive_or_bool_mask(attention_mask, B, T, past_len, device):
+    """-> bool [B|1, 1, T, past+T] (True = attend) from None (causal), 2D padding or 4D as is."""
+    if attention_mask is not None and attention_mask.ndim == 4:
+        return attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    kv = past_len + T
+    causal = torch.ones(T, kv, dtype=torch.bool, device=device).tril(diagonal=past_len)[None, None]
+    if attention_mask is None:
+        return causal
+    return causal & attention_mask.bool()[:, None, None, -kv:]
+
+
+class Eagle3Attention(nn.Module):
+    """Llama attention whose q/k/v read the 2h-wide cat(embedding, hidden)."""
+
+    def __init__(self, config):
+        super().__init__()
+        h = config.hidden_size
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.q_proj = nn.Linear(2 * h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(2 * h, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(2 * h, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+
+    def forward(self, x, position_embeddings, mask, past_key_values=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, 0)
+        n_rep = self.num_heads // self.num_kv_heads
+        out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class Eagle3MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Eagle3Layer(nn.Module):
+    """The midlayer. `attend(x2)` runs attention on the normed 2h input; plain and TTT modes
+    differ only in that callable."""
+
+    def __init__(self, config):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.hidden_norm = LlamaRMSNorm(config.hidden_size, eps=eps)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=eps)
+        self.self_attn = Eagle3Attention(config)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=eps)
+        self.mlp = Eagle3MLP(config)
+
+    def forward(self, embeds, hidden, attend):
+        x2 = torch.cat((self.input_layernorm(embeds), self.hidden_norm(hidden)), dim=-1)
+        x = hidden + attend(x2)  # residual is the (un-normed) hidden stream
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Eagle3Draft(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        h, vocab, n = config.hidden_size, config.vocab_size, config.draft_vocab_size
+        th = getattr(config, "target_hidden_size", None) or h
+        self.embed_tokens = nn.Embedding(vocab, h)
+        self.embed_tokens.weight.requires_grad_(False)  # the target's, frozen
+        self.fc = nn.Linear(3 * th, h, bias=False)
+        self.midlayer = Eagle3Layer(config)
+        self.norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(h, n, bias=False)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        # Default mapping: the first n target ids (replaced by set_draft_vocab).
+        d2t, t2d = build_mappings(torch.arange(n), vocab)
+        self.register_buffer("d2t", d2t)
+        self.register_buffer("t2d", t2d)
+        std = getattr(config, "initializer_range", 0.02)
+        for m in [self.fc, self.midlayer, self.lm_head]:
+            for sub in m.modules():
+                if isinstance(sub, nn.Linear):
+                    nn.init.normal_(sub.weight, std=std)
+
+    # ---- construction -------------------------------------------------------------------
+    @property
+    def aux_layers(self):
+        return list(self.config.eagle_config["eagle_aux_hidden_state_layer_ids"])
+
+    @property
+    def fused_size(self):
+        return self.fc.in_features
+
+    @classmethod
+    def from_target(cls, target=None, draft_ids=None, aux_layers=None, load_weights=True):
+        """Fresh draft for a target (name/path, None = embedded default, loaded nn.Module, or a
+        config: then embed/head stay random). draft_ids: sorted target ids of the draft vocab
+        (None = the full vocabulary); aux_layers: None = the official default."""
+        from modules import target_weights
+        from modules.features import default_aux_layers
+
+        config = target_weights.target_config(target)
+        if aux_layers is None:
+            aux_layers = default_aux_layers(config.num_hidden_layers)
+        if draft_ids is None:
+            draft_ids = torch.arange(config.vocab_size)
+        cfg = make_eagle3_config(config, len(draft_ids), aux_layers, target_model=target_weights.target_name(target))
+        draft = cls(cfg)
+        draft.set_draft_vocab(draft_ids)
+        if load_weights and not hasattr(target, "model_type"):
+            embed, head = target_weights.load_embed_and_head(target)
+            draft.load_target_weights(embed, head)
+        return draft
+
+    def set_draft_vocab(self, draft_ids):
+        d2t, t2d = build_mappings(torch.as_tensor(draft_ids), self.config.vocab_size)
+        if d2t.numel() != self.lm_head.out_features:
+            raise ValueError(f"draft vocab has {d2t.numel()} ids, lm_head has {self.lm_head.out_features} rows")
+        self.d2t.copy_(d2t)
+        self.t2d.copy_(t2d)
+
+    @property
+    def draft_ids(self):
+        """Target ids of the draft vocabulary, in draft-id order."""
+        return torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t
+
+    def load_target_weights(self, embed, head):
+        """Frozen embedding from the target; lm_head initialised from the target head's rows."""
+        with torch.no_grad():
+            if tuple(embed.shape) != tuple(self.embed_tokens.weight.shape):
+                raise ValueError(f"target embedding {tuple(embed.shape)} does not fit the draft {tuple(self.embed_tokens.weight.shape)}")
+            self.embed_tokens.weight.copy_(embed)
+            self.lm_head.weight.copy_(head[self.draft_ids.to(head.device)])
+
+    # ---- forward ------------------------------------------------------------------------
+    def _is_fused(self, hidden_states, fused):
+        if fused is not None:
+            return fused
+        return hidden_states.shape[-1] == self.fused_size and self.fused_size != self.config.hidden_size
+
+    def forward(self, input_ids, hidden_states, attention_mask=None, position_ids=None,
+                past_key_values=None, use_cache=False, fused=None):
+        """input_ids [B,T] (token t+1 at position t); hidden_states fused [B,T,3H] or own [B,T,h].
+        attention_mask: None (causal), 2D padding [B, past+T], or 4D bool [B,1,T,past+T] (True = attend).
+        Returns out [B,T,h] (pre-norm; feed back or pass to compute_logits), or (out, cache)."""
+        g = self.fc(hidden_states.to(self.fc.weight.dtype)) if self._is_fused(hidden_states, fused) else hidden_states
+        embeds = self.embed_tokens(input_ids).to(g.dtype)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + T, device=g.device).unsqueeze(0).expand(B, -1)
+        mask = _additive_or_bool_mask(attention_mask, B, T, past_len, g.device)
+        pos_emb = self.rotary_emb(g, position_ids)
+        attn = self.midlayer.self_attn
+        out = self.midlayer(embeds, g, lambda x2: attn(x2, pos_emb, mask, past_key_values))
+        return (out, past_key_values) if use_cache else out
+
+    def ttt_step(self, input_ids, hidden_states, cache, mask0, step):
+        """One training-time-test step over the whole sequence (see modules/ttt_attention.py):
+        step 0 takes fused features, step k the step-(k-1) output; positions shift by k."""
+        g = self.fc(hidden_states.to(self.fc.weight.dtype)) if step == 0 else hidden_states
+        embeds = self.embed_tokens(input_ids).to(g.dtype)
+        B, T = input_ids.shape
+        position_ids = torch.arange(step, step + T, device=g.device).unsqueeze(0)
+        pos_emb = self.rotary_emb(g, position_ids)
+        attn = self.midlayer.self_attn
+        return self.midlayer(embeds, g, lambda x2: ttt_attention.run_attention(attn, x2, pos_emb, cache, mask0))
+
+    def compute_logits(self, h):
+        """Logits over the DRAFT vocabulary [.., draft_vocab_size]."""
+        return self.lm_head(self.norm(h))
+
+    def to_target_ids(self, draft_token):
+        return draft_token + self.d2t[draft_token]
+
+    # ---- save / load --------------------------------------------------------------------
+    def serving_state_dict(self, with_embed=True):
+        sd = {k: v for k, v in self.state_dict().items()
+              if k.startswith(("fc.", "midlayer.", "norm.", "lm_head.")) or k in ("d2t", "t2d")}
+        if with_embed:
+            sd["embed_tokens.weight"] = self.embed_tokens.weight
+        return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+    def save_pretrained(self, out_dir, with_embed=True, dtype=None):
+        """config.json + model.safetensors in the SGLang EAGLE-3 layout, written atomically."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sd = self.serving_state_dict(with_embed=with_embed)
+        if dtype is not None:  # only float tensors; d2t / t2d keep int64 / bool
+            sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+        tmp = out_dir / (WEIGHTS_NAME + ".tmp")
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out_dir / WEIGHTS_NAME)
+        cfg = self.config.to_dict()
+        cfg["architectures"] = [EAGLE3_ARCHITECTURE]
+        cfg.pop("_attn_implementation_autoset", None)
+        cfg["dtype"] = str(dtype or self.fc.weight.dtype).replace("torch.", "")
+        tmp = out_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        os.replace(tmp, out_dir / "config.json")
+
+    @classmethod
+    def from_pretrained(cls, draft_dir, target=None, dtype=torch.float32, **_):
+        """Load a saved EAGLE-3 draft. The embedding comes from the file when saved, otherwise
+        from `target` (name/path/module; None = the config's target_model)."""
+        draft_dir = Path(draft_dir)
+        cfg_dict = json.loads((draft_dir / "config.json").read_text())
+        for key in ("draft_vocab_size", "eagle_config"):
+            if key not in cfg_dict:
+                raise ValueError(f"{draft_dir / 'config.json'}: no '{key}': not an EAGLE-3 draft config")
+        cfg_dict.pop("dtype", None)
+        cfg_dict.pop("torch_dtype", None)
+        config = LlamaConfig(**cfg_dict)
+        draft = cls(config)
+        sd = load_file(str(draft_dir / WEIGHTS_NAME))
+        if "embed_tokens.weight" not in sd:
+            from modules import target_weights
+            if target is None:
+                target = getattr(config, "target_model", None)
+            embed, _ = target_weights.load_embed_and_head(target)
+            sd["embed_tokens.weight"] = embed
+        missing, unexpected = draft.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{draft_dir / WEIGHTS_NAME}: missing keys {missing}, unexpected keys {unexpected}")
+        return draft.to(dtype)
+
+
+def _load_eagle3(draft_dir, target_model, dtype=torch.float32, **kw):
+    return Eagle3Draft.from_pretrained(draft_dir, target=target_model, dtype=dtype)
+
+
+def register():
+    """Make modules.draft_loading.load_draft understand EAGLE-3 folders."""
+    from modules import draft_loading
+    draft_loading.LOADERS.setdefault("eagle3", _load_eagle3)
+
+
+register()
