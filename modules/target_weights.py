@@ -24,27 +24,25 @@ HEAD_KEYS = ("lm_head.weight", "model.lm_head.weight")
 
 def _resolve(target):
     """-> (kind, location, gguf_file) with kind in {"module", "config", "gguf", "dir"}."""
-    from modules.paths import embedded_gguf
-
     if isinstance(target, nn.Module):
         return "module", target, None
     if hasattr(target, "model_type"):
         return "config", target, None
-    if target is None:
-        g = embedded_gguf()
-        return "gguf", g.parent, g.name
-    p = Path(target)
-    if p.is_file() and p.suffix == ".gguf":
-        return "gguf", p.parent, p.name
+    from modules.target import resolve_model
+
+    if isinstance(target, Path):
+        target = str(target)
+    path_or_id, gguf_file = resolve_model(target)  # None / the embedded name -> the embedded GGUF
+    if gguf_file:
+        return "gguf", Path(path_or_id), gguf_file
+    p = Path(path_or_id)
     if p.is_dir():
         if not any(p.glob("*.safetensors")) and not (p / "pytorch_model.bin").exists():
             ggufs = sorted(p.glob("*.gguf"))
             if ggufs:
                 return "gguf", p, ggufs[0].name
         return "dir", p, None
-    if p.exists():
-        raise ValueError(f"{target}: not a model folder or .gguf file")
-    return "dir", _hub_snapshot(str(target)), None
+    return "dir", _hub_snapshot(path_or_id), None
 
 
 def _hub_snapshot(repo_id):
@@ -70,10 +68,8 @@ def target_name(target):
         return getattr(target.config, "_name_or_path", None) or type(target).__name__
     if hasattr(target, "model_type"):
         return getattr(target, "_name_or_path", None) or target.model_type
-    if target is None:
-        from modules.paths import EMBEDDED_MODEL_NAME
-        return EMBEDDED_MODEL_NAME
-    return str(target)
+    from modules.target import model_display_name
+    return model_display_name(None if target is None else str(target))
 
 
 def target_config(target):

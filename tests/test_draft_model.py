@@ -117,3 +117,12 @@ def test_bias_flag_and_mismatched_weights(tmp_path):
     assert draft.fc.bias is None
     with pytest.raises(ValueError, match="shape"):
         draft.load_frozen(torch.zeros(10, 64), torch.zeros(10, 64))
+
+
+def test_embedded_gguf_embed_and_head_match_the_loaded_target(smollm2):
+    """Reading just token_embd from the Q4_1 GGUF gives what transformers' full load gives."""
+    model, _ = smollm2
+    embed, head = load_embed_and_head(None)
+    assert head is embed  # SmolLM2 ties them: no output.weight in the file
+    assert torch.equal(embed, model.get_input_embeddings().weight)
+    assert torch.equal(head, model.get_output_embeddings().weight)

@@ -1,0 +1,285 @@
+"""EagleTrainer: an HF Trainer that trains an EAGLE-1/2 draft on stored target features.
+
+Loss (per trained token, averaged over trained tokens):
+    w_reg * SmoothL1(pred_feature, target_feature)
+  + w_cls * soft cross-entropy  -sum softmax(head(target)) * log_softmax(head(pred))
+The target side is detached (the head is frozen anyway). The prediction side is NOT: the CE
+term's gradient flows into the draft. NickL77/BaldEagle detaches it too (`detach_cls_pred=True`
+reproduces that recipe; the CE term then only shows up in the logs).
+
+Extension points for subclasses (the EAGLE-3 TTT trainer):
+  eagle_loss(model, inputs) -> (loss, metrics)   metrics are SUMS (see METRIC_KEYS) so they can be
+                                                 added over micro-batches and ranks before dividing
+  eval_batch(model, inputs) -> metrics           loss metrics + simulated acceptance sums
+  summarize(sums, prefix) -> {name: value}       sums -> logged averages
+  save_draft(model, output_dir)                  what a checkpoint holds (model.save_pretrained)
+  load_draft_weights(model, checkpoint_dir)      resume
+Shared helpers: soft_cross_entropy, topk_hits, add_uniform_noise, simulated_acceptance.
+"""
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import Trainer, TrainingArguments
+from transformers.cache_utils import DynamicCache
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf: training stops before the optimizer step, checkpoints stay good."""
+
+
+@dataclass
+class EagleTrainingArguments(TrainingArguments):
+    w_reg: float = field(default=1.0, metadata={"help": "weight of the SmoothL1 feature loss"})
+    w_cls: float = field(default=0.1, metadata={"help": "weight of the soft cross-entropy"})
+    noise_std: float = field(default=0.2, metadata={"help": "uniform feature noise (EAGLE: 0.2); 0 = off"})
+    detach_cls_pred: bool = field(default=False, metadata={"help": "BaldEagle recipe: no CE gradient"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "lr decays linearly to lr * this"})
+    sim_steps: int = field(default=5, metadata={"help": "draft chain length for the simulated tau"})
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def soft_cross_entropy(pred_logits, target_logits):
+    """Per-row -sum p_target * log p_pred (float32 for a stable log_softmax)."""
+    p = torch.softmax(target_logits.float(), dim=-1)
+    return -(p * torch.log_softmax(pred_logits.float(), dim=-1)).sum(-1)
+
+
+def topk_hits(pred_logits, target_ids, ks=(1, 2, 3)):
+    """{k: number of rows whose target id is in the draft's top-k}."""
+    top = pred_logits.topk(max(ks), dim=-1).indices
+    hit = top == target_ids.unsqueeze(-1)
+    return {k: hit[:, :k].any(-1).sum() for k in ks}
+
+
+def add_uniform_noise(hidden_states, attention_mask, std):
+    """EAGLE's uniform noise: (U(0,1) - 0.5) * std * 512 / seq_len, seq_len per row."""
+    lengths = attention_mask.sum(1).clamp(min=1).to(hidden_states.dtype)
+    scale = (std * 512.0 / lengths).view(-1, 1, 1)
+    return hidden_states + (torch.rand_like(hidden_states) - 0.5) * scale
+
+
+def _chain_mask(T, step, device, batch):
+    """Bool mask [B,1,T,T*(step+1)]: row t sees real slots 0..t and its own chain slots 1..step."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=device)
+    return torch.cat([causal] + [eye] * step, dim=1)[None, None].expand(batch, 1, T, T * (step + 1))
+
+
+@torch.no_grad()
+def simulated_acceptance(draft, batch, steps):
+    """Run the draft autoregressively `steps` times from every slot, as at decoding time, and
+    count how many of its greedy tokens the target would accept.
+
+    Step 0 at slot t uses the stored inputs (x_{t+1}, f_t); step s feeds the draft its own
+    previous token and feature at slot t+s, attending to the real slots 0..t and its own chain
+    (the KV cache of EAGLE decoding). Step s is accepted when the whole chain so far matched the
+    target's greedy token (argmax head(stored f)). Past a slot where the data token differs from
+    the target's greedy token the stored features are off the target's own path, so the chain
+    is cut there: on data the target did not write itself this is a lower bound.
+    Returns (sum of accepted lengths over origins with loss_mask, number of origins);
+    tau_sim = 1 + sum / count (the bonus token counts, as in real decoding).
+    """
+    ids, hs, mask = batch["input_ids"], batch["hidden_states"], batch["loss_mask"].bool()
+    nxt = batch["next_ids"]
+    B, T, _ = hs.shape
+    greedy = draft.compute_logits(batch["target"]).argmax(-1)
+    greedy = torch.where(nxt >= 0, greedy, torch.full_like(greedy, -2))
+
+    def shifted(x, s, fill):  # value at slot t+s for origin t
+        return torch.cat([x[:, s:], torch.full_like(x[:, :s], fill)], dim=1)
+
+    cache = DynamicCache()
+    out = draft(ids, hs, past_key_values=cache)
+    tok = draft.compute_logits(out).argmax(-1)
+    alive = torch.ones_like(mask)
+    accepted = torch.zeros(B, T, dtype=torch.long, device=hs.device)
+    pos = torch.arange(T, device=hs.device).unsqueeze(0).expand(B, T)
+    for s in range(steps):
+        if s > 0:
+            out = draft(tok, out, attention_mask=_chain_mask(T, s, hs.device, B),
+                        position_ids=pos + s, past_key_values=cache)
+            tok = draft.compute_logits(out).argmax(-1)
+        g, d = shifted(greedy, s, -2), shifted(nxt, s, -1)
+        ok = alive & (tok == g)
+        accepted += ok.long()
+        alive = ok & (d == g)
+    return accepted[mask].sum(), mask.sum()
+
+
+# ----------------------------------------------------------------------------- trainer
+
+METRIC_KEYS = ("reg_sum", "cls_sum", "top1", "top2", "top3", "n_trained", "n_tokens")
+
+
+class EagleTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # our items carry loss_mask / target / next_ids that the model's forward does not name
+        self.args.remove_unused_columns = False
+        self._sums = defaultdict(float)
+        self._last_log_time = None
+
+    # ---- loss -------------------------------------------------------------------------
+    def draft_module(self, model=None):
+        return self.accelerator.unwrap_model(model if model is not None else self.model)
+
+    def eagle_loss(self, model, inputs):
+        """-> (loss, metric sums). Losses are averaged over trained tokens of this micro-batch."""
+        args = self.args
+        draft = self.draft_module(model)
+        dtype = draft.fc.weight.dtype
+        hs = inputs["hidden_states"].to(dtype)
+        target = inputs["target"].to(dtype)
+        if model.training and args.noise_std > 0:
+            hs = add_uniform_noise(hs, inputs["attention_mask"], args.noise_std)
+        # right padding + causal attention: no padding mask needed (pads come after real tokens)
+        pred = model(input_ids=inputs["input_ids"], hidden_states=hs)
+        sel = inputs["loss_mask"].bool()
+        n = sel.sum()
+        pred_sel, target_sel = pred[sel], target[sel]  # head only where it is trained: [N, H] not [B*T, H]
+        reg = F.smooth_l1_loss(pred_sel.float(), target_sel.float(), reduction="none").mean(-1)
+        with torch.no_grad():
+            target_logits = draft.compute_logits(target_sel)
+        pred_logits = draft.compute_logits(pred_sel.detach() if args.detach_cls_pred else pred_sel)
+        cls = soft_cross_entropy(pred_logits, target_logits)
+        denom = n.clamp(min=1)
+        loss = (args.w_reg * reg.sum() + args.w_cls * cls.sum()) / denom
+        with torch.no_grad():
+            hits = topk_hits(pred_logits, target_logits.argmax(-1))
+        metrics = {"reg_sum": reg.sum().detach(), "cls_sum": cls.sum().detach(), "top1": hits[1],
+                   "top2": hits[2], "top3": hits[3], "n_trained": n, "n_tokens": inputs["attention_mask"].sum()}
+        return loss, metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with self.accelerator.autocast():
+            loss, metrics = self.eagle_loss(model, inputs)
+        if model.training:
+            self._check_finite(loss)
+            for k, v in metrics.items():
+                self._sums[k] += float(v)
+        return (loss, metrics) if return_outputs else loss
+
+    def _check_finite(self, loss):
+        bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
+        if self.args.world_size > 1:  # every rank must stop together, or the others hang in all-reduce
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item() > 0:
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {self.state.global_step}: stopped before the optimizer "
+                f"step; checkpoints in {self.args.output_dir} are from before it")
+
+    # ---- logging ------------------------------------------------------------------------
+    @staticmethod
+    def summarize(sums, prefix=""):
+        n = max(sums.get("n_trained", 0.0), 1.0)
+        out = {f"{prefix}reg_loss": sums.get("reg_sum", 0.0) / n, f"{prefix}cls_loss": sums.get("cls_sum", 0.0) / n}
+        for k in (1, 2, 3):
+            out[f"{prefix}top{k}_acc"] = sums.get(f"top{k}", 0.0) / n
+        if "sim_count" in sums:
+            out[f"{prefix}tau_sim"] = 1.0 + sums["sim_accepted"] / max(sums["sim_count"], 1.0)
+        return out
+
+    def _reduce_sums(self, sums):
+        keys = sorted(sums)
+        vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1:
+            vec = self.accelerator.reduce(vec, reduction="sum")
+        return dict(zip(keys, vec.tolist()))
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self._sums:  # a training log: add the metrics since the last one
+            sums = self._reduce_sums(self._sums)
+            now = time.time()
+            since = self._last_log_time or getattr(self, "_train_start_time", now)
+            logs.update({k: round(v, 5) for k, v in self.summarize(sums).items()})
+            logs["tokens_per_s"] = round(sums["n_tokens"] / max(now - since, 1e-6), 1)
+            self._last_log_time = now
+            self._sums = defaultdict(float)
+        super().log(logs, start_time) if start_time is not None else super().log(logs)
+
+    def train(self, *args, **kwargs):
+        self._train_start_time = time.time()
+        self._last_log_time = None
+        return super().train(*args, **kwargs)
+
+    # ---- evaluation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_batch(self, model, inputs):
+        loss, metrics = self.eagle_loss(model, inputs)
+        draft = self.draft_module(model)
+        batch = {k: v.to(draft.fc.weight.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        acc, count = simulated_acceptance(draft, batch, self.args.sim_steps)
+        metrics.update(sim_accepted=acc, sim_count=count)
+        return metrics
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self.draft_module()
+        was_training = model.training
+        model.eval()
+        sums = defaultdict(float)
+        start = time.time()
+        with self.accelerator.autocast():
+            for inputs in dataloader:
+                inputs = self._prepare_inputs(inputs)
+                for k, v in self.eval_batch(model, inputs).items():
+                    sums[k] += float(v)
+        model.train(was_training)
+        sums = self._reduce_sums(sums)
+        metrics = self.summarize(sums, prefix=f"{metric_key_prefix}_")
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 2)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # ---- schedule -----------------------------------------------------------------------
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        """Linear warmup, then linear decay to lr * min_lr_ratio at the last step."""
+        if self.lr_scheduler is None:
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            floor = self.args.min_lr_ratio
+
+            def factor(step):
+                if step < warmup:
+                    return (step + 1) / (warmup + 1)
+                frac = (step - warmup) / max(1, num_training_steps - warmup)
+                return max(floor, 1.0 - (1.0 - floor) * frac)
+
+            self.lr_scheduler = LambdaLR(optimizer if optimizer is not None else self.optimizer, factor)
+        return self.lr_scheduler
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def save_draft(self, model, output_dir):
+        model.save_pretrained(output_dir)
+
+    def load_draft_weights(self, model, checkpoint_dir):
+        path = os.path.join(checkpoint_dir, "model.safetensors")
+        sd = load_file(path)
+        sd.pop("embed_tokens.weight", None)  # frozen, from the target
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head.", "rotary_emb."))]
+        if missing or unexpected:
+            raise ValueError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+
+    def _save(self, output_dir=None, state_dict=None):
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.save_draft(self.draft_module(), output_dir)
+        # JSON, not the pickled training_args.bin of the stock Trainer
+        with open(os.path.join(output_dir, "training_args.json.tmp"), "w") as f:
+            f.write(self.args.to_json_string())
+        os.replace(os.path.join(output_dir, "training_args.json.tmp"), os.path.join(output_dir, "training_args.json"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        self.load_draft_weights(self.draft_module(model), resume_from_checkpoint)
