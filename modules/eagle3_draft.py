@@ -322,3 +322,52 @@ def register():
 
 
 register()
+
+
+# ---- tree decoding (modules/tree_decoding.py protocol) ---------------------------------------
+
+def _tree_adapter(draft):
+    from modules.tree_decoding import DraftAdapter, TreeKVCache
+
+    class Eagle3Adapter(DraftAdapter):
+        """EAGLE-3 in the tree decoder: features = fc(cat of the aux-layer hidden states), the
+        draft's own norm + lm_head over the draft vocab, draft ids mapped back through d2t."""
+
+        def __init__(self, draft):
+            self.draft = draft
+            self.aux_layers = draft.aux_layers
+
+        def check_target(self, target):
+            tcfg = target.config.get_text_config()
+            problems = []
+            if self.draft.fused_size != 3 * tcfg.hidden_size:
+                problems.append(f"fc takes {self.draft.fused_size} features, target gives 3 x {tcfg.hidden_size}")
+            if self.draft.config.vocab_size != tcfg.vocab_size:
+                problems.append(f"vocab {self.draft.config.vocab_size} vs target {tcfg.vocab_size}")
+            if max(self.aux_layers) > tcfg.num_hidden_layers:  # hidden_states has layers + 1 entries
+                problems.append(f"aux layers {self.aux_layers} beyond the target's {tcfg.num_hidden_layers} layers")
+            if problems:
+                raise ValueError("EAGLE-3 draft does not fit the target: " + "; ".join(problems))
+
+        def target_features(self, last_hidden, hidden_states):
+            fused = torch.cat([hidden_states[i] for i in self.aux_layers], dim=-1)
+            return self.draft.fc(fused.to(self.draft.fc.weight.dtype))
+
+        def new_cache(self, capacity):
+            return TreeKVCache(1, capacity)
+
+        def forward(self, input_ids, features, position_ids, attention_mask, cache):
+            out, _ = self.draft(input_ids, features, attention_mask=attention_mask, position_ids=position_ids,
+                                past_key_values=cache, use_cache=True, fused=False)
+            return out
+
+        def logprobs(self, hidden):
+            return torch.log_softmax(self.draft.compute_logits(hidden).float(), dim=-1)
+
+        def to_target_ids(self, draft_ids):
+            return self.draft.to_target_ids(draft_ids)
+
+    return Eagle3Adapter(draft)
+
+
+Eagle3Draft.tree_adapter = _tree_adapter
