@@ -12,7 +12,7 @@ Each shard holds every kept conversation of its rows, packed end to end (no padd
     aux_hidden_states  bf16   [N_tok, k*H]     optional: EAGLE-3 fused low/mid/high features
     offsets            int64  [n_conv + 1]     conversation c = tokens offsets[c]:offsets[c+1]
     row_ids            int64  [n_conv]         dataset row of each conversation
-and str metadata: format, first_row, end_row, rows, tokens, trained_tokens, skipped (JSON).
+and str metadata: format, first_row, end_row, rows, tokens, trained_tokens, truncated, skipped (JSON).
 
 Shards are written under a temporary name and renamed, so a killed run leaves only whole shards
 and a rerun continues from the first missing one. The format is readable with `safetensors` alone.
@@ -76,19 +76,24 @@ def pack_conversations(conversations: list[dict], hidden_dtype: torch.dtype = to
 
 
 def write_shard(folder: str | Path, first_row: int, end_row: int, conversations: list[dict],
-                skipped: dict[str, int], hidden_dtype: torch.dtype = torch.bfloat16) -> dict:
+                skipped: dict[str, int], hidden_dtype: torch.dtype = torch.bfloat16, truncated: int = 0) -> dict:
     """Write one shard atomically; return its stats (the same as its metadata, decoded)."""
     tensors = pack_conversations(conversations, hidden_dtype)
     stats = {
         "format": FORMAT, "first_row": first_row, "end_row": end_row,
         "rows": len(conversations), "tokens": int(tensors["input_ids"].numel()),
-        "trained_tokens": int(tensors["loss_mask"].sum()), "skipped": dict(sorted(skipped.items())),
+        "trained_tokens": int(tensors["loss_mask"].sum()), "truncated": truncated,
+        "skipped": dict(sorted(skipped.items())),
     }
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in stats.items()}
     path = Path(folder) / shard_name(first_row, end_row)
     tmp = Path(str(path) + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no half-written shard behind
+        raise
     stats["bytes"] = path.stat().st_size
     return stats
 
@@ -134,12 +139,14 @@ def read_shard_stats(path: str | Path) -> dict:
 
 def summarize_shards(folder: str | Path) -> dict:
     """Totals over a folder's shards: rows_written, tokens, trained_tokens, skipped, bytes, shards."""
-    total = {"rows_written": 0, "tokens": 0, "trained_tokens": 0, "skipped": {}, "bytes": 0, "shards": 0}
+    total = {"rows_written": 0, "tokens": 0, "trained_tokens": 0, "truncated": 0, "skipped": {}, "bytes": 0,
+             "shards": 0}
     for path in list_shards(folder):
         s = read_shard_stats(path)
         total["rows_written"] += s["rows"]
         total["tokens"] += s["tokens"]
         total["trained_tokens"] += s["trained_tokens"]
+        total["truncated"] += s.get("truncated", 0)
         total["bytes"] += s["bytes"]
         total["shards"] += 1
         for reason, n in s["skipped"].items():

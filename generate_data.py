@@ -1,0 +1,56 @@
+"""Chat dataset -> EAGLE training data: token ids, loss mask and the target's last hidden state.
+
+    python generate_data.py                                  # embedded SmolLM2 on embedded ShareGPT
+    python generate_data.py --model meta-llama/Llama-3.1-8B-Instruct --dataset ultrachat --end 20000
+
+Writes OUTDIR/manifest.json + shard-*.safetensors (format: README "Data" section). Rerunning the
+same command after a kill resumes and ends with exactly the data of an uninterrupted run.
+"""
+import argparse
+import sys
+
+from modules.paths import DEFAULT_DATA_DIR
+
+# ----------------------------------------------------------------------------- SETTINGS
+MODEL = None              # hub id, local folder or .gguf file; None = embedded SmolLM2-135M-Instruct
+DATASET = "sharegpt"      # sharegpt (embedded), ultrachat, a .json/.jsonl file, or a hub dataset id
+START = 0                 # first dataset row
+END = None                # end row, exclusive (None = to the end of the dataset)
+MAX_LENGTH = 2048         # tokens per conversation (longer ones are truncated)
+DTYPE = "auto"            # target compute dtype: bf16 on GPU and on CPUs with bf16 units, else fp32
+STORE_DTYPE = "bf16"      # stored features: bf16 (default), fp16 or fp32
+BATCH_TOKENS = 8192       # padded tokens per forward pass (length-sorted batches)
+SYSTEM_PROMPT = None      # prepended to rows without a system turn (the original used Llama-2's)
+OUTDIR = str(DEFAULT_DATA_DIR)
+# ----------------------------------------------------------------------------- end of SETTINGS
+
+
+def main(argv=None) -> int:
+    from modules.generation import add_generation_args, run_from_args
+
+    parser = add_generation_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), globals())
+    args = parser.parse_args(argv)
+    return run_with_clear_errors(lambda: run_from_args(args))
+
+
+def run_with_clear_errors(fn) -> int:
+    """Known failures (bad model, dataset, out dir, template) end with one line and exit code 2."""
+    from modules.chat_data import DatasetError
+    from modules.generation import GenerationError
+    from modules.loss_mask import TemplateError
+    from modules.storage import DataFormatError
+    from modules.target import TargetLoadError
+
+    try:
+        fn()
+    except (TargetLoadError, DatasetError, GenerationError, TemplateError, DataFormatError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. a full disk while writing a shard (its temporary file is removed)
+        print(f"error: {err.strerror or err}: {getattr(err, 'filename', '') or ''}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""The data-generation loop shared by generate_data.py and generate_data_fused_features.py.
+
+rows -> (tokenise + loss mask) -> length-sorted padded batches -> target forward -> packed shards.
+
+Determinism and resume: the row range is cut into fixed blocks of `rows_per_shard` rows; a block's
+batches depend only on its own rows, so recomputing a missing block after a kill gives exactly the
+bytes an uninterrupted run writes. Whole shards appear atomically; a rerun skips the ones on disk.
+"""
+import hashlib
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from modules.chat_data import BadRow, row_to_messages
+from modules.features import target_features
+from modules.loss_mask import TemplateError, tokenize_conversation
+from modules.storage import (FORMAT, MANIFEST, SHARD_RE, list_shards, read_manifest, read_shard_stats,
+                             shard_name, write_manifest, write_shard)
+
+SHARD_TARGET_BYTES = 256 * 2**20  # shards stay small enough to write atomically and copy around
+
+
+class GenerationError(RuntimeError):
+    """A setting or out dir that makes generation impossible (one-line message for users)."""
+
+
+@dataclass
+class GenerationSettings:
+    """Everything that determines the bytes written; a resumed run must use the same values."""
+    model: str
+    dataset: str
+    start: int
+    end: int
+    max_length: int = 2048
+    system_prompt: str | None = None
+    dtype: str = "bfloat16"            # storage dtype of the features
+    aux_layers: list[int] | None = None  # EAGLE-3 fused features (None for EAGLE-1/2 data)
+    rows_per_shard: int = 0            # 0: auto, shards of at most ~256 MB at max_length
+    batch_tokens: int = 8192           # padded tokens per forward (longest row x rows in the batch)
+    split: str | None = None
+
+
+def auto_rows_per_shard(hidden_size: int, max_length: int, dtype: torch.dtype, n_aux: int = 0) -> int:
+    bytes_per_token = hidden_size * torch.finfo(dtype).bits // 8 * (1 + n_aux) + 5
+    return max(1, SHARD_TARGET_BYTES // (bytes_per_token * max_length))
+
+
+def chat_template_sha256(tokenizer) -> str:
+    return hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()
+
+
+def encode_rows(tokenizer, rows, max_length: int, system_prompt: str | None):
+    """(examples [(row_id, ids, mask)], skipped Counter, truncated count) for raw dataset rows."""
+    examples, skipped, truncated = [], Counter(), 0
+    for row_id, row in rows:
+        try:
+            messages = row_to_messages(row, system_prompt)
+            ids, mask, was_truncated = tokenize_conversation(tokenizer, messages, max_length)
+        except BadRow as bad:
+            skipped[bad.reason] += 1
+            continue
+        except TemplateError as err:
+            if "no chat template" in str(err):
+                raise
+            skipped["template_error"] += 1
+            continue
+        if not any(mask):
+            skipped["no_trained_tokens_after_truncation" if was_truncated else "no_trained_tokens"] += 1
+            continue
+        truncated += was_truncated
+        examples.append((row_id, ids, mask))
+    return examples, skipped, truncated
+
+
+def make_batches(examples, batch_tokens: int) -> list[list]:
+    """Length-sorted groups whose padded size (rows x longest) stays within batch_tokens."""
+    order = sorted(examples, key=lambda e: (-len(e[1]), e[0]))
+    batches, current = [], []
+    for ex in order:
+        longest = len(current[0][1]) if current else len(ex[1])
+        if current and (len(current) + 1) * longest > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(ex)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_batch(batch, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(ids) for _, ids, _ in batch)
+    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for b, (_, ids, _) in enumerate(batch):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        attention_mask[b, :len(ids)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+@torch.no_grad()
+def features_for_examples(model, examples, pad_id: int, batch_tokens: int, store_dtype: torch.dtype,
+                          aux_layers=None, on_batch=None) -> list[dict]:
+    """Conversations ready for storage, in the order of `examples`; padded positions are dropped."""
+    device = next(model.parameters()).device
+    out = {}
+    for batch in make_batches(examples, batch_tokens):
+        input_ids, attention_mask = pad_batch(batch, pad_id, device)
+        last, aux = target_features(model, input_ids, attention_mask, aux_layers)
+        for b, (row_id, ids, mask) in enumerate(batch):
+            n = len(ids)
+            conv = {"row_id": row_id, "input_ids": torch.tensor(ids, dtype=torch.int32),
+                    "loss_mask": torch.tensor(mask, dtype=torch.uint8),
+                    "hidden_states": last[b, :n].to("cpu", store_dtype)}
+            if aux is not None:
+                conv["aux_hidden_states"] = aux[b, :n].to("cpu", store_dtype)
+            out[row_id] = conv
+        if on_batch is not None:
+            on_batch(sum(len(ids) for _, ids, _ in batch))
+    return [out[row_id] for row_id, _, _ in examples]
+
+
+def shard_blocks(start: int, end: int, rows_per_shard: int) -> list[tuple[int, int]]:
+    return [(a, min(a + rows_per_shard, end)) for a in range(start, end, rows_per_shard)]
+
+
+RESUME_KEYS = ("model", "dataset", "split", "start_row", "end_row", "max_length", "system_prompt", "dtype",
+               "aux_layers", "rows_per_shard", "batch_tokens", "chat_template_sha256")
+
+
+def _check_resume(out_dir: Path, manifest: dict, blocks) -> dict:
+    """Stats of the shards already on disk; errors if the folder holds other settings' data."""
+    if not (out_dir / MANIFEST).exists():
+        if any(SHARD_RE.match(p.name) for p in out_dir.iterdir()):
+            raise GenerationError(f"{out_dir} holds shards but no manifest.json: use an empty --outdir")
+        return {}
+    old = read_manifest(out_dir)
+    for key in RESUME_KEYS:
+        if old.get(key) != manifest.get(key):
+            raise GenerationError(f"{out_dir} holds data made with {key}={old.get(key)!r} (now {manifest.get(key)!r}):"
+                                  f" rerun with the same settings to resume, or use another --outdir")
+    expected = {shard_name(a, b) for a, b in blocks}
+    done = {}
+    for path in list_shards(out_dir):
+        if path.name not in expected:
+            raise GenerationError(f"unexpected shard {path} for rows {manifest['start_row']}-{manifest['end_row']}")
+        done[path.name] = read_shard_stats(path)
+    return done
+
+
+def generate_folder(model, tokenizer, rows, out_dir, settings: GenerationSettings, progress: bool = True,
+                    desc: str = "generate", extra_manifest: dict | None = None) -> dict:
+    """Write (or finish) one data folder for rows [settings.start, settings.end); return the manifest."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise GenerationError(f"cannot write to out dir {out_dir}: {err.strerror or err}") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise GenerationError("the tokenizer has no chat template: pass --chat-template FILE (a Jinja template)")
+    store_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[settings.dtype]
+    hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") \
+        else model.config.hidden_size
+    n_aux = len(settings.aux_layers or [])
+    rps = settings.rows_per_shard or auto_rows_per_shard(hidden, settings.max_length, store_dtype, n_aux)
+    manifest = {
+        "format": FORMAT, "model": settings.model, "dataset": settings.dataset, "split": settings.split,
+        "chat_template_sha256": chat_template_sha256(tokenizer), "vocab_size": len(tokenizer),
+        "start_row": settings.start, "end_row": settings.end, "hidden_size": hidden, "dtype": settings.dtype,
+        "aux_layers": settings.aux_layers, "max_length": settings.max_length,
+        "system_prompt": settings.system_prompt, "rows_per_shard": rps, "batch_tokens": settings.batch_tokens,
+        "target_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        **(extra_manifest or {}),
+    }
+    blocks = shard_blocks(settings.start, settings.end, rps)
+    done = _check_resume(out_dir, manifest, blocks)
+    _write_progress_manifest(out_dir, manifest, done, complete=len(done) == len(blocks))
+
+    by_block = {}
+    for row_id, row in rows:
+        by_block.setdefault((row_id - settings.start) // rps, []).append((row_id, row))
+    todo = [(k, a, b) for k, (a, b) in enumerate(blocks) if shard_name(a, b) not in done]
+    bar = tqdm(total=sum(b - a for _, a, b in todo), unit="row", desc=desc, disable=not progress, dynamic_ncols=True)
+    tokens_done, t0 = 0, time.perf_counter()
+
+    def count_tokens(n):
+        nonlocal tokens_done
+        tokens_done += n
+        bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - t0, 1e-9):.0f}")
+
+    for k, a, b in todo:
+        examples, skipped, truncated = encode_rows(tokenizer, by_block.get(k, []), settings.max_length,
+                                                   settings.system_prompt)
+        convs = features_for_examples(model, examples, tokenizer.pad_token_id, settings.batch_tokens, store_dtype,
+                                      settings.aux_layers, on_batch=count_tokens)
+        done[shard_name(a, b)] = write_shard(out_dir, a, b, convs, dict(skipped), store_dtype, truncated)
+        _write_progress_manifest(out_dir, manifest, done, complete=len(done) == len(blocks))
+        bar.update(b - a)
+    bar.close()
+    return read_manifest(out_dir)
+
+
+def _write_progress_manifest(out_dir: Path, manifest: dict, done: dict, complete: bool) -> None:
+    totals = {"rows_written": 0, "tokens": 0, "trained_tokens": 0, "truncated": 0, "bytes": 0}
+    skipped = Counter()
+    for s in done.values():
+        totals["rows_written"] += s["rows"]
+        totals["tokens"] += s["tokens"]
+        totals["trained_tokens"] += s["trained_tokens"]
+        totals["truncated"] += s.get("truncated", 0)
+        totals["bytes"] += s["bytes"]
+        skipped.update(s["skipped"])
+    write_manifest(out_dir, {**manifest, **totals, "skipped": dict(sorted(skipped.items())),
+                             "shards": len(done), "complete": complete})
+
+
+def settings_dict(settings: GenerationSettings) -> dict:
+    return asdict(settings)
+
+
+# ----------------------------------------------------------------------------- command line
+# Shared by generate_data.py and generate_data_fused_features.py: each script passes its SETTINGS.
+
+def add_generation_args(parser, defaults: dict):
+    """Flags of the generator scripts; `defaults` holds the script's SETTINGS block (UPPER CASE keys)."""
+    a = parser.add_argument
+    a("--model", default=defaults["MODEL"], help="hub id, local folder, or .gguf file (default: embedded SmolLM2)")
+    a("--dataset", default=defaults["DATASET"], help="sharegpt (embedded), ultrachat, a .json/.jsonl file or hub id")
+    a("--split", default=None, help="dataset split for hub datasets (default: train, ultrachat: train_sft)")
+    a("--start", type=int, default=defaults["START"], help="first dataset row")
+    a("--end", type=int, default=defaults["END"], help="end row (exclusive; default: the whole dataset)")
+    a("--index", type=int, default=None, help="worker index: writes OUTDIR/part-<index:04d> (allocation.py sets it)")
+    a("--gpu_index", type=int, nargs="*", default=None, help="GPU ids this process may use")
+    a("--outdir", default=defaults["OUTDIR"], help="output folder")
+    a("--max-length", type=int, default=defaults["MAX_LENGTH"], help="truncate conversations to this many tokens")
+    a("--dtype", default=defaults["DTYPE"], help="dtype the target runs in: auto, bf16, fp16, fp32")
+    a("--store-dtype", default=defaults["STORE_DTYPE"], choices=["bf16", "fp16", "fp32"], help="dtype of stored features")
+    a("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    a("--threads", type=int, default=None, help="CPU threads for torch (allocation.py splits the cores)")
+    a("--batch-tokens", type=int, default=defaults["BATCH_TOKENS"], help="padded tokens per forward")
+    a("--rows-per-shard", type=int, default=0, help="rows per shard file (0: auto, shards <= ~256 MB)")
+    a("--system-prompt", default=defaults["SYSTEM_PROMPT"], help="system prompt for rows without one")
+    a("--chat-template", default=None, help="Jinja chat template file (for models without one)")
+    a("--no-progress", action="store_true", help="no tqdm bar (logs of background workers)")
+    return parser
+
+
+STORE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def run_from_args(args, aux_layers_fn=None) -> dict:
+    """Load target, tokenizer and rows from parsed flags, generate, print a summary; return the manifest.
+
+    aux_layers_fn(num_layers) -> list of ids turns on fused (EAGLE-3) features.
+    """
+    import os
+
+    from modules.chat_data import dataset_display_name, load_rows
+    from modules.target import load_target, load_tokenizer, model_display_name
+
+    if args.gpu_index:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, args.gpu_index))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.outdir) / f"part-{args.index:04d}" if args.index is not None else Path(args.outdir)
+    rows = load_rows(args.dataset, args.start, args.end, args.split)
+    if not rows:
+        raise GenerationError(f"no rows in range start={args.start} end={args.end} of {dataset_display_name(args.dataset)}")
+    end = rows[-1][0] + 1 if args.end is None else min(args.end, rows[-1][0] + 1)
+    model, tokenizer = load_target(args.model, dtype=args.dtype, device=args.device)
+    if args.chat_template:
+        tokenizer = load_tokenizer(args.model, args.chat_template)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    settings = GenerationSettings(
+        model=model_display_name(args.model), dataset=dataset_display_name(args.dataset), split=args.split,
+        start=args.start, end=end, max_length=args.max_length, system_prompt=args.system_prompt,
+        dtype=STORE_DTYPES[args.store_dtype], aux_layers=aux_layers_fn(n_layers) if aux_layers_fn else None,
+        rows_per_shard=args.rows_per_shard, batch_tokens=args.batch_tokens)
+    t0 = time.perf_counter()
+    manifest = generate_folder(model, tokenizer, rows, out_dir, settings, progress=not args.no_progress,
+                               desc=f"rows {args.start}-{end}")
+    print_summary(out_dir, manifest, time.perf_counter() - t0)
+    return manifest
+
+
+def print_summary(out_dir, m: dict, seconds: float) -> None:
+    tokens = max(m["tokens"], 1)
+    feature_bytes = m["hidden_size"] * torch.finfo(getattr(torch, m["dtype"])).bits // 8 * (1 + len(m["aux_layers"] or []))
+    print(f"{out_dir}: rows {m['start_row']}-{m['end_row']} written {m['rows_written']} "
+          f"(truncated {m['truncated']}), skipped {sum(m['skipped'].values())} {m['skipped']}")
+    print(f"  tokens {m['tokens']:,} trained {m['trained_tokens']:,}  shards {m['shards']}  "
+          f"{m['bytes'] / 2**20:,.1f} MiB = {m['bytes'] / tokens:,.0f} B/token "
+          f"(features {feature_bytes} B/token)  {seconds:,.1f} s this run, complete={m['complete']}")
