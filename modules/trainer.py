@@ -88,10 +88,11 @@ def simulated_acceptance(draft, batch, steps):
     Returns (sum of accepted lengths over origins with loss_mask, number of origins);
     tau_sim = 1 + sum / count (the bonus token counts, as in real decoding).
     """
-    ids, hs, mask = batch["input_ids"], batch["hidden_states"], batch["loss_mask"].bool()
+    dtype = draft.fc.weight.dtype
+    ids, hs, mask = batch["input_ids"], batch["hidden_states"].to(dtype), batch["loss_mask"].bool()
     nxt = batch["next_ids"]
     B, T, _ = hs.shape
-    greedy = draft.compute_logits(batch["target"]).argmax(-1)
+    greedy = draft.compute_logits(batch["target"].to(dtype)).argmax(-1)
     greedy = torch.where(nxt >= 0, greedy, torch.full_like(greedy, -2))
 
     def shifted(x, s, fill):  # value at slot t+s for origin t
@@ -215,9 +216,7 @@ class EagleTrainer(Trainer):
     @torch.no_grad()
     def eval_batch(self, model, inputs):
         loss, metrics = self.eagle_loss(model, inputs)
-        draft = self.draft_module(model)
-        batch = {k: v.to(draft.fc.weight.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-        acc, count = simulated_acceptance(draft, batch, self.args.sim_steps)
+        acc, count = simulated_acceptance(self.draft_module(model), inputs, self.args.sim_steps)
         metrics.update(sim_accepted=acc, sim_count=count)
         return metrics
 
