@@ -7,6 +7,7 @@ batches depend only on its own rows, so recomputing a missing block after a kill
 bytes an uninterrupted run writes. Whole shards appear atomically; a rerun skips the ones on disk.
 """
 import hashlib
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -22,6 +23,8 @@ from modules.storage import (FORMAT, MANIFEST, SHARD_RE, list_shards, read_manif
                              shard_name, write_manifest, write_shard)
 
 SHARD_TARGET_BYTES = 256 * 2**20  # shards stay small enough to write atomically and copy around
+# Seconds to pause after each shard: lets the tests kill a run between shards deterministically.
+SHARD_DELAY = float(os.environ.get("EAGLE_DATA_SHARD_DELAY", "0"))
 
 
 class GenerationError(RuntimeError):
@@ -202,6 +205,8 @@ def generate_folder(model, tokenizer, rows, out_dir, settings: GenerationSetting
         done[shard_name(a, b)] = write_shard(out_dir, a, b, convs, dict(skipped), store_dtype, truncated)
         _write_progress_manifest(out_dir, manifest, done, complete=len(done) == len(blocks))
         bar.update(b - a)
+        if SHARD_DELAY:
+            time.sleep(SHARD_DELAY)
     bar.close()
     return read_manifest(out_dir)
 
@@ -259,8 +264,6 @@ def run_from_args(args, aux_layers_fn=None) -> dict:
 
     aux_layers_fn(num_layers) -> list of ids turns on fused (EAGLE-3) features.
     """
-    import os
-
     from modules.chat_data import dataset_display_name, load_rows
     from modules.target import load_target, load_tokenizer, model_display_name
 

@@ -77,3 +77,43 @@ def tiny_tokenizer(family: str, vocab_size: int = 300):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **named)
     fast.chat_template = template
     return fast
+
+
+def tiny_target_dir(path, family: str = "chatml", hidden: int = 64, layers: int = 2, seed: int = 0):
+    """Save a tiny random Llama + a local tokenizer into `path` (a folder load_target accepts)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer(family)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def write_jsonl(path, rows):
+    import json
+
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def chat_rows(n: int, seed: int = 0):
+    """n ShareGPT-style rows of varied lengths (some multi-turn), built from the corpus sentences."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        turns = []
+        for _ in range(1 + i % 3):
+            turns.append({"from": "human", "value": " ".join(rng.choices(CORPUS[:5], k=1 + rng.randrange(3)))})
+            turns.append({"from": "gpt", "value": " ".join(rng.choices(CORPUS[:5], k=1 + rng.randrange(6)))})
+        rows.append({"id": str(i), "conversations": turns})
+    return rows

@@ -1,0 +1,58 @@
+"""Dataset adapters: role normalisation, dropped turns, bad rows skipped with a reason."""
+import json
+
+import pytest
+
+from _helpers_data import write_jsonl
+from modules.chat_data import BadRow, DatasetError, load_rows, row_to_messages
+
+
+def sg(*turns):
+    return {"id": "x", "conversations": [{"from": f, "value": v} for f, v in turns]}
+
+
+def test_normalise_sharegpt_and_messages():
+    row = sg(("gpt", "leftover"), ("human", "hi"), ("chatgpt", "hello"), ("user", "q"), ("bard", "a"), ("human", "tail"))
+    assert row_to_messages(row) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                    {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    msgs = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u"},
+                         {"role": "assistant", "content": "a"}]}
+    assert row_to_messages(msgs, system_prompt="other")[0] == {"role": "system", "content": "S"}
+    assert row_to_messages(sg(("human", "u"), ("bing", "a")), system_prompt="P")[0] == {"role": "system", "content": "P"}
+
+
+@pytest.mark.parametrize("row,reason", [
+    ([], "not_an_object"),
+    ({"id": 1}, "no_messages_field"),
+    (sg(), "empty"),
+    (sg(("human", "a"), ("robot", "b")), "unknown_role"),
+    ({"conversations": [{"from": "human", "value": 3}]}, "non_string_content"),
+    (sg(("human", "a")), "no_assistant_reply"),
+    (sg(("gpt", "only")), "no_assistant_reply"),
+    (sg(("human", "a"), ("human", "b"), ("gpt", "c")), "not_alternating"),
+    (sg(("human", "a"), ("gpt", "  ")), "empty_message"),
+    (sg(("human", "a"), ("system", "s"), ("gpt", "c")), "system_not_first"),
+])
+def test_bad_rows_have_reasons(row, reason):
+    with pytest.raises(BadRow) as err:
+        row_to_messages(row)
+    assert err.value.reason == reason
+
+
+def test_local_files_keep_row_numbers(tmp_path):
+    rows = [sg(("human", f"q{i}"), ("gpt", f"a{i}")) for i in range(6)]
+    jsonl = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert [i for i, _ in load_rows(jsonl, 2, 4)] == [2, 3]
+    truncated = tmp_path / "t.json"  # a JSON array cut mid-row, like the embedded ShareGPT file
+    truncated.write_text(json.dumps(rows)[:-20])
+    got = load_rows(str(truncated), 0, None)
+    assert [i for i, _ in got] == [0, 1, 2, 3, 4] and got[4][1] == rows[4]
+    with pytest.raises(DatasetError, match="not found"):
+        load_rows(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DatasetError, match="empty row range"):
+        load_rows(jsonl, 5, 5)
+
+
+def test_embedded_sharegpt_head():
+    rows = load_rows(None, 0, 3)
+    assert [i for i, _ in rows] == [0, 1, 2] and "conversations" in rows[0][1]

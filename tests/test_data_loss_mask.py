@@ -1,0 +1,64 @@
+"""Loss mask from the tokenizer's own chat template: exactly the assistant replies + end-of-turn token."""
+import pytest
+
+from _helpers_data import tiny_tokenizer
+from modules.loss_mask import TemplateError, tokenize_conversation
+
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": " The capital of France is Paris.\n"},
+    {"role": "user", "content": "And 2+2? Write a poem about the sea."},
+    {"role": "assistant", "content": "It is 4! The sea is wide and deep and blue."},
+]
+
+
+def trained_spans(ids, mask):
+    spans, cur = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    return spans + ([cur] if cur else [])
+
+
+def check_family(tok, messages, end_token):
+    ids, mask, truncated = tokenize_conversation(tok, messages)
+    assert not truncated
+    assert ids == tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    spans = trained_spans(ids, mask)
+    assert len(spans) == len(replies)
+    end_id = tok.convert_tokens_to_ids(end_token)
+    for span, reply in zip(spans, replies):
+        assert span[-1] == end_id  # the end-of-turn token closing the reply is trained
+        assert tok.decode(span[:-1]).strip() == reply.strip()  # and the reply text, nothing else
+    # Nothing after the final end-of-turn (e.g. ChatML's trailing newline) is trained.
+    last = max(i for i, m in enumerate(mask) if m)
+    assert ids[last] == end_id
+
+
+@pytest.mark.parametrize("family,end_token", [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>"),
+                                              ("llama2", "</s>"), ("mistral", "</s>")])
+def test_three_template_families(family, end_token):
+    tok = tiny_tokenizer(family)
+    check_family(tok, MESSAGES, end_token)
+    check_family(tok, MESSAGES[1:3], end_token)  # no system turn (ChatML inserts a default one)
+
+
+def test_smollm2_template(smollm2):
+    _, tok = smollm2
+    check_family(tok, MESSAGES, "<|im_end|>")
+    check_family(tok, MESSAGES[1:], "<|im_end|>")
+
+
+def test_truncation_and_missing_template():
+    tok = tiny_tokenizer("chatml")
+    full, full_mask, _ = tokenize_conversation(tok, MESSAGES)
+    ids, mask, truncated = tokenize_conversation(tok, MESSAGES, max_length=10)
+    assert truncated and ids == full[:10] and mask == full_mask[:10]
+    tok.chat_template = None
+    with pytest.raises(TemplateError, match="--chat-template"):
+        tokenize_conversation(tok, MESSAGES)
