@@ -1,4 +1,4 @@
-"""Load any saved draft by its config: EAGLE-1/2 here; EAGLE-3 registers itself below.
+"""Load any saved draft by its config: EAGLE-1/2 (modules/eagle_draft.py) or EAGLE-3 (modules/eagle3_draft.py).
 
 `load_draft(dir, target_model=None)`: target_model is a model name/path, a loaded nn.Module,
 or None (= the `target_model` recorded in the draft's config.json).
@@ -26,8 +26,13 @@ def _load_eagle2(draft_dir, target_model, **kw):
     return EagleDraft.from_pretrained(draft_dir, target=target_model, **kw)
 
 
-# kind -> loader(draft_dir, target_model, **kw); the EAGLE-3 module adds "eagle3".
-LOADERS = {"eagle2": _load_eagle2}
+def _load_eagle3(draft_dir, target_model, **kw):
+    from modules.eagle3_draft import Eagle3Draft
+    return Eagle3Draft.from_pretrained(draft_dir, target=target_model, **kw)
+
+
+# kind -> loader(draft_dir, target_model, **kw); imported lazily so callers need no extra import.
+LOADERS = {"eagle2": _load_eagle2, "eagle3": _load_eagle3}
 
 
 def load_draft(draft_dir, target_model=None, dtype=torch.float32, attn_implementation="sdpa"):
