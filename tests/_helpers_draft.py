@@ -73,3 +73,8 @@ class ListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.items[i]
+
+
+from pathlib import Path  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]

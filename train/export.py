@@ -1,0 +1,47 @@
+"""Export a trained EAGLE-1/2 draft checkpoint for SGLang, vLLM and the official EAGLE code.
+
+    python train/export.py --checkpoint outputs/eagle2/checkpoint-400 --out outputs/eagle2/export
+
+Writes config.json + model.safetensors (SGLang `LlamaForCausalLMEagle` / vLLM) and pytorch_model.bin
+(official `eagle-llm` EaModel). Refuses a draft whose keys or shapes do not fit the target.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modules.paths import DEFAULT_TRAIN_DIR  # noqa: E402
+
+# ----------------------------------------------------------------------------- SETTINGS
+CHECKPOINT = str(DEFAULT_TRAIN_DIR / "draft")   # a checkpoint-* folder or a previous export
+OUT = str(DEFAULT_TRAIN_DIR / "export")
+MODEL = None              # target; None = the draft config's target_model
+DTYPE = "keep"            # keep | bf16 | fp16 | fp32
+# ----------------------------------------------------------------------------- end of SETTINGS
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=CHECKPOINT)
+    p.add_argument("--out", default=OUT)
+    p.add_argument("--model", default=MODEL)
+    p.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default=DTYPE)
+    args = p.parse_args(argv)
+
+    import torch
+    from modules.export import ExportError, export_draft
+    from modules.target import TargetLoadError
+
+    dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    try:
+        out = export_draft(args.checkpoint, args.out, target=args.model, dtype=dtype)
+    except (ExportError, TargetLoadError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} -> {out} (config.json, model.safetensors, pytorch_model.bin)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
