@@ -1,0 +1,97 @@
+"""Chat dataset -> EAGLE-3 training data: token ids, loss mask, the target's last hidden state AND
+the fused low/middle/high-layer hidden states (`aux_hidden_states`, [tokens, 3 x hidden]).
+
+    python generate_data_fused_features.py                       # embedded SmolLM2 on embedded ShareGPT
+    python generate_data_fused_features.py --aux-layers 2 16 29  # choose the fused layers
+    python generate_data_fused_features.py --regenerate          # the target's own replies (T=0.8) first
+    python generate_data_fused_features.py --regenerate --server-url http://localhost:30000/v1
+    python allocation.py --script generate_data_fused_features.py --outdir data_out/eagle3
+
+Same storage, manifest, resume and allocation.py sharding as generate_data.py (modules/generation.py);
+only the aux layers (default: the official EAGLE-3 choice, inputs of layers 2, N//2, N-3) and the
+optional regeneration are added. Regenerated conversations are kept in OUTDIR/regenerated-*.jsonl,
+so a killed run resumes with the same replies.
+"""
+import argparse
+import sys
+
+from modules.paths import DEFAULT_FUSED_DATA_DIR
+
+# ----------------------------------------------------------------------------- SETTINGS
+MODEL = None              # hub id, local folder or .gguf file; None = embedded SmolLM2-135M-Instruct
+DATASET = "sharegpt"      # sharegpt (embedded), ultrachat, a .json/.jsonl file, or a hub dataset id
+START = 0
+END = None
+MAX_LENGTH = 2048
+DTYPE = "auto"
+STORE_DTYPE = "bf16"
+BATCH_TOKENS = 8192
+SYSTEM_PROMPT = None
+OUTDIR = str(DEFAULT_FUSED_DATA_DIR)
+AUX_LAYERS = None         # hidden_states ids of the fused layers; None = [2, N//2, N-3]
+REGENERATE = False        # replace every assistant reply by the target's own, turn by turn
+TEMPERATURE = 0.8         # sampling temperature of the regenerated replies
+MAX_NEW_TOKENS = 512      # per regenerated reply
+REGEN_BATCH_SIZE = 8      # conversations per generate() batch (or requests in flight to a server)
+SERVER_URL = None         # an OpenAI-compatible server (SGLang, vLLM, llama-cpp) instead of local generate
+SERVER_MODEL = "default"  # the model name the server expects
+# ----------------------------------------------------------------------------- end of SETTINGS
+
+
+def add_fused_args(parser):
+    a = parser.add_argument
+    a("--aux-layers", type=int, nargs="+", default=AUX_LAYERS, help="hidden_states ids to fuse (default: official)")
+    a("--regenerate", action=argparse.BooleanOptionalAction, default=REGENERATE,
+      help="replace assistant replies with the target's own (turn by turn)")
+    a("--temperature", type=float, default=TEMPERATURE, help="regeneration sampling temperature")
+    a("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="regeneration: tokens per reply")
+    a("--regen-batch-size", type=int, default=REGEN_BATCH_SIZE, help="regeneration: conversations per batch")
+    a("--server-url", default=SERVER_URL, help="regenerate through this OpenAI-compatible server")
+    a("--server-model", default=SERVER_MODEL, help="model name sent to the server")
+    a("--seed", type=int, default=0, help="regeneration sampling seed")
+    return parser
+
+
+def regenerate_rows_fn(args):
+    """rows_fn for modules.generation.run_from_args: regenerate (cached) after the target loads."""
+    from pathlib import Path
+
+    from modules.regenerate import LocalGenerator, OpenAIGenerator, regenerate_cached
+
+    def rows_fn(rows, model, tokenizer, out_dir):
+        if args.server_url:
+            gen = OpenAIGenerator(args.server_url, args.server_model, args.temperature, args.max_new_tokens,
+                                  concurrency=args.regen_batch_size)
+        else:
+            gen = LocalGenerator(model, tokenizer, args.temperature, args.max_new_tokens, args.max_length, args.seed)
+        cache = Path(out_dir) / f"regenerated-{args.start:08d}-{args.end if args.end is not None else 'end'}.jsonl"
+        return regenerate_cached(rows, gen, cache, args.system_prompt, args.regen_batch_size,
+                                 progress=not args.no_progress)
+
+    return rows_fn
+
+
+def main(argv=None) -> int:
+    from generate_data import run_with_clear_errors
+    from modules.features import default_aux_layers
+    from modules.generation import add_generation_args, run_from_args
+
+    parser = add_fused_args(add_generation_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), globals()))
+    args = parser.parse_args(argv)
+
+    def aux_layers_fn(num_layers):
+        return list(args.aux_layers) if args.aux_layers else default_aux_layers(num_layers)
+
+    kwargs = {"aux_layers_fn": aux_layers_fn}
+    if args.regenerate:
+        kwargs["rows_fn"] = regenerate_rows_fn(args)
+    from modules.regenerate import RegenerationError
+    try:
+        return run_with_clear_errors(lambda: run_from_args(args, **kwargs))
+    except RegenerationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

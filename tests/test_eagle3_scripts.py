@@ -1,0 +1,84 @@
+"""The EAGLE-3 script pair on a tiny local target: fused-feature data -> TTT training -> export,
+online training without stored features, regenerated data, and clear errors."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _helpers_data import chat_rows, tiny_target_dir, write_jsonl  # noqa: E402
+
+import generate_data_fused_features  # noqa: E402
+from modules.draft_loading import load_draft  # noqa: E402
+from modules.eagle3_draft import Eagle3Draft  # noqa: E402
+from train import train_eagle_ttt  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e3scripts")
+    model = tiny_target_dir(base / "model", layers=4)
+    rows = write_jsonl(base / "rows.jsonl", chat_rows(10))
+    data = base / "data"
+    rc = generate_data_fused_features.main(["--model", model, "--dataset", rows, "--outdir", str(data),
+                                            "--max-length", "384", "--no-progress", "--dtype", "fp32"])
+    assert rc == 0
+    return base, model, rows, data
+
+
+def test_fused_data_has_the_official_layers(tiny):
+    base, model, rows, data = tiny
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["aux_layers"] == [2, 2, 1]  # [2, N//2, N-3] for N = 4
+    shard = sorted(data.glob("shard-*.safetensors"))[0]
+    with safe_open(str(shard), "pt") as f:
+        assert f.get_tensor("aux_hidden_states").shape[-1] == 3 * f.get_tensor("hidden_states").shape[-1]
+
+
+def test_offline_ttt_training_and_export(tiny, tmp_path):
+    base, model, rows, data = tiny
+    out = tmp_path / "run"
+    rc = train_eagle_ttt.main(["--model", model, "--data", str(data), "--output-dir", str(out), "--max-steps", "4",
+                               "--ttt-steps", "3", "--eval-fraction", "0.2", "--grad-accum", "1",
+                               "--draft-vocab-coverage", "0.9", "--logging-steps", "2", "--save-steps", "100"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and "eval_step2_acc" in summary and summary["draft_vocab_coverage"] >= 0.9
+    draft = load_draft(out / "draft", target_model=model)
+    assert isinstance(draft, Eagle3Draft) and draft.aux_layers == [2, 2, 1]
+    assert draft.lm_head.out_features < draft.config.vocab_size  # a reduced draft vocabulary
+
+
+def test_online_training_needs_no_feature_files(tiny, tmp_path):
+    base, model, rows, data = tiny
+    out = tmp_path / "online"
+    rc = train_eagle_ttt.main(["--model", model, "--online", "--dataset", rows, "--start", "0", "--end", "8",
+                               "--output-dir", str(out), "--max-steps", "3", "--ttt-steps", "2", "--eval-fraction", "0.25",
+                               "--grad-accum", "1", "--max-length", "384", "--target-dtype", "fp32"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["online"] and summary["steps"] == 3
+    assert not list(out.rglob("shard-*.safetensors"))
+
+
+def test_eagle2_arch_with_ttt(tiny, tmp_path):
+    base, model, rows, data = tiny
+    out = tmp_path / "e2"
+    rc = train_eagle_ttt.main(["--arch", "eagle2", "--model", model, "--data", str(data), "--output-dir", str(out),
+                               "--max-steps", "2", "--ttt-steps", "2", "--eval-fraction", "0.2", "--grad-accum", "1"])
+    assert rc == 0
+    assert json.loads((out / "summary.json").read_text())["arch"] == "eagle2"
+
+
+def test_clear_error_on_data_without_fused_features(tiny, tmp_path, capsys):
+    base, model, rows, data = tiny
+    from generate_data import main as generate_plain
+    plain = tmp_path / "plain"
+    assert generate_plain(["--model", model, "--dataset", rows, "--outdir", str(plain), "--end", "3",
+                           "--max-length", "384", "--no-progress", "--dtype", "fp32"]) == 0
+    rc = train_eagle_ttt.main(["--model", model, "--data", str(plain), "--output-dir", str(tmp_path / "x")])
+    assert rc == 2
+    assert "no fused features" in capsys.readouterr().err
