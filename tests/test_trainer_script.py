@@ -1,0 +1,120 @@
+"""train/train.py end to end on a tiny target: from train/ as cwd, bad input (one line, exit 2),
+and 2-process DDP on CPU (gloo) ending with the same weights on both ranks."""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests._helpers_draft import REPO_ROOT, save_tiny_target, write_fake_data
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_script")
+    target = save_tiny_target(root / "target", "llama")
+    write_fake_data(root / "data", target, model_name=str(root / "target"), n=8)
+    return root, target
+
+
+def _train_main():
+    spec = importlib.util.spec_from_file_location("train_script", REPO_ROOT / "train" / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+FAST = ["--max-steps", "4", "--batch-size", "2", "--grad-accum", "1", "--logging-steps", "2",
+        "--save-steps", "2", "--sim-steps", "2", "--lr", "1e-3"]
+
+
+def test_train_script_from_train_dir_exports_a_loadable_draft(setup):
+    root, target = setup
+    out = root / "run"
+    r = subprocess.run([sys.executable, "train.py", "--model", str(root / "target"), "--data", str(root / "data"),
+                        "--output-dir", str(out), "--eval-fraction", "0.25", *FAST],
+                       cwd=REPO_ROOT / "train", env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and 1.0 <= summary["eval_tau_sim"] <= 3.0
+    assert 0.0 <= summary["eval_top1_acc"] <= 1.0
+    assert {"config.json", "model.safetensors", "pytorch_model.bin"} <= set(os.listdir(out / "draft"))
+    assert (out / "checkpoint-4" / "model.safetensors").exists()
+    from modules.draft_loading import load_draft
+    draft = load_draft(out / "draft")  # finds the target through config.target_model
+    assert torch.equal(draft.lm_head.weight, target.lm_head.weight)
+
+
+def _bad(main, capsys, argv):
+    capsys.readouterr()  # drop earlier output (progress bars of the setup)
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    return err
+
+
+def test_bad_input_is_one_clear_line(setup, tmp_path, capsys):
+    root, target = setup
+    main = _train_main()
+    base = ["--model", str(root / "target"), "--output-dir", str(tmp_path / "o"), *FAST]
+    (tmp_path / "empty").mkdir()
+    assert "no manifest.json" in _bad(main, capsys, base + ["--data", str(tmp_path / "empty")])
+    # data made for another target: the manifest names another model / another hidden size
+    assert "generated for model 'meta-llama" in _bad(main, capsys, base + ["--data", str(_renamed(root, tmp_path))])
+    wide = save_tiny_target(tmp_path / "wide", "llama", hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
+    err = _bad(main, capsys, ["--model", str(tmp_path / "wide"), "--output-dir", str(tmp_path / "o"), *FAST,
+                              "--data", str(root / "data"), "--allow-other-model"])
+    assert "hidden_size 64" in err and "32" in err
+    # a corrupt shard is named
+    shutil.copytree(root / "data", tmp_path / "corrupt")
+    shard = next((tmp_path / "corrupt").glob("shard-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    err = _bad(main, capsys, base + ["--data", str(tmp_path / "corrupt")])
+    assert shard.name in err
+
+
+def _renamed(root, tmp_path):
+    """A copy of the data whose manifest says it was made for another model."""
+    dst = tmp_path / "other_model"
+    shutil.copytree(root / "data", dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["model"] = "meta-llama/Llama-3.1-8B-Instruct"
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def test_ddp_two_cpu_processes_end_with_equal_weights(setup, tmp_path):
+    root, _ = setup
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "train/train.py", "--model", str(root / "target"), "--data", str(root / "data"),
+           "--output-dir", str(out), "--eval-fraction", "0", "--no-export", "--dump-rank-weights",
+           "--max-steps", "3", "--batch-size", "1", "--grad-accum", "2", "--logging-steps", "1",
+           "--save-steps", "100", "--lr", "1e-3"]
+    r = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from safetensors import safe_open
+    for rank in (0, 1):  # really one DDP job of 2 ranks, not two independent runs
+        with safe_open(str(out / f"rank{rank}.safetensors"), "pt") as f:
+            assert f.metadata() == {"world_size": "2", "global_step": "3"}
+    w0, w1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    assert set(w0) == set(w1) and len(w0) > 0
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    # and training moved them away from the (seeded, identical) initialisation
+    from modules.eagle_draft import EagleDraft
+    torch.manual_seed(0)
+    init = EagleDraft.from_target(root / "target").trainable_state_dict(with_embed=False)
+    assert not torch.equal(init["fc.weight"], w0["fc.weight"])

@@ -1,0 +1,212 @@
+"""Train an EAGLE-1/2 draft on data written by generate_data.py / allocation.py.
+
+    python train/train.py                                   # embedded SmolLM2 on data_out/eagle2
+    python train/train.py --data DIR1 DIR2 --model meta-llama/Llama-3.1-8B-Instruct --epochs 10
+    torchrun --nproc_per_node 8 train/train.py ...          # DDP (or: accelerate launch train/train.py)
+
+Checkpoints go to OUTPUT_DIR/checkpoint-*; the final draft is exported to OUTPUT_DIR/draft in the
+SGLang/vLLM layout (config.json + model.safetensors) and the official EAGLE one (pytorch_model.bin).
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modules.paths import DEFAULT_DATA_DIR, DEFAULT_TRAIN_DIR  # noqa: E402
+
+# ----------------------------------------------------------------------------- SETTINGS
+MODEL = None              # target: hub id, local folder or .gguf; None = embedded SmolLM2-135M-Instruct
+DATA = [str(DEFAULT_DATA_DIR)]   # one or more data folders (or parents of part-XXXX/ folders)
+OUTPUT_DIR = str(DEFAULT_TRAIN_DIR)
+EPOCHS = 4
+MAX_STEPS = -1            # > 0 overrides EPOCHS
+LR = 3e-4                 # small data: higher than the official 3e-5 (which used 68k conversations)
+MIN_LR_RATIO = 0.1        # linear decay from LR to LR * MIN_LR_RATIO after warmup
+WARMUP = 0.05             # warmup steps (>= 1) or fraction of all steps (< 1)
+BATCH_SIZE = 1            # conversations per device and micro-batch (padded on the right)
+GRAD_ACCUM = 4
+MAX_LENGTH = 2048         # tokens per conversation (longer ones are cut)
+EVAL_FRACTION = 0.02      # conversations held out for eval (top-k accuracy, simulated tau)
+SIM_STEPS = 5             # chain length of the simulated acceptance length
+W_REG, W_CLS = 1.0, 0.1   # SmoothL1 feature loss, soft cross-entropy weights
+NOISE_STD = 0.2           # uniform noise on input features (EAGLE)
+DETACH_CLS = False        # True = BaldEagle recipe (CE term gives no gradient)
+BIAS = True               # fc bias (official LLaMA-2 drafts and BaldEagle have it)
+GRAD_CLIP = 0.5
+PRECISION = "auto"        # auto: bf16 autocast on CUDA, fp32 on CPU; or bf16 / fp32
+ATTN = "sdpa"             # sdpa | eager | flash_attention_2
+LOGGING_STEPS = 10
+SAVE_STEPS = 200
+EVAL_STEPS = None         # None = at the end of every epoch
+REPORT_TO = "none"        # none | tensorboard | wandb
+SEED = 0
+# ----------------------------------------------------------------------------- end of SETTINGS
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=MODEL)
+    p.add_argument("--data", nargs="+", default=DATA)
+    p.add_argument("--output-dir", default=OUTPUT_DIR)
+    p.add_argument("--epochs", type=float, default=EPOCHS)
+    p.add_argument("--max-steps", type=int, default=MAX_STEPS)
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--min-lr-ratio", type=float, default=MIN_LR_RATIO)
+    p.add_argument("--warmup", type=float, default=WARMUP)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--grad-accum", type=int, default=GRAD_ACCUM)
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH)
+    p.add_argument("--eval-fraction", type=float, default=EVAL_FRACTION)
+    p.add_argument("--sim-steps", type=int, default=SIM_STEPS)
+    p.add_argument("--w-reg", type=float, default=W_REG)
+    p.add_argument("--w-cls", type=float, default=W_CLS)
+    p.add_argument("--noise-std", type=float, default=NOISE_STD)
+    p.add_argument("--detach-cls", action=argparse.BooleanOptionalAction, default=DETACH_CLS,
+                   help="BaldEagle recipe: detach the prediction in the CE term")
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=BIAS)
+    p.add_argument("--grad-clip", type=float, default=GRAD_CLIP)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=PRECISION)
+    p.add_argument("--attn", default=ATTN)
+    p.add_argument("--logging-steps", type=int, default=LOGGING_STEPS)
+    p.add_argument("--save-steps", type=int, default=SAVE_STEPS)
+    p.add_argument("--eval-steps", type=int, default=EVAL_STEPS)
+    p.add_argument("--report-to", default=REPORT_TO)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--resume", default=None, help="checkpoint folder, or 'auto' = the last one in --output-dir")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="train even if the data manifest names another target model")
+    p.add_argument("--no-export", action="store_true", help="skip the export at the end")
+    p.add_argument("--dump-rank-weights", action="store_true", help=argparse.SUPPRESS)  # DDP test hook
+    return p.parse_args(argv)
+
+
+class UsageError(RuntimeError):
+    """Bad input found before training: printed as one line, exit code 2."""
+
+
+def check_data_fits_target(ds, target_cfg, model_display, allow_other_model):
+    """Data made for another target (hidden size, vocab, name in the manifest) is refused."""
+    where = ds.folders[0] / "manifest.json"
+    if ds.hidden_size != target_cfg.hidden_size:
+        raise UsageError(f"{where}: hidden_size {ds.hidden_size} but the target '{model_display}' has "
+                         f"{target_cfg.hidden_size}: data was generated for another model")
+    for m, folder in zip(ds.manifests, ds.folders):
+        vocab = m.get("vocab_size") or m.get("tokenizer_vocab_size")
+        if vocab and int(vocab) > target_cfg.vocab_size:
+            raise UsageError(f"{folder / 'manifest.json'}: tokenizer vocab {vocab} > target vocab "
+                             f"{target_cfg.vocab_size}: data was generated for another model")
+    if ds.model_name != model_display and not allow_other_model:
+        raise UsageError(f"{where}: data was generated for model '{ds.model_name}', training for "
+                         f"'{model_display}' (pass --allow-other-model if they are the same weights)")
+
+
+def split(ds, eval_fraction, seed):
+    """Random conversation-level split (the same on every rank: seeded)."""
+    import torch
+
+    idx = list(range(len(ds)))
+    random.Random(seed).shuffle(idx)
+    n_eval = 0 if eval_fraction <= 0 or len(idx) < 2 else max(1, round(eval_fraction * len(idx)))
+    return torch.utils.data.Subset(ds, idx[n_eval:]), (torch.utils.data.Subset(ds, idx[:n_eval]) if n_eval else None)
+
+
+def training_arguments(args, has_eval):
+    import torch
+    from modules.trainer import EagleTrainingArguments
+
+    cuda = torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun / accelerate launch
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
+    return EagleTrainingArguments(
+        output_dir=args.output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
+        learning_rate=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, max_grad_norm=args.grad_clip,
+        adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, bf16=bf16, use_cpu=not cuda,
+        ddp_backend="gloo" if not cuda and distributed else None, ddp_find_unused_parameters=False,
+        w_reg=args.w_reg, w_cls=args.w_cls, noise_std=args.noise_std, detach_cls_pred=args.detach_cls,
+        sim_steps=args.sim_steps, logging_steps=args.logging_steps, save_strategy="steps",
+        save_steps=args.save_steps,
+        eval_strategy=("no" if not has_eval else "steps" if args.eval_steps else "epoch"),
+        eval_steps=args.eval_steps, report_to=args.report_to, seed=args.seed,
+        dataloader_num_workers=0, remove_unused_columns=False,
+    )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from modules.collate import EagleCollator
+    from modules.eagle_draft import EagleDraft
+    from modules.export import ExportError, export_draft
+    from modules.storage import DataFormatError, EagleDataset
+    from modules.target import TargetLoadError, model_display_name
+    from modules.target_weights import target_config
+    from modules.trainer import EagleTrainer, NonFiniteLossError
+
+    t0 = time.time()
+    try:
+        ds = EagleDataset(args.data)
+        display = model_display_name(args.model)
+        cfg = target_config(args.model)
+        check_data_fits_target(ds, cfg, display, args.allow_other_model)
+        train_ds, eval_ds = split(ds, args.eval_fraction, args.seed)
+        set_seed(args.seed)  # the same initial draft for the same seed (DDP also broadcasts rank 0's)
+        draft = EagleDraft.from_target(args.model, bias=args.bias, attn_implementation=args.attn)
+        draft.config.target_model = display
+        targs = training_arguments(args, eval_ds is not None)
+        resume = args.resume
+        if resume == "auto":
+            resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        trainer = EagleTrainer(model=draft, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
+                               data_collator=EagleCollator(max_length=args.max_length))
+        if trainer.is_world_process_zero():
+            print(f"data: {len(train_ds)} train / {len(eval_ds) if eval_ds else 0} eval conversations from "
+                  f"{len(ds.folders)} folder(s); target {display} (hidden {cfg.hidden_size}, vocab {cfg.vocab_size}); "
+                  f"trainable params {sum(p.numel() for p in draft.parameters() if p.requires_grad):,}", flush=True)
+        result = trainer.train(resume_from_checkpoint=resume)
+    except (DataFormatError, UsageError, TargetLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        print(f"error: {err}; last good checkpoint: {last or 'none (no checkpoint saved yet)'}", file=sys.stderr)
+        return 3
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    metrics = trainer.evaluate() if eval_ds is not None else {}
+    if args.dump_rank_weights:
+        from safetensors.torch import save_file
+        rank = trainer.args.process_index
+        save_file(trainer.draft_module().trainable_state_dict(with_embed=False),
+                  str(Path(args.output_dir) / f"rank{rank}.safetensors"),
+                  metadata={"world_size": str(trainer.args.world_size), "global_step": str(trainer.state.global_step)})
+    if not trainer.is_world_process_zero():
+        return 0
+    out = Path(args.output_dir) / "draft"
+    if not args.no_export:
+        try:
+            export_draft(trainer.draft_module(), out, target=args.model)
+        except ExportError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    summary = {"steps": result.global_step, "train_loss": round(result.training_loss, 5),
+               "train_runtime_s": round(time.time() - t0, 1), **{k: round(v, 4) for k, v in metrics.items()},
+               "draft": None if args.no_export else str(out)}
+    (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("done: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
