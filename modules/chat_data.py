@@ -172,3 +172,18 @@ def _hub_rows(name: str, split: str | None, start: int, end: int | None):
     stop = len(ds) if end is None else min(end, len(ds))
     for i in range(start, stop):
         yield i, ds[i]
+
+
+def count_rows(dataset: str | None, split: str | None = None) -> int:
+    """Number of rows of a dataset (for splitting "to the end" over workers)."""
+    name = dataset_display_name(dataset)
+    if name == EMBEDDED_DATASET_NAME or Path(name).expanduser().exists():
+        return sum(1 for _ in load_rows(dataset, 0, None))
+    import datasets
+
+    hub_id, default_split = HUB_ALIASES.get(name, (name, "train"))
+    try:
+        return len(datasets.load_dataset(hub_id, split=split or default_split))
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DatasetError(f"cannot load dataset '{name}': {first}") from None

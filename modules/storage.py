@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 FORMAT = "eagle-data-v1"
 MANIFEST = "manifest.json"
@@ -46,6 +45,35 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int32: "I32",
+             torch.int64: "I64", torch.uint8: "U8"}
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write a standard safetensors file with a byte-for-byte deterministic layout.
+
+    safetensors' own writer orders the metadata map differently from run to run; here keys are
+    sorted, so the same data always gives the same file (a resumed run can be compared bytewise).
+    Layout: u64 little-endian header size, JSON header (padded with spaces to 8 bytes), raw data.
+    """
+    header, offset = {"__metadata__": dict(sorted(metadata.items()))}, 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:
+            t = tensors[name].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
 
 
 def pack_conversations(conversations: list[dict], hidden_dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -89,7 +117,7 @@ def write_shard(folder: str | Path, first_row: int, end_row: int, conversations:
     path = Path(folder) / shard_name(first_row, end_row)
     tmp = Path(str(path) + ".tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_safetensors(tensors, tmp, metadata)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no half-written shard behind

@@ -134,12 +134,17 @@ def load_target(model: str | None = None, dtype: str | torch.dtype = "auto", dev
     dtype = pick_dtype(dtype, device)
     tokenizer = load_tokenizer(model)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A worker given several GPUs (allocation.py --gpus 0,1) spreads a large target over them.
+    spread = device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1
     try:
         target = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation, **_hub_kwargs(gguf))
+            path, dtype=dtype, attn_implementation=attn_implementation,
+            **({"device_map": "auto"} if spread else {}), **_hub_kwargs(gguf))
     except Exception as err:
         raise TargetLoadError(f"cannot load model '{model}': {_first_line(err)}") from None
-    target.to(device).eval().requires_grad_(False)
+    if not spread:
+        target.to(device)
+    target.eval().requires_grad_(False)
     return target, tokenizer
 
 

@@ -113,7 +113,7 @@ def chat_rows(n: int, seed: int = 0):
     for i in range(n):
         turns = []
         for _ in range(1 + i % 3):
-            turns.append({"from": "human", "value": " ".join(rng.choices(CORPUS[:5], k=1 + rng.randrange(3)))})
-            turns.append({"from": "gpt", "value": " ".join(rng.choices(CORPUS[:5], k=1 + rng.randrange(6)))})
+            turns.append({"from": "human", "value": rng.choice(CORPUS[:5]).split(".")[0]})
+            turns.append({"from": "gpt", "value": " ".join(rng.choices(CORPUS[:5], k=1 + rng.randrange(3)))})
         rows.append({"id": str(i), "conversations": turns})
     return rows

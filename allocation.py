@@ -1,0 +1,170 @@
+"""Split a row range over GPUs (or CPU processes) and run one generator per device group.
+
+    python allocation.py --outdir data_out/eagle2 --end 20000                 # all visible GPUs, 1 each
+    python allocation.py --outdir data_out/eagle2 --gpus 0,1 2,3 --end 20000  # 2 workers with 2 GPUs each
+    python allocation.py --outdir data_out/eagle2 --workers 2 --end 200       # no GPU: 2 CPU processes
+    python allocation.py --outdir D --num-shards 4 --shard-index 1            # node 1 of 4 takes its quarter
+    python allocation.py --outdir D --script generate_data_fused_features.py -- --max-length 1024
+
+Each worker writes OUTDIR/part-<index:04d>/ for its slice (no gap, no overlap) and logs to
+OUTDIR/logs/. Rerunning the same command resumes every worker. Flags after `--` (and unknown
+flags) go to the generator unchanged.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from modules.paths import DEFAULT_DATA_DIR, REPO_ROOT
+
+# ----------------------------------------------------------------------------- SETTINGS
+SCRIPT = "generate_data.py"   # the generator each worker runs (generate_data_fused_features.py for EAGLE-3)
+DATASET = "sharegpt"
+START = 0
+END = None                    # None: to the end of the dataset
+OUTDIR = str(DEFAULT_DATA_DIR)
+POLL_SECONDS = 2.0
+# ----------------------------------------------------------------------------- end of SETTINGS
+
+
+def split_range(start: int, end: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` contiguous slices covering [start, end) with no gap or overlap, sizes differing by <= 1.
+    Empty slices are dropped (more workers than rows)."""
+    if end <= start:
+        raise ValueError(f"empty row range: start={start} end={end}")
+    n = end - start
+    bounds = [start + (n * k) // parts for k in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def parse_gpu_groups(groups: list[str] | None) -> list[list[int]]:
+    """['0,1', '2,3'] -> [[0, 1], [2, 3]]; None -> one worker per visible GPU."""
+    if groups is None:
+        import torch
+
+        return [[i] for i in range(torch.cuda.device_count())]
+    out = []
+    for g in groups:
+        try:
+            out.append([int(x) for x in g.split(",") if x != ""])
+        except ValueError:
+            raise SystemExit(f"error: --gpus takes comma-separated GPU ids per worker, got '{g}'") from None
+    return out
+
+
+def worker_plan(args) -> list[dict]:
+    """One dict per worker: index, rows, env (GPU ids or CPU threads)."""
+    gpu_groups = [] if args.workers else parse_gpu_groups(args.gpus)
+    n_workers = len(gpu_groups) or args.workers or 1
+    node = split_range(args.start, args.end, args.num_shards)
+    if args.shard_index >= len(node):
+        raise SystemExit(f"error: --shard-index {args.shard_index} has no rows (range {args.start}-{args.end}, "
+                         f"{args.num_shards} shards)")
+    a, b = node[args.shard_index]
+    threads = max(1, (os.cpu_count() or 1) // n_workers)
+    plan = []
+    for w, (lo, hi) in enumerate(split_range(a, b, n_workers)):
+        env = dict(os.environ)
+        if gpu_groups:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_groups[w]))
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers: never touch a GPU
+        plan.append({"index": args.shard_index * n_workers + w, "start": lo, "end": hi, "env": env,
+                     "gpus": gpu_groups[w] if gpu_groups else None, "threads": None if gpu_groups else threads})
+    return plan
+
+
+def launch(worker: dict, args, extra: list[str]) -> subprocess.Popen:
+    log_dir = Path(args.outdir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    worker["log"] = log_dir / f"worker-{worker['index']:04d}.log"
+    cmd = [sys.executable, str(REPO_ROOT / args.script), "--start", str(worker["start"]), "--end", str(worker["end"]),
+           "--index", str(worker["index"]), "--outdir", args.outdir, "--dataset", args.dataset, "--no-progress"]
+    if args.split:
+        cmd += ["--split", args.split]
+    if worker["threads"]:
+        cmd += ["--threads", str(worker["threads"]), "--device", "cpu"]
+    cmd += extra
+    worker["cmd"] = cmd
+    log = open(worker["log"], "a")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=worker["env"], cwd=REPO_ROOT)
+
+
+def rows_done(outdir: str, worker: dict) -> int:
+    """Rows covered by whole shards in a worker's folder (progress without talking to the worker)."""
+    from modules.storage import SHARD_RE
+
+    folder = Path(outdir) / f"part-{worker['index']:04d}"
+    if not folder.is_dir():
+        return 0
+    return sum(int(m.group(2)) - int(m.group(1)) for p in folder.iterdir() if (m := SHARD_RE.match(p.name)))
+
+
+def main(argv=None) -> int:
+    from tqdm.auto import tqdm
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--outdir", default=OUTDIR)
+    parser.add_argument("--dataset", default=DATASET)
+    parser.add_argument("--split", default=None)
+    parser.add_argument("--start", type=int, default=START)
+    parser.add_argument("--end", type=int, default=END)
+    parser.add_argument("--gpus", nargs="*", default=None, help="GPU ids per worker, e.g. 0,1 2,3 (default: each visible GPU)")
+    parser.add_argument("--workers", type=int, default=None, help="CPU worker processes (machines without GPUs)")
+    parser.add_argument("--num-shards", type=int, default=1, help="nodes sharing the range")
+    parser.add_argument("--shard-index", type=int, default=0, help="this node's part (0-based)")
+    parser.add_argument("--script", default=SCRIPT, help="generator script to run per worker")
+    args, extra = parser.parse_known_args(argv)
+    extra = [x for x in extra if x != "--"]
+    if not (REPO_ROOT / args.script).is_file():
+        print(f"error: generator script not found: {args.script}", file=sys.stderr)
+        return 2
+    if args.end is None:
+        from modules.chat_data import DatasetError, count_rows
+
+        try:
+            args.end = count_rows(args.dataset, args.split)
+        except DatasetError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    if args.end <= args.start or not 0 <= args.shard_index < args.num_shards:
+        print(f"error: empty row range or bad shard index (start={args.start} end={args.end} "
+              f"shard {args.shard_index} of {args.num_shards})", file=sys.stderr)
+        return 2
+    if args.workers is None and args.gpus is None:
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            args.workers = 1
+    plan = worker_plan(args)
+    for w in plan:
+        w["proc"] = launch(w, args, extra)
+        where = f"GPUs {w['gpus']}" if w["gpus"] else f"CPU, {w['threads']} threads"
+        print(f"worker {w['index']}: rows {w['start']}-{w['end']} on {where}, log {w['log']}")
+
+    total = sum(w["end"] - w["start"] for w in plan)
+    bar = tqdm(total=total, unit="row", desc="all workers", dynamic_ncols=True)
+    while any(w["proc"].poll() is None for w in plan):
+        time.sleep(POLL_SECONDS)
+        bar.n = sum(rows_done(args.outdir, w) for w in plan)
+        bar.refresh()
+    bar.n = sum(rows_done(args.outdir, w) for w in plan)
+    bar.close()
+
+    failed = [w for w in plan if w["proc"].returncode != 0]
+    for w in failed:
+        last = [line for line in Path(w["log"]).read_text(errors="replace").splitlines() if line.strip()][-1:]
+        print(f"error: worker {w['index']} (rows {w['start']}-{w['end']}) failed with exit code "
+              f"{w['proc'].returncode}; log: {w['log']}" + (f"; last line: {last[0]}" if last else ""),
+              file=sys.stderr)
+    if failed:
+        print("rerun the same command to resume", file=sys.stderr)
+        return 1
+    print(f"done: {len(plan)} workers, rows {plan[0]['start']}-{plan[-1]['end']} in {args.outdir}/part-*")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
