@@ -8,6 +8,15 @@ from modules.eagle_draft import EagleDraft
 from modules.tree_decoding import EagleDecoder
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models: threading costs more than it saves, and the 2 CI cores are shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_pair(family="llama", seed=0, **overrides):
     """Tiny random target (float64: batched and sequential numerics agree) + random EagleDraft."""
     target = tiny_target(family, seed=seed, **overrides).double()
@@ -113,7 +122,7 @@ def test_sampling_keeps_the_target_distribution():
     # A strong draft (the target itself, one token short) so that the tree walk accepts often.
     dec = EagleDecoder(target, SelfDraftAdapter(target), total_tokens=8, depth=3, top_k=2, temperature=1.0)
     g = torch.Generator().manual_seed(0)
-    N = 800
+    N = 600
     samples, cycles = [], 0
     for _ in range(N):
         res = dec.generate(prompt, 3, generator=g)
@@ -127,7 +136,21 @@ def test_sampling_keeps_the_target_distribution():
         assert chi2_pvalue(counts, p.float()) > 1e-3, (i, counts / N, p)
     # The random EagleDraft is lossless too (acceptance rarely happens, rejection paths run).
     dec = EagleDecoder(target, draft, total_tokens=8, depth=3, top_k=2, temperature=1.0)
-    samples = torch.tensor([dec.generate(prompt, 2, generator=g).tokens for _ in range(400)])
+    samples = torch.tensor([dec.generate(prompt, 2, generator=g).tokens for _ in range(300)])
     for i, p in enumerate([p1, p2]):
         counts = torch.bincount(samples[:, i], minlength=V).float()
-        assert chi2_pvalue(counts, p.float()) > 1e-3, (i, counts / 400, p)
+        assert chi2_pvalue(counts, p.float()) > 1e-3, (i, counts / 300, p)
+
+
+def test_draft_vocab_subset_is_still_lossless():
+    from modules.tree_decoding import Eagle2Adapter
+
+    target, draft = tiny_pair("qwen2")
+    prompt = torch.arange(100, 120)
+    ref = plain_greedy(target, prompt, 30)
+    adapter = Eagle2Adapter(draft, vocab_ids=torch.arange(0, 300, 3))
+    lp = adapter.logprobs(torch.randn(2, 64, dtype=torch.float64))
+    assert lp.shape == (2, 100) and torch.allclose(lp.exp().sum(-1), torch.ones(2))
+    assert adapter.to_target_ids(torch.tensor([0, 5])).tolist() == [0, 15]
+    res = EagleDecoder(target, adapter, total_tokens=10, depth=3, top_k=3).generate(prompt, 30)
+    assert res.tokens == ref
