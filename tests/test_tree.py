@@ -87,7 +87,8 @@ def _tree_logits_vs_sequential(attn):
         branch = tokens[anc[i].nonzero().squeeze(1)]
         seq = torch.cat([prompt[0], branch])[None]
         ref = model(seq).logits[0, -1]
-        assert torch.allclose(tree_logits[i], ref, atol=1e-9), (attn, i)
+        # eager attention takes its softmax in float32 even for a float64 model
+        assert torch.allclose(tree_logits[i], ref, atol=1e-9 if attn == "sdpa" else 1e-6), (attn, i)
     return model, cache, prompt, tokens, anc
 
 
