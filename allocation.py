@@ -25,7 +25,7 @@ DATASET = "sharegpt"
 START = 0
 END = None                    # None: to the end of the dataset
 OUTDIR = str(DEFAULT_DATA_DIR)
-POLL_SECONDS = 2.0
+POLL_SECONDS = 0.5
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 

@@ -265,7 +265,7 @@ def run_from_args(args, aux_layers_fn=None) -> dict:
     aux_layers_fn(num_layers) -> list of ids turns on fused (EAGLE-3) features.
     """
     from modules.chat_data import dataset_display_name, load_rows
-    from modules.target import load_target, load_tokenizer, model_display_name
+    from modules.target import load_target_model, load_tokenizer, model_display_name
 
     if args.gpu_index:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, args.gpu_index))
@@ -276,9 +276,10 @@ def run_from_args(args, aux_layers_fn=None) -> dict:
     if not rows:
         raise GenerationError(f"no rows in range start={args.start} end={args.end} of {dataset_display_name(args.dataset)}")
     end = rows[-1][0] + 1 if args.end is None else min(args.end, rows[-1][0] + 1)
-    model, tokenizer = load_target(args.model, dtype=args.dtype, device=args.device)
-    if args.chat_template:
-        tokenizer = load_tokenizer(args.model, args.chat_template)
+    tokenizer = load_tokenizer(args.model, args.chat_template)  # cheap checks before the model loads
+    if not getattr(tokenizer, "chat_template", None):
+        raise GenerationError("the tokenizer has no chat template: pass --chat-template FILE (a Jinja template)")
+    model = load_target_model(args.model, dtype=args.dtype, device=args.device)
     n_layers = model.config.get_text_config().num_hidden_layers
     settings = GenerationSettings(
         model=model_display_name(args.model), dataset=dataset_display_name(args.dataset), split=args.split,

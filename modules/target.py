@@ -4,6 +4,7 @@
 script runs with no flags and no network. Errors are raised as `TargetLoadError` with one
 readable line; scripts print it and exit non-zero.
 """
+import json
 import os
 from pathlib import Path
 
@@ -93,20 +94,69 @@ def _hub_kwargs(gguf_file: str | None) -> dict:
     return {"gguf_file": gguf_file} if gguf_file else {}
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("EAGLE_TRAIN_CACHE", Path.home() / ".cache" / "eagle-train"))
+
+
+def embedded_converted() -> Path:
+    """The embedded GGUF converted once to a plain HF folder (fp32 safetensors + tokenizer files).
+
+    Parsing the GGUF costs ~20 s per load (the tokenizer alone ~10 s); the converted folder loads in
+    ~2 s and holds the same dequantized fp32 weights. Keyed by the GGUF's size and mtime; built
+    under a temporary name and renamed, so concurrent first loads are safe.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf()
+    st = gguf.stat()
+    target = cache_dir() / f"{EMBEDDED_MODEL_NAME}-{st.st_size}-{int(st.st_mtime)}"
+    if (target / "model.safetensors").is_file():
+        return target
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses save_pretrained on GGUF-loaded models: write the plain files ourselves.
+    from safetensors.torch import save_model
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the weights are plain fp32 now
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # drops the tied lm_head copy
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first: keep its copy
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _source(model: str | None) -> tuple[str, str | None]:
+    """Where to load from: the converted copy for the embedded model, else resolve_model()."""
+    path, gguf = resolve_model(model)
+    if gguf is not None and Path(path) / gguf == embedded_gguf() and os.environ.get("EAGLE_NO_GGUF_CACHE") != "1":
+        try:
+            return str(embedded_converted()), None
+        except OSError:
+            return path, gguf  # read-only home: parse the GGUF every time
+    return path, gguf
+
+
 def load_tokenizer(model: str | None = None, chat_template_file: str | None = None):
     """The target's tokenizer; `chat_template_file` (a Jinja file) replaces or supplies the template."""
     from transformers import AutoTokenizer
 
-    path, gguf = resolve_model(model)
+    if chat_template_file and not Path(chat_template_file).is_file():
+        raise TargetLoadError(f"chat template file not found: {chat_template_file}")
+    path, gguf = _source(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(gguf))
     except Exception as err:  # transformers raises many types; users need one line
         raise TargetLoadError(f"cannot load tokenizer of '{model}': {_first_line(err)}") from None
     if chat_template_file:
-        template = Path(chat_template_file)
-        if not template.is_file():
-            raise TargetLoadError(f"chat template file not found: {chat_template_file}")
-        tokenizer.chat_template = template.read_text()
+        tokenizer.chat_template = Path(chat_template_file).read_text()
     if tokenizer.pad_token_id is None:
         # Padding is only used inside a batch and never stored, so any id does.
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token else tokenizer.convert_ids_to_tokens(0)
@@ -117,7 +167,7 @@ def load_target_config(model: str | None = None):
     """The target's config (no weights), e.g. to build a draft before loading the target."""
     from transformers import AutoConfig
 
-    path, gguf = resolve_model(model)
+    path, gguf = _source(model)
     try:
         return AutoConfig.from_pretrained(path, **_hub_kwargs(gguf))
     except Exception as err:
@@ -125,15 +175,20 @@ def load_target_config(model: str | None = None):
 
 
 def load_target(model: str | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
-                attn_implementation: str = "sdpa"):
+                attn_implementation: str = "sdpa", chat_template_file: str | None = None):
     """(model, tokenizer) in eval mode with gradients off, on `device` in `dtype`."""
+    tokenizer = load_tokenizer(model, chat_template_file)
+    return load_target_model(model, dtype, device, attn_implementation), tokenizer
+
+
+def load_target_model(model: str | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
+                      attn_implementation: str = "sdpa"):
+    """The target model alone (eval mode, gradients off) on `device` in `dtype`."""
     from transformers import AutoModelForCausalLM
 
-    path, gguf = resolve_model(model)
+    path, gguf = _source(model)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
-    tokenizer = load_tokenizer(model)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # A worker given several GPUs (allocation.py --gpus 0,1) spreads a large target over them.
     spread = device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1
     try:
@@ -144,8 +199,7 @@ def load_target(model: str | None = None, dtype: str | torch.dtype = "auto", dev
         raise TargetLoadError(f"cannot load model '{model}': {_first_line(err)}") from None
     if not spread:
         target.to(device)
-    target.eval().requires_grad_(False)
-    return target, tokenizer
+    return target.eval().requires_grad_(False)
 
 
 def _first_line(err: Exception) -> str:

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from _helpers_data import chat_rows, tiny_target_dir, write_jsonl
+import generate_data
+import view_data
 from modules.storage import EagleDataset, list_shards, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,10 +37,21 @@ def run(cmd, **kw):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, **kw)
 
 
-def test_resume_after_kill_is_bit_identical(tiny, tmp_path):
+def main_in_process(module, argv, capsys):
+    """(exit code, stdout, stderr) of a script's main() run here: no interpreter start-up per case."""
+    threads = torch.get_num_threads()
+    try:
+        code = module.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_resume_after_kill_is_bit_identical(tiny, tmp_path, capsys):
     model, data = tiny
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    assert run(gen_cmd(model, data, full)).returncode == 0
+    assert main_in_process(generate_data, gen_cmd(model, data, full)[2:], capsys)[0] == 0
 
     # Kill -9 a second run while it pauses after its second shard, then leave a half-written file.
     env = dict(os.environ, EAGLE_DATA_SHARD_DELAY="30")
@@ -54,8 +67,8 @@ def test_resume_after_kill_is_bit_identical(tiny, tmp_path):
     assert 2 <= shards_at_kill < 8 and not read_manifest(resumed)["complete"]
     (resumed / "shard-00000021-00000024.safetensors.tmp").write_bytes(b"half")
 
-    r = run(gen_cmd(model, data, resumed))
-    assert r.returncode == 0, r.stderr
+    code, _, err = main_in_process(generate_data, gen_cmd(model, data, resumed)[2:], capsys)
+    assert code == 0, err
     names = [p.name for p in list_shards(full)]
     assert names == [p.name for p in list_shards(resumed)] and len(names) == 8
     for name in names:
@@ -71,14 +84,15 @@ def test_resume_after_kill_is_bit_identical(tiny, tmp_path):
     assert [ds[i]["row_id"] for i in range(4)] == [0, 1, 2, 4]
 
 
-def test_stored_feature_equals_forward_and_no_padding(tiny, tmp_path):
+def test_stored_feature_equals_forward_and_no_padding(tiny, tmp_path, capsys):
     from modules.features import target_features
     from modules.target import load_target
 
     model_dir, data = tiny
     out = tmp_path / "out"
-    r = run(gen_cmd(model_dir, data, out, "--end", "6", "--store-dtype", "fp32"))
-    assert r.returncode == 0, r.stderr
+    code, _, err = main_in_process(generate_data, gen_cmd(model_dir, data, out, "--end", "6", "--store-dtype", "fp32")[2:],
+                                   capsys)
+    assert code == 0, err
     ds = EagleDataset(out)
     model, tok = load_target(model_dir, dtype="fp32", device="cpu")
     assert ds.manifests[0]["tokens"] == int(ds.lengths.sum())  # only real tokens stored
@@ -87,35 +101,55 @@ def test_stored_feature_equals_forward_and_no_padding(tiny, tmp_path):
         torch.testing.assert_close(item["hidden_states"], last[0], rtol=1e-4, atol=1e-5)
 
 
-def test_clear_errors(tiny, tmp_path):
+def test_clear_errors(tiny, tmp_path, capsys):
     model, data = tiny
+
+    def gen(outdir, *extra):
+        return main_in_process(generate_data, gen_cmd(model, data, tmp_path / outdir, *extra)[2:], capsys)
+
     cases = [
         (["--model", str(tmp_path / "nope")], "model path not found"),
         (["--dataset", str(tmp_path / "missing.jsonl")], "dataset file not found"),
         (["--start", "5", "--end", "5"], "empty row range"),
         (["--start", "100"], "no rows in range"),
+        (["--chat-template", str(tmp_path / "none.jinja")], "chat template file not found"),
     ]
     for extra, message in cases:
-        r = run(gen_cmd(model, data, tmp_path / "o", *extra))
-        assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)
-        assert "Traceback" not in r.stderr
+        code, _, err = gen("o", *extra)
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
     # Rerunning into a folder made with other settings refuses instead of mixing data.
-    assert run(gen_cmd(model, data, tmp_path / "o2", "--end", "3")).returncode == 0
-    r = run(gen_cmd(model, data, tmp_path / "o2", "--end", "3", "--max-length", "50"))
-    assert r.returncode == 2 and "max_length" in r.stderr
-    # A model without a chat template.
-    r = run(gen_cmd(model, data, tmp_path / "o3", "--chat-template", str(tmp_path / "none.jinja")))
-    assert r.returncode == 2 and "chat template file not found" in r.stderr
+    assert gen("o2", "--end", "3")[0] == 0
+    code, _, err = gen("o2", "--end", "3", "--max-length", "50")
+    assert code == 2 and "max_length" in err
+    # An out dir that cannot be written.
+    (tmp_path / "file").write_text("x")
+    code, _, err = gen("file/sub")
+    assert code == 2 and "cannot write to out dir" in err
 
 
-def test_view_data(tiny, tmp_path):
+def test_model_without_chat_template(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    model = tiny_target_dir(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = None
+    (Path(model) / "chat_template.jinja").unlink(missing_ok=True)
+    tok.save_pretrained(model)
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(2))
+    code, _, err = main_in_process(generate_data, gen_cmd(model, data, tmp_path / "o")[2:], capsys)
+    assert code == 2 and "--chat-template" in err
+    assert not list((tmp_path / "o").glob("shard-*"))
+
+
+def test_view_data(tiny, tmp_path, capsys):
     model, data = tiny
     out = tmp_path / "v"
-    assert run(gen_cmd(model, data, out, "--end", "3")).returncode == 0
-    r = run([sys.executable, "view_data.py", "--data", str(out), "--index", "1", "--html", str(tmp_path / "v.html")])
-    assert r.returncode == 0, r.stderr
-    assert "\033[32m" in r.stdout and "\033[31m" in r.stdout and "hidden_states (" in r.stdout
+    assert main_in_process(generate_data, gen_cmd(model, data, out, "--end", "3")[2:], capsys)[0] == 0
+    code, stdout, err = main_in_process(view_data, ["--data", str(out), "--index", "1", "--html", str(tmp_path / "v.html")],
+                                        capsys)
+    assert code == 0, err
+    assert "\033[32m" in stdout and "\033[31m" in stdout and "hidden_states (" in stdout
     page = (tmp_path / "v.html").read_text()
     assert 'class="t"' in page and 'class="u"' in page
-    r = run([sys.executable, "view_data.py", "--data", str(out), "--index", "99"])
-    assert r.returncode == 2 and "out of range" in r.stderr
+    code, _, err = main_in_process(view_data, ["--data", str(out), "--index", "99"], capsys)
+    assert code == 2 and "out of range" in err

@@ -1,0 +1,73 @@
+"""allocation.py: slices cover the range exactly; an end-to-end CPU run on the embedded SmolLM2."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import allocation
+from _helpers_data import chat_rows, write_jsonl
+from modules.features import target_features
+from modules.storage import EagleDataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("start,end,parts", [(0, 10, 3), (5, 6, 4), (0, 17671, 8), (100, 107, 7)])
+def test_split_range_no_gap_no_overlap(start, end, parts):
+    slices = allocation.split_range(start, end, parts)
+    assert slices[0][0] == start and slices[-1][1] == end
+    assert all(a < b for a, b in slices) and all(b == a2 for (_, b), (a2, _) in zip(slices, slices[1:]))
+    sizes = [b - a for a, b in slices]
+    assert max(sizes) - min(sizes) <= 1 and len(slices) == min(parts, end - start)
+    with pytest.raises(ValueError):
+        allocation.split_range(3, 3, 2)
+
+
+def test_nodes_and_workers_partition_the_range():
+    covered = []
+    for node in range(3):
+        args = allocation.argparse.Namespace(start=10, end=110, num_shards=3, shard_index=node, workers=4, gpus=None)
+        plan = allocation.worker_plan(args)
+        covered += [(w["start"], w["end"]) for w in plan]
+        assert all(w["threads"] >= 1 and w["env"]["CUDA_VISIBLE_DEVICES"] == "" for w in plan)
+        assert [w["index"] for w in plan] == [node * 4 + k for k in range(4)]
+    rows = [r for a, b in covered for r in range(a, b)]
+    assert rows == list(range(10, 110))
+    assert allocation.parse_gpu_groups(["0,1", "2,3"]) == [[0, 1], [2, 3]]
+
+
+def test_failed_worker_is_reported(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(4))
+    r = subprocess.run([sys.executable, "allocation.py", "--workers", "2", "--dataset", data, "--outdir",
+                        str(tmp_path / "out"), "--", "--model", str(tmp_path / "missing-model")],
+                       cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 1
+    for index in (0, 1):
+        assert f"worker {index} (rows {2 * index}-{2 * index + 2}) failed with exit code 2" in r.stderr
+        assert f"worker-{index:04d}.log" in r.stderr
+    assert "model path not found" in r.stderr
+
+
+def test_end_to_end_two_cpu_workers_on_smollm2(tmp_path, smollm2):
+    out = tmp_path / "data"
+    r = subprocess.run([sys.executable, "allocation.py", "--workers", "2", "--start", "0", "--end", "4",
+                        "--outdir", str(out), "--", "--max-length", "160", "--dtype", "fp32"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-0000", "part-0001"]
+    ds = EagleDataset(out)
+    assert [m["start_row"] for m in ds.manifests] == [0, 2] and [m["end_row"] for m in ds.manifests] == [2, 4]
+    assert ds.model_name == "smollm2-135m-instruct" and ds.hidden_size == 576
+    assert sorted(ds[i]["row_id"] for i in range(len(ds))) == [r for r in range(4) if r in ds.row_ids.tolist()]
+    assert len(ds) >= 3  # ShareGPT rows 0-3: at most one is skipped
+
+    model, _ = smollm2
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["hidden_states"].dtype == torch.bfloat16 and len(item["input_ids"]) <= 160
+        fresh, _ = target_features(model, item["input_ids"][None])
+        # Stored in bf16: equal to the fresh fp32 forward within bf16 rounding (2^-8 relative).
+        torch.testing.assert_close(item["hidden_states"].float(), fresh[0], rtol=2 ** -7, atol=1e-2)
+        assert item["loss_mask"].sum() > 0 and item["loss_mask"][0] == 0
