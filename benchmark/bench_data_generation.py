@@ -1,0 +1,132 @@
+"""Data-generation throughput and storage cost, side by side in one run.
+
+    python benchmark/bench_data_generation.py            # embedded SmolLM2 on 12 ShareGPT rows
+
+Prints target tokens/s of (a) a bare batched forward of the target over the same rows and batches
+(no tokenising, no feature copies, no writing) and (b) the whole generate_data pipeline (chat
+template + loss mask, forward, feature extraction, packed shards on disk); goal: (b) >= 90% of (a).
+Also bytes on disk per token against hidden_size x 2 (goal: <= 5% overhead), and the bare forward
+in fp32 vs bf16 and unbatched vs batched (what the CPU "auto" dtype and the batch size rest on).
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from modules.chat_data import load_rows  # noqa: E402
+from modules.features import base_model  # noqa: E402
+from modules.generation import (GenerationSettings, encode_rows, generate_folder, make_batches,  # noqa: E402
+                                pad_batch)
+from modules.target import load_target_model, load_tokenizer, model_display_name, pick_dtype  # noqa: E402
+
+# ----------------------------------------------------------------------------- SETTINGS
+MODEL = None          # embedded SmolLM2-135M-Instruct
+DATASET = "sharegpt"
+ROWS = 12             # dataset rows 0..ROWS-1
+MAX_LENGTH = 2048
+BATCH_TOKENS = 8192
+DTYPE = "auto"
+DTYPE_ROWS = 4        # rows used for the fp32-vs-bf16 and unbatched comparisons (fp32 is slow on CPU)
+REPEATS = 2           # bare and pipeline runs alternate this many times (a shared machine is noisy)
+THREADS = None        # torch CPU threads (None: torch's default); 1 avoids oversubscription on a busy box
+# ----------------------------------------------------------------------------- end of SETTINGS
+
+
+@torch.no_grad()
+def bare_forward(model, examples, pad_id, batch_tokens) -> tuple[float, int]:
+    """(seconds, real tokens) of the target's forward alone over length-sorted padded batches."""
+    device = next(model.parameters()).device
+    batches = [pad_batch(b, pad_id, device) for b in make_batches(examples, batch_tokens)]
+    start = time.perf_counter()
+    for input_ids, attention_mask in batches:
+        base_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, sum(len(ids) for _, ids, _ in examples)
+
+
+def pipeline(model, tokenizer, rows, settings, out_dir) -> tuple[float, dict]:
+    start = time.perf_counter()
+    manifest = generate_folder(model, tokenizer, rows, out_dir, settings, progress=False)
+    return time.perf_counter() - start, manifest
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--dataset", default=DATASET)
+    parser.add_argument("--rows", type=int, default=ROWS)
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH)
+    parser.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS)
+    parser.add_argument("--dtype", default=DTYPE)
+    parser.add_argument("--dtype-rows", type=int, default=DTYPE_ROWS)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--threads", type=int, default=THREADS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    tokenizer = load_tokenizer(args.model)
+    model = load_target_model(args.model, dtype=args.dtype, device=args.device)
+    dtype = next(model.parameters()).dtype
+    rows = load_rows(args.dataset, 0, args.rows)
+    examples, skipped, _ = encode_rows(tokenizer, rows, args.max_length, None)
+    pad = tokenizer.pad_token_id
+    print(f"target {model_display_name(args.model)} ({dtype}, {next(model.parameters()).device}, "
+          f"{torch.get_num_threads()} threads), rows 0-{args.rows}: {len(examples)} kept, "
+          f"{sum(len(e[1]) for e in examples):,} tokens, max_length {args.max_length}, batch_tokens {args.batch_tokens}")
+
+    bare_forward(model, examples[:1], pad, args.batch_tokens)  # warm-up (allocator, kernels)
+    settings = GenerationSettings(model=model_display_name(args.model), dataset=args.dataset, start=0,
+                                  end=args.rows, max_length=args.max_length, batch_tokens=args.batch_tokens)
+    # Bare and pipeline runs alternate so that load from other processes hits both alike; best of each.
+    bare_times, pipe_times = [], []
+    for r in range(args.repeats):
+        t, n_tok = bare_forward(model, examples, pad, args.batch_tokens)
+        bare_times.append(t)
+        with tempfile.TemporaryDirectory() as tmp:
+            t, manifest = pipeline(model, tokenizer, rows, settings, Path(tmp) / "data")
+        pipe_times.append(t)
+    assert manifest["tokens"] == n_tok
+    bare_tps, pipe_tps = n_tok / min(bare_times), n_tok / min(pipe_times)
+    feature_bytes = manifest["hidden_size"] * 2
+    bytes_per_token = manifest["bytes"] / manifest["tokens"]
+    print("\n| measure | bare forward | generate_data pipeline | ratio | goal |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| target tokens/s ({str(dtype).replace('torch.', '')}) | {bare_tps:,.0f} | {pipe_tps:,.0f} | "
+          f"{pipe_tps / bare_tps:.1%} | >= 90% |")
+    print(f"| bytes on disk per token | {feature_bytes} (hidden {manifest['hidden_size']} x 2) | "
+          f"{bytes_per_token:,.1f} | +{bytes_per_token / feature_bytes - 1:.2%} | <= +5% |")
+    print(f"(bare runs {', '.join(f'{t:.1f}' for t in bare_times)} s, pipeline runs "
+          f"{', '.join(f'{t:.1f}' for t in pipe_times)} s; rows written "
+          f"{manifest['rows_written']}, skipped {manifest['skipped']})")
+
+    # What the defaults rest on: fp32 vs bf16 on CPU, and batching, on a few rows.
+    few = examples[:args.dtype_rows]
+    device = next(model.parameters()).device
+    table = []
+    for name in ("float32", "bfloat16"):
+        m = model if getattr(torch, name) == dtype else load_target_model(args.model, dtype=name, device=str(device))
+        bare_forward(m, few[:1], pad, args.batch_tokens)
+        t, n = bare_forward(m, few, pad, args.batch_tokens)
+        table.append((f"bare forward {name}, batch_tokens {args.batch_tokens}", n / t))
+        if getattr(torch, name) == dtype:
+            t1, n1 = bare_forward(m, few, pad, 1)  # one conversation per forward
+            table.append((f"bare forward {name}, one conversation per forward", n1 / t1))
+        del m
+    print(f"\n| bare forward on {len(few)} rows ({sum(len(e[1]) for e in few):,} tokens) | tokens/s |")
+    print("| --- | --- |")
+    for name, tps in table:
+        print(f"| {name} | {tps:,.0f} |")
+    print(f"(CPU auto dtype picks {str(pick_dtype('auto', 'cpu')).replace('torch.', '')} on this machine)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
