@@ -131,7 +131,7 @@ def shard_blocks(start: int, end: int, rows_per_shard: int) -> list[tuple[int, i
 
 
 RESUME_KEYS = ("model", "dataset", "split", "start_row", "end_row", "max_length", "system_prompt", "dtype",
-               "aux_layers", "rows_per_shard", "batch_tokens", "chat_template_sha256")
+               "aux_layers", "rows_per_shard", "batch_tokens", "chat_template_sha256", "regenerated")
 
 
 def _check_resume(out_dir: Path, manifest: dict, blocks) -> dict:
@@ -259,10 +259,13 @@ def add_generation_args(parser, defaults: dict):
 STORE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def run_from_args(args, aux_layers_fn=None) -> dict:
+def run_from_args(args, aux_layers_fn=None, rows_fn=None, extra_manifest: dict | None = None) -> dict:
     """Load target, tokenizer and rows from parsed flags, generate, print a summary; return the manifest.
 
     aux_layers_fn(num_layers) -> list of ids turns on fused (EAGLE-3) features.
+    rows_fn(rows, model, tokenizer, out_dir) -> rows replaces the rows once the target is loaded
+    (regeneration of the assistant replies by the target); extra_manifest adds manifest fields
+    (they must match on resume, like every other setting).
     """
     from modules.chat_data import dataset_display_name, load_rows
     from modules.target import load_target_model, load_tokenizer, model_display_name
@@ -281,6 +284,9 @@ def run_from_args(args, aux_layers_fn=None) -> dict:
         raise GenerationError("the tokenizer has no chat template: pass --chat-template FILE (a Jinja template)")
     model = load_target_model(args.model, dtype=args.dtype, device=args.device)
     n_layers = model.config.get_text_config().num_hidden_layers
+    if rows_fn is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = rows_fn(rows, model, tokenizer, out_dir)
     settings = GenerationSettings(
         model=model_display_name(args.model), dataset=dataset_display_name(args.dataset), split=args.split,
         start=args.start, end=end, max_length=args.max_length, system_prompt=args.system_prompt,
@@ -288,7 +294,7 @@ def run_from_args(args, aux_layers_fn=None) -> dict:
         rows_per_shard=args.rows_per_shard, batch_tokens=args.batch_tokens)
     t0 = time.perf_counter()
     manifest = generate_folder(model, tokenizer, rows, out_dir, settings, progress=not args.no_progress,
-                               desc=f"rows {args.start}-{end}")
+                               desc=f"rows {args.start}-{end}", extra_manifest=extra_manifest)
     print_summary(out_dir, manifest, time.perf_counter() - t0)
     return manifest
 
