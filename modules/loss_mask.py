@@ -25,7 +25,11 @@ class TemplateError(RuntimeError):
 def render(tokenizer, messages: list[dict]) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("the tokenizer has no chat template: pass --chat-template FILE (a Jinja template)")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    except Exception as err:  # e.g. raise_exception('Conversation roles must alternate ...') in the template
+        raise TemplateError(f"chat template failed: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}") \
+            from None
 
 
 def reply_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int, int]]]:

@@ -62,3 +62,22 @@ def test_truncation_and_missing_template():
     tok.chat_template = None
     with pytest.raises(TemplateError, match="--chat-template"):
         tokenize_conversation(tok, MESSAGES)
+
+
+def test_encode_rows_counts_every_skip():
+    from modules.generation import encode_rows
+
+    tok = tiny_tokenizer("llama2")
+    good = {"messages": MESSAGES[1:3]}
+    rows = [(0, good), (1, {"conversations": []}), (2, {"messages": [{"role": "user", "content": "x"}]}),
+            (3, good)]
+    examples, skipped, truncated = encode_rows(tok, rows, max_length=4, system_prompt=None)
+    assert examples == [] and truncated == 0  # 4 tokens hold no reply text
+    assert skipped == {"empty": 1, "no_assistant_reply": 1, "no_trained_tokens_after_truncation": 2}
+    examples, skipped, _ = encode_rows(tok, rows, max_length=None, system_prompt=None)
+    assert [e[0] for e in examples] == [0, 3] and sum(skipped.values()) == 2
+    # A template that raises (Llama-2 demands alternating roles) is a counted skip, not a crash.
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    with pytest.raises(TemplateError, match="must alternate"):
+        tokenize_conversation(tok, MESSAGES)
+    assert encode_rows(tok, rows[:1], None, None)[1] == {"template_error": 1}
