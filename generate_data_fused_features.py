@@ -85,6 +85,10 @@ def main(argv=None) -> int:
     kwargs = {"aux_layers_fn": aux_layers_fn}
     if args.regenerate:
         kwargs["rows_fn"] = regenerate_rows_fn(args)
+        # recorded in the manifest (a resume must use the same settings)
+        kwargs["extra_manifest"] = {"regenerated": {
+            "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+            "server_url": args.server_url, "server_model": args.server_model if args.server_url else None}}
     from modules.regenerate import RegenerationError
     try:
         return run_with_clear_errors(lambda: run_from_args(args, **kwargs))

@@ -82,3 +82,27 @@ def test_clear_error_on_data_without_fused_features(tiny, tmp_path, capsys):
     rc = train_eagle_ttt.main(["--model", model, "--data", str(plain), "--output-dir", str(tmp_path / "x")])
     assert rc == 2
     assert "no fused features" in capsys.readouterr().err
+
+
+def test_regenerated_data(tiny, tmp_path):
+    base, model, rows, data = tiny
+    out = tmp_path / "regen"
+    rc = generate_data_fused_features.main(["--model", model, "--dataset", rows, "--outdir", str(out), "--end", "4",
+                                            "--max-length", "384", "--no-progress", "--dtype", "fp32", "--regenerate",
+                                            "--max-new-tokens", "6", "--regen-batch-size", "2"])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["regenerated"]["temperature"] == 0.8 and manifest["aux_layers"] == [2, 2, 1]
+    cache = list(out.glob("regenerated-*.jsonl"))
+    assert len(cache) == 1
+    original = [json.loads(x) for x in Path(rows).read_text().splitlines()][:4]
+    regenerated = [json.loads(x)["row"] for x in cache[0].read_text().splitlines()]
+    assert len(regenerated) == 4
+    # user turns are kept, assistant turns are the target's (at most 6 new tokens each)
+    for orig, new in zip(original, regenerated):
+        users = [t["value"] for t in orig["conversations"] if t["from"] == "human"]
+        assert [m["content"] for m in new["messages"] if m["role"] == "user"] == users[:len(
+            [m for m in new["messages"] if m["role"] == "user"])]
+        replies = [m["content"] for m in new["messages"] if m["role"] == "assistant"]
+        old = [t["value"] for t in orig["conversations"] if t["from"] == "gpt"]
+        assert replies != old[:len(replies)]

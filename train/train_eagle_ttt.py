@@ -171,14 +171,27 @@ def draft_vocab_ids(args, ds, vocab_size):
     return ids, covered
 
 
+def train_py():
+    """train/train.py as a module, for its shared helpers. Loaded by path: when this file runs as a
+    script, `train` on sys.path is train/train.py itself, not the folder."""
+    import importlib.util
+
+    name = "_eagle_train_py"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("train.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def ttt_arguments(args, has_eval):
     """train.py's TrainingArguments, plus the TTT fields."""
     import dataclasses
 
     from modules.ttt_trainer import TTTTrainingArguments
-    from train.train import training_arguments
 
-    base = training_arguments(args, has_eval)
+    base = train_py().training_arguments(args, has_eval)
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
     fields.update(ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay)
     return TTTTrainingArguments(**fields)
@@ -197,7 +210,7 @@ def main(argv=None):
     from modules.target_weights import load_embed_and_head, target_config
     from modules.trainer import NonFiniteLossError
     from modules.ttt_trainer import TTTCollator, TTTTrainer
-    from train.train import UsageError, check_data_fits_target, split
+    UsageError, check_data_fits_target, split = (getattr(train_py(), n) for n in ("UsageError", "check_data_fits_target", "split"))
 
     t0 = time.time()
     display = model_display_name(args.model)
