@@ -10,6 +10,7 @@ import hashlib
 import os
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -113,13 +114,15 @@ def features_for_examples(model, examples, pad_id: int, batch_tokens: int, store
     for batch in make_batches(examples, batch_tokens):
         input_ids, attention_mask = pad_batch(batch, pad_id, device)
         last, aux = target_features(model, input_ids, attention_mask, aux_layers)
+        # One device->host copy per batch (not per conversation): a single sync on GPU.
+        last = last.to("cpu", store_dtype)
+        aux = aux.to("cpu", store_dtype) if aux is not None else None
         for b, (row_id, ids, mask) in enumerate(batch):
             n = len(ids)
             conv = {"row_id": row_id, "input_ids": torch.tensor(ids, dtype=torch.int32),
-                    "loss_mask": torch.tensor(mask, dtype=torch.uint8),
-                    "hidden_states": last[b, :n].to("cpu", store_dtype)}
+                    "loss_mask": torch.tensor(mask, dtype=torch.uint8), "hidden_states": last[b, :n]}
             if aux is not None:
-                conv["aux_hidden_states"] = aux[b, :n].to("cpu", store_dtype)
+                conv["aux_hidden_states"] = aux[b, :n]
             out[row_id] = conv
         if on_batch is not None:
             on_batch(sum(len(ids) for _, ids, _ in batch))
@@ -197,16 +200,27 @@ def generate_folder(model, tokenizer, rows, out_dir, settings: GenerationSetting
         tokens_done += n
         bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - t0, 1e-9):.0f}")
 
-    for k, a, b in todo:
-        examples, skipped, truncated = encode_rows(tokenizer, by_block.get(k, []), settings.max_length,
-                                                   settings.system_prompt)
-        convs = features_for_examples(model, examples, tokenizer.pad_token_id, settings.batch_tokens, store_dtype,
-                                      settings.aux_layers, on_batch=count_tokens)
+    def save(a, b, convs, skipped, truncated):
         done[shard_name(a, b)] = write_shard(out_dir, a, b, convs, dict(skipped), store_dtype, truncated)
         _write_progress_manifest(out_dir, manifest, done, complete=len(done) == len(blocks))
         bar.update(b - a)
         if SHARD_DELAY:
             time.sleep(SHARD_DELAY)
+
+    # Shards are written by one background thread while the next block runs on the target; at most
+    # one shard waits in memory, and they land on disk in order.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for k, a, b in todo:
+            examples, skipped, truncated = encode_rows(tokenizer, by_block.get(k, []), settings.max_length,
+                                                       settings.system_prompt)
+            convs = features_for_examples(model, examples, tokenizer.pad_token_id, settings.batch_tokens,
+                                          store_dtype, settings.aux_layers, on_batch=count_tokens)
+            if pending is not None:
+                pending.result()  # re-raises a write error (e.g. a full disk)
+            pending = writer.submit(save, a, b, convs, skipped, truncated)
+        if pending is not None:
+            pending.result()
     bar.close()
     return read_manifest(out_dir)
 
