@@ -98,17 +98,25 @@ def simulated_acceptance(draft, batch, steps):
     def shifted(x, s, fill):  # value at slot t+s for origin t
         return torch.cat([x[:, s:], torch.full_like(x[:, :s], fill)], dim=1)
 
+    def greedy_tokens(out, rows):
+        # the lm_head is the cost: run it only on chains still alive (dead rows never matter again:
+        # each row attends only to real slots and to its own chain)
+        tok = torch.zeros(B, T, dtype=torch.long, device=hs.device)
+        if rows.any():
+            tok[rows] = draft.compute_logits(out[rows]).argmax(-1)
+        return tok
+
     cache = DynamicCache()
     out = draft(ids, hs, past_key_values=cache)
-    tok = draft.compute_logits(out).argmax(-1)
-    alive = torch.ones_like(mask)
+    alive = mask.clone()  # chains start from the trained positions only
+    tok = greedy_tokens(out, alive)
     accepted = torch.zeros(B, T, dtype=torch.long, device=hs.device)
     pos = torch.arange(T, device=hs.device).unsqueeze(0).expand(B, T)
     for s in range(steps):
         if s > 0:
             out = draft(tok, out, attention_mask=_chain_mask(T, s, hs.device, B),
                         position_ids=pos + s, past_key_values=cache)
-            tok = draft.compute_logits(out).argmax(-1)
+            tok = greedy_tokens(out, alive)
         g, d = shifted(greedy, s, -2), shifted(nxt, s, -1)
         ok = alive & (tok == g)
         accepted += ok.long()

@@ -1,0 +1,193 @@
+"""Training benchmark: our EAGLE-1/2 recipe vs the BaldEagle recipe on the same data and budget.
+
+    python generate_data.py --end 240 --max-length 1024 --outdir /tmp/bench_data   # once
+    python benchmark/bench_training.py --data /tmp/bench_data
+
+Both runs use the same draft initialisation, data order, split, lr schedule, noise and loss
+weights; the only difference is the cross-entropy term: ours lets its gradient reach the draft,
+BaldEagle's trainer detaches the prediction (so its CE term trains nothing). Each recipe runs in
+its own process (clean peak-memory figure). Prints per-epoch eval top-1 accuracy and simulated
+acceptance length (tau, chain of SIM_STEPS) side by side, training tokens/s and peak memory,
+and saves a PNG.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modules.paths import DEFAULT_DATA_DIR, REPO_ROOT  # noqa: E402
+
+# ----------------------------------------------------------------------------- SETTINGS
+DATA = str(DEFAULT_DATA_DIR)
+MODEL = None                  # target of the data; None = embedded SmolLM2-135M-Instruct
+TRAIN_CONVERSATIONS = 160     # subset of the data (CPU budget); 0 = all but the eval ones
+EVAL_CONVERSATIONS = 12
+MAX_LENGTH = 1024
+EPOCHS = 3
+LR = 3e-4
+BATCH_SIZE = 1
+GRAD_ACCUM = 4
+SIM_STEPS = 5
+PRECISION = "auto"            # auto: bf16 autocast on CUDA and on CPUs with bf16 units, else fp32
+SEED = 0
+OUT = str(REPO_ROOT / "outputs" / "bench_training")
+RECIPES = {"ours": {"detach_cls_pred": False}, "baldeagle": {"detach_cls_pred": True}}
+# ----------------------------------------------------------------------------- end of SETTINGS
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", nargs="+", default=[DATA])
+    p.add_argument("--model", default=MODEL)
+    p.add_argument("--train-conversations", type=int, default=TRAIN_CONVERSATIONS)
+    p.add_argument("--eval-conversations", type=int, default=EVAL_CONVERSATIONS)
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH)
+    p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--grad-accum", type=int, default=GRAD_ACCUM)
+    p.add_argument("--sim-steps", type=int, default=SIM_STEPS)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=PRECISION)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--out", default=OUT)
+    p.add_argument("--recipe", choices=list(RECIPES), help=argparse.SUPPRESS)  # child process mode
+    return p.parse_args(argv)
+
+
+def use_bf16(precision):
+    import torch
+    from modules.target import cpu_has_fast_bf16
+
+    if precision != "auto":
+        return precision == "bf16"
+    return torch.cuda.is_available() or cpu_has_fast_bf16()
+
+
+def run_recipe(args):
+    """Child process: train one recipe, write OUT/<recipe>.json."""
+    import random
+
+    import torch
+    from transformers import set_seed
+
+    from modules.collate import EagleCollator
+    from modules.eagle_draft import EagleDraft
+    from modules.storage import EagleDataset
+    from modules.trainer import EagleTrainer, EagleTrainingArguments
+
+    ds = EagleDataset(args.data)
+    idx = list(range(len(ds)))
+    random.Random(args.seed).shuffle(idx)
+    eval_idx = idx[: args.eval_conversations]
+    train_idx = idx[args.eval_conversations:]
+    if args.train_conversations:
+        train_idx = train_idx[: args.train_conversations]
+    train_ds, eval_ds = torch.utils.data.Subset(ds, train_idx), torch.utils.data.Subset(ds, eval_idx)
+    lengths = ds.lengths
+    train_tokens = int(sum(min(int(lengths[i]), args.max_length + 1) - 1 for i in train_idx))
+
+    set_seed(args.seed)
+    draft = EagleDraft.from_target(args.model)
+    cuda = torch.cuda.is_available()
+    targs = EagleTrainingArguments(
+        output_dir=str(Path(args.out) / args.recipe), num_train_epochs=args.epochs, learning_rate=args.lr,
+        warmup_steps=0.05, min_lr_ratio=0.1, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=1, gradient_accumulation_steps=args.grad_accum, max_grad_norm=0.5,
+        adam_beta2=0.95, bf16=use_bf16(args.precision), use_cpu=not cuda, eval_strategy="epoch",
+        save_strategy="no", logging_steps=10, report_to="none", seed=args.seed, disable_tqdm=False,
+        sim_steps=args.sim_steps, remove_unused_columns=False, **RECIPES[args.recipe])
+    trainer = EagleTrainer(model=draft, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
+                           data_collator=EagleCollator(max_length=args.max_length))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    trainer.train()
+    wall = time.time() - t0
+    evals = [l for l in trainer.state.log_history if "eval_tau_sim" in l]
+    eval_time = sum(l["eval_runtime"] for l in evals)
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+    result = {
+        "recipe": args.recipe, "train_conversations": len(train_idx), "eval_conversations": len(eval_idx),
+        "train_tokens_per_epoch": train_tokens, "epochs": args.epochs, "bf16": targs.bf16,
+        "per_epoch": [{k: l[k] for k in ("epoch", "eval_top1_acc", "eval_top3_acc", "eval_tau_sim",
+                                          "eval_reg_loss", "eval_cls_loss")} for l in evals],
+        "train_tokens_per_s": train_tokens * args.epochs / max(wall - eval_time, 1e-6),
+        "train_wall_s": wall, "eval_s": eval_time,
+        "peak_memory_gb": peak / 2**30, "peak_memory_kind": "cuda allocated" if cuda else "process RSS",
+    }
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"{args.recipe}.json").write_text(json.dumps(result, indent=2))
+
+
+def print_table(results):
+    ours, bald = results["ours"], results["baldeagle"]
+    print(f"\ndata: {ours['train_conversations']} train conversations "
+          f"({ours['train_tokens_per_epoch']:,} tokens/epoch), {ours['eval_conversations']} eval; "
+          f"{ours['epochs']} epochs; {'bf16 autocast' if ours['bf16'] else 'fp32'}")
+    print(f"{'epoch':>5} | {'top-1 ours':>10} {'top-1 BaldEagle':>15} | {'tau ours':>8} {'tau BaldEagle':>13}")
+    for a, b in zip(ours["per_epoch"], bald["per_epoch"]):
+        print(f"{a['epoch']:>5.1f} | {a['eval_top1_acc']:>10.3f} {b['eval_top1_acc']:>15.3f} | "
+              f"{a['eval_tau_sim']:>8.3f} {b['eval_tau_sim']:>13.3f}")
+    for name, r in (("ours", ours), ("BaldEagle", bald)):
+        print(f"{name:>10}: {r['train_tokens_per_s']:,.0f} train tokens/s, peak memory "
+              f"{r['peak_memory_gb']:.2f} GB ({r['peak_memory_kind']}), {r['train_wall_s']:.0f} s wall "
+              f"({r['eval_s']:.0f} s of it eval)")
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, r in results.items():
+        ep = [e["epoch"] for e in r["per_epoch"]]
+        axes[0].plot(ep, [e["eval_top1_acc"] for e in r["per_epoch"]], marker="o", label=name)
+        axes[1].plot(ep, [e["eval_tau_sim"] for e in r["per_epoch"]], marker="o", label=name)
+    axes[0].set(xlabel="epoch", ylabel="eval top-1 accuracy")
+    axes[1].set(xlabel="epoch", ylabel="simulated tau (chain)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.recipe:
+        run_recipe(args)
+        return 0
+    from modules.storage import DataFormatError, EagleDataset
+    try:
+        EagleDataset(args.data)  # fail early, with one line, on missing / bad data
+    except DataFormatError as err:
+        print(f"error: {err} (make data first, e.g. python generate_data.py --end 240 --max-length 1024)",
+              file=sys.stderr)
+        return 2
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    results = {}
+    for recipe in RECIPES:
+        print(f"=== {recipe} ===", flush=True)
+        r = subprocess.run([sys.executable, __file__, *passthrough, "--recipe", recipe])
+        if r.returncode != 0:
+            print(f"error: recipe {recipe} failed (exit {r.returncode})", file=sys.stderr)
+            return 1
+        results[recipe] = json.loads((Path(args.out) / f"{recipe}.json").read_text())
+    print_table(results)
+    png = Path(args.out) / "bench_training.png"
+    plot(results, png)
+    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"saved {png} and {Path(args.out) / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
