@@ -1,0 +1,299 @@
+"""Benchmark EAGLE-2 tree decoding against plain greedy decoding and HF prompt lookup on MT-bench.
+
+    python benchmark/bench_eagle.py                      # embedded SmolLM2 + outputs/eagle2
+    python benchmark/bench_eagle.py --num-questions 3 --max-new-tokens 64
+    python benchmark/bench_eagle.py --sweep              # which tree shape is fastest here
+
+Both turns of every question are run (the second after the model's own first answer). Per
+question and turn the methods run one after another (interleaved, so machine noise hits them
+alike), after a warm-up. Reports tokens/s, speedup over plain decoding, tau (tokens per
+draft-verify cycle, bonus included), the acceptance histogram, the decoder's own overhead (time
+outside target and draft forwards) and whether every greedy output matched plain decoding.
+Writes --out (JSON) and a PNG next to it.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# ---- SETTINGS ----------------------------------------------------------------------------
+DRAFT = None                 # None -> modules.paths.DEFAULT_TRAIN_DIR (outputs/eagle2)
+MODEL = None                 # None -> the embedded SmolLM2-135M-Instruct
+QUESTION_FILE = None         # None -> benchmark/data/mt_bench_questions.jsonl
+NUM_QUESTIONS = 10
+MAX_NEW_TOKENS = 128
+TOTAL_TOKENS = 12            # tree size per verify (root included); small trees suit a 2-core CPU
+DEPTH = 4
+TOP_K = 4
+TEMPERATURE = 0.0
+PROMPT_LOOKUP_TOKENS = 10
+DTYPE = "fp32"
+DEVICE = "auto"
+THREADS = None               # torch threads on CPU (None = torch's default)
+OUT = "benchmark/results/eagle.json"
+SWEEP_SHAPES = [(6, 3, 2), (8, 4, 2), (10, 4, 3), (12, 4, 4), (16, 5, 4), (24, 6, 4), (32, 6, 6)]
+SEED = 0
+# -------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--draft", default=DRAFT, help="draft folder (default outputs/eagle2)")
+    p.add_argument("--model", default=MODEL, help="target model id/path (default: embedded SmolLM2)")
+    p.add_argument("--question-file", default=QUESTION_FILE, help="JSONL, one object a line with 'turns'")
+    p.add_argument("--num-questions", type=int, default=NUM_QUESTIONS)
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    p.add_argument("--total-tokens", type=int, default=TOTAL_TOKENS)
+    p.add_argument("--depth", type=int, default=DEPTH)
+    p.add_argument("--top-k", type=int, default=TOP_K)
+    p.add_argument("--temperature", type=float, default=TEMPERATURE)
+    p.add_argument("--prompt-lookup-tokens", type=int, default=PROMPT_LOOKUP_TOKENS)
+    p.add_argument("--dtype", default=DTYPE)
+    p.add_argument("--device", default=DEVICE)
+    p.add_argument("--threads", type=int, default=THREADS)
+    p.add_argument("--turns", type=int, default=2, help="turns per question (MT-bench has 2)")
+    p.add_argument("--sweep", action="store_true", help="try tree shapes (first turns only), report the fastest")
+    p.add_argument("--out", default=OUT)
+    p.add_argument("--seed", type=int, default=SEED)
+    return p.parse_args(argv)
+
+
+# ---- methods: each takes prompt ids, returns (new token ids, seconds, extra stats) ----------
+
+def run_plain(target, ids, max_new, eos, **_):
+    return _hf_generate(target, ids, max_new, eos)
+
+
+def run_lookup(target, ids, max_new, eos, lookup_tokens=10, **_):
+    return _hf_generate(target, ids, max_new, eos, prompt_lookup_num_tokens=lookup_tokens)
+
+
+def _hf_generate(target, ids, max_new, eos, **kw):
+    import torch
+
+    x = torch.tensor([ids], device=target.device)
+    t = time.perf_counter()
+    out = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+                          eos_token_id=eos, pad_token_id=eos, temperature=None, top_p=None, top_k=None, **kw)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return out[0, len(ids):].tolist(), time.perf_counter() - t, {}
+
+
+def run_eagle(target, ids, max_new, eos, decoder=None, generator=None, **_):
+    t = time.perf_counter()
+    res = decoder.generate(ids, max_new, eos_token_id=eos, generator=generator)
+    sec = time.perf_counter() - t
+    return res.tokens, sec, {"accept_lengths": res.accept_lengths, "draft_s": res.draft_s,
+                             "target_s": res.target_s, "cycles_s": res.cycles_s, "prefill_s": res.prefill_s}
+
+
+# ---- summary -------------------------------------------------------------------------------
+
+def summarize(records, depth):
+    """Per-method totals from the per-run records."""
+    methods = []
+    for r in records:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    plain_tps = None
+    summary = {}
+    for m in methods:
+        rs = [r for r in records if r["method"] == m]
+        tokens = sum(r["new_tokens"] for r in rs)
+        seconds = sum(r["seconds"] for r in rs)
+        s = {"runs": len(rs), "new_tokens": tokens, "seconds": round(seconds, 4),
+             "tokens_per_s": round(tokens / seconds, 3) if seconds else None,
+             "matched_plain": sum(bool(r.get("matches_plain")) for r in rs)}
+        acc = [a for r in rs for a in r.get("accept_lengths", [])]
+        if acc:
+            cyc = sum(r["cycles_s"] for r in rs)
+            draft = sum(r["draft_s"] for r in rs)
+            tgt = sum(r["target_s"] for r in rs)
+            hist = [acc.count(i) for i in range(1, max(max(acc), depth + 1) + 1)]
+            # Acceptance rate at depth d: P(accept >= d draft tokens | accepted >= d-1).
+            reach = [sum(a - 1 >= d for a in acc) for d in range(0, depth + 1)]
+            s.update({
+                "tau": round(sum(acc) / len(acc), 4), "cycles": len(acc),
+                "accept_length_histogram": hist,  # index i: cycles that produced i+1 tokens
+                "acceptance_rate_by_depth": [round(reach[d] / reach[d - 1], 4) if reach[d - 1] else None
+                                             for d in range(1, depth + 1)],
+                "ms_per_cycle": round(1000 * cyc / len(acc), 3),
+                "draft_ms_per_cycle": round(1000 * draft / len(acc), 3),
+                "target_ms_per_cycle": round(1000 * tgt / len(acc), 3),
+                "overhead_pct": round(100 * (cyc - draft - tgt) / cyc, 2) if cyc else None,
+            })
+        summary[m] = s
+        if m == "plain":
+            plain_tps = s["tokens_per_s"]
+    for m, s in summary.items():
+        s["speedup"] = round(s["tokens_per_s"] / plain_tps, 3) if plain_tps and s["tokens_per_s"] else None
+    return summary
+
+
+def print_table(summary):
+    print(f"{'method':<22}{'tok/s':>8}{'speedup':>9}{'tau':>7}{'ms/cyc':>8}{'draft':>7}{'verify':>8}"
+          f"{'ovh%':>6}{'match':>8}")
+    for m, s in summary.items():
+        f = lambda k, fmt: (fmt.format(s[k]) if s.get(k) is not None else "-")  # noqa: E731
+        print(f"{m:<22}{f('tokens_per_s', '{:.1f}'):>8}{f('speedup', '{:.2f}x'):>9}{f('tau', '{:.2f}'):>7}"
+              f"{f('ms_per_cycle', '{:.1f}'):>8}{f('draft_ms_per_cycle', '{:.1f}'):>7}"
+              f"{f('target_ms_per_cycle', '{:.1f}'):>8}{f('overhead_pct', '{:.1f}'):>6}"
+              f"{s['matched_plain']:>4}/{s['runs']:<3}")
+
+
+def plot(summary, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(summary)
+    axes[0].bar(names, [summary[m]["tokens_per_s"] or 0 for m in names], color="tab:blue")
+    for i, m in enumerate(names):
+        if summary[m].get("speedup"):
+            axes[0].text(i, summary[m]["tokens_per_s"], f"{summary[m]['speedup']:.2f}x", ha="center", va="bottom")
+    axes[0].set_ylabel("tokens / s")
+    axes[0].set_title("throughput")
+    axes[0].tick_params(axis="x", labelrotation=20)
+    for m in names:
+        hist = summary[m].get("accept_length_histogram")
+        if hist:
+            total = sum(hist)
+            axes[1].plot(range(1, len(hist) + 1), [h / total for h in hist], marker="o",
+                         label=f"{m} (tau {summary[m]['tau']:.2f})")
+    axes[1].set_xlabel("tokens per cycle (accepted + bonus)")
+    axes[1].set_ylabel("fraction of cycles")
+    axes[1].set_title("acceptance length")
+    if axes[1].lines:
+        axes[1].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = str(path) + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---- main ----------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    from tqdm import tqdm
+
+    from benchmark.mt_bench import QuestionFileError, conversation, load_questions, prompt_ids
+    from modules import paths
+    from modules.draft_loading import load_draft
+    from modules.target import load_target
+    from modules.tree_decoding import EagleDecoder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    draft_dir = Path(args.draft) if args.draft else paths.DEFAULT_TRAIN_DIR
+    if not (draft_dir / "config.json").is_file():
+        sys.exit(f"error: no draft at {draft_dir} (config.json missing): train one with "
+                 f"`python train/train.py` or pass --draft DIR")
+    try:
+        questions, skipped = load_questions(args.question_file or paths.MT_BENCH_QUESTIONS, args.num_questions)
+    except QuestionFileError as e:
+        sys.exit(f"error: {e}")
+    if skipped:
+        print(f"skipped question rows: {skipped}")
+
+    print("loading target and draft ...", flush=True)
+    target, tokenizer = load_target(args.model, dtype=args.dtype, device=args.device)
+    try:
+        draft = load_draft(draft_dir, target_model=target, dtype=target.dtype).to(target.device).eval()
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: cannot load draft {draft_dir}: {str(e).splitlines()[0]}")
+    eos = tokenizer.eos_token_id
+    generator = torch.Generator(device=target.device).manual_seed(args.seed)
+
+    def decoder_for(total, depth, k):
+        try:
+            return EagleDecoder(target, draft, total_tokens=total, depth=depth, top_k=k,
+                                temperature=args.temperature)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+
+    if args.sweep:
+        shapes = SWEEP_SHAPES
+        methods = [("plain", run_plain, {})] + [
+            (f"eagle t{t}-d{d}-k{k}", run_eagle, {"decoder": decoder_for(t, d, k)}) for t, d, k in shapes]
+        turns = 1
+    else:
+        shapes = [(args.total_tokens, args.depth, args.top_k)]
+        methods = [("plain", run_plain, {}),
+                   (f"prompt lookup {args.prompt_lookup_tokens}", run_lookup,
+                    {"lookup_tokens": args.prompt_lookup_tokens}),
+                   ("eagle", run_eagle, {"decoder": decoder_for(*shapes[0])})]
+        turns = args.turns
+    max_depth = max(d for _, d, _ in shapes)
+
+    # Warm-up: every method once on a short prompt (allocator, kernels, lazy inits).
+    warm = prompt_ids(tokenizer, conversation(["Say hello."], []))
+    for name, fn, kw in methods:
+        fn(target, warm, 8, eos, generator=generator, **kw)
+
+    records = []
+    bar = tqdm(total=len(questions) * turns, desc="questions x turns")
+    for q in questions:
+        answers = []
+        for turn in range(min(turns, len(q["turns"]))):
+            ids = prompt_ids(tokenizer, conversation(q["turns"][:turn + 1], answers))
+            plain_tokens = None
+            for name, fn, kw in methods:
+                tokens, sec, extra = fn(target, ids, args.max_new_tokens, eos, generator=generator, **kw)
+                if name == "plain":
+                    plain_tokens = tokens
+                rec = {"method": name, "question_id": q["question_id"], "turn": turn + 1, "prompt_tokens": len(ids),
+                       "new_tokens": len(tokens), "seconds": round(sec, 5),
+                       "matches_plain": tokens == plain_tokens, **extra}
+                if tokens != plain_tokens:
+                    n = next((i for i, (a, b) in enumerate(zip(tokens, plain_tokens)) if a != b),
+                             min(len(tokens), len(plain_tokens)))
+                    rec["first_mismatch"] = n
+                records.append(rec)
+            # The next turn follows the model's own answer (plain greedy decoding's).
+            answers.append(tokenizer.decode(plain_tokens, skip_special_tokens=True).strip())
+            bar.update(1)
+    bar.close()
+
+    summary = summarize(records, max_depth)
+    print_table(summary)
+    if args.temperature > 0:
+        print("(temperature > 0: outputs are samples, 'match' against greedy is not expected)")
+    result = {
+        "settings": {k: v for k, v in vars(args).items()} | {
+            "draft": str(draft_dir), "model": args.model or paths.EMBEDDED_MODEL_NAME,
+            "dtype": str(target.dtype).replace("torch.", ""), "device": str(target.device),
+            "threads": torch.get_num_threads(), "questions": len(questions),
+            "shapes": [list(s) for s in shapes]},
+        "summary": summary,
+        "runs": records,
+    }
+    if args.sweep:
+        eagle = {m: s for m, s in summary.items() if m.startswith("eagle")}
+        best = max(eagle, key=lambda m: eagle[m]["tokens_per_s"])
+        result["best_shape"] = best
+        print(f"fastest tree shape here: {best} ({eagle[best]['tokens_per_s']:.1f} tok/s, "
+              f"{eagle[best]['speedup']:.2f}x, tau {eagle[best]['tau']:.2f})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out)
+    png = out.with_suffix(".png")
+    plot(summary, png, f"{result['settings']['model']} on {result['settings']['device']}, "
+                       f"{len(questions)} questions x {turns} turns, {args.max_new_tokens} new tokens")
+    print(f"wrote {out} and {png}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

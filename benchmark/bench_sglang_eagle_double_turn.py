@@ -1,0 +1,20 @@
+"""Client of an SGLang server running EAGLE: both MT-bench turns (the second after the server's
+own first answer), as EAGLE's evaluation does. Same flags as bench_sglang_eagle_single_turn.py
+(server command there and in README); acceptance length = completion_tokens / spec_verify_ct.
+
+    python benchmark/bench_sglang_eagle_double_turn.py --port 30000
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmark.bench_sglang_eagle_single_turn import main  # noqa: E402
+
+# ---- SETTINGS (the rest are the single-turn script's) ---------------------------------------
+TURNS = 2
+OUT = "benchmark/results/sglang_double_turn.json"
+# -------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    main(turns=TURNS, out=OUT)

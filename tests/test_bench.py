@@ -1,0 +1,115 @@
+"""Benchmark scripts: MT-bench loading, bench_eagle end to end on a tiny target, SGLang clients."""
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+
+from benchmark import mt_bench
+
+
+def test_question_file_rows(tmp_path):
+    f = tmp_path / "q.jsonl"
+    f.write_text('{"question_id": 1, "turns": ["a", "b"]}\nnot json\n{"turns": []}\n\n{"turns": ["c"]}\n')
+    qs, skipped = mt_bench.load_questions(f)
+    assert [q["turns"] for q in qs] == [["a", "b"], ["c"]]
+    assert skipped == {"not JSON": 1, "no usable 'turns'": 1}
+    assert mt_bench.load_questions(f, num_questions=1)[0][0]["question_id"] == 1
+    (tmp_path / "bad.jsonl").write_text("{}\n")
+    with pytest.raises(mt_bench.QuestionFileError, match="no usable question"):
+        mt_bench.load_questions(tmp_path / "bad.jsonl")
+    msgs = mt_bench.conversation(["q1", "q2"], ["a1"])
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
+
+
+def test_bundled_mt_bench_has_80_two_turn_questions():
+    from modules.paths import MT_BENCH_QUESTIONS
+    qs, skipped = mt_bench.load_questions(MT_BENCH_QUESTIONS)
+    assert len(qs) == 80 and not skipped and all(len(q["turns"]) == 2 for q in qs)
+
+
+@pytest.fixture(scope="module")
+def tiny_bench_dirs(tmp_path_factory, smollm2):
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer, plus a random draft."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from modules.eagle_draft import EagleDraft
+
+    _, tokenizer = smollm2
+    root = tmp_path_factory.mktemp("bench")
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(root / "target")
+    tokenizer.save_pretrained(root / "target")
+    EagleDraft.from_target(model).save_pretrained(root / "draft")
+    return root
+
+
+def test_bench_eagle_end_to_end(tiny_bench_dirs, tmp_path, capsys):
+    from benchmark import bench_eagle
+
+    out = tmp_path / "r.json"
+    res = bench_eagle.main(["--model", str(tiny_bench_dirs / "target"), "--draft", str(tiny_bench_dirs / "draft"),
+                            "--num-questions", "1", "--max-new-tokens", "12", "--out", str(out),
+                            "--total-tokens", "6", "--depth", "3", "--top-k", "2"])
+    saved = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 1000
+    s = saved["summary"]
+    assert set(s) == {"plain", "prompt lookup 10", "eagle"}
+    assert len(saved["runs"]) == 1 * 2 * 3  # questions x turns x methods
+    assert s["eagle"]["matched_plain"] == 2 and s["prompt lookup 10"]["matched_plain"] == 2
+    assert s["plain"]["speedup"] == 1.0 and s["eagle"]["tau"] >= 1.0
+    assert len(s["eagle"]["acceptance_rate_by_depth"]) == 3
+    assert sum(s["eagle"]["accept_length_histogram"]) == s["eagle"]["cycles"]
+    assert 0 <= s["eagle"]["overhead_pct"] < 100
+    assert res["summary"] == s
+    assert "eagle" in capsys.readouterr().out
+
+
+def test_bench_eagle_missing_draft_is_a_clear_error(tmp_path):
+    from benchmark import bench_eagle
+
+    with pytest.raises(SystemExit, match="no draft at .*train/train.py"):
+        bench_eagle.main(["--draft", str(tmp_path / "nothing")])
+
+
+class _FakeSGLang(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        n = len(body["input_ids"])  # answer length depends on the prompt, to check the sums
+        reply = {"text": f"answer {n}", "meta_info": {"completion_tokens": 12, "spec_verify_ct": 4}}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_sglang_clients_against_a_fake_server(tmp_path):
+    from benchmark import bench_sglang_eagle_double_turn, bench_sglang_eagle_single_turn as single
+
+    assert bench_sglang_eagle_double_turn.TURNS == 2
+    server = HTTPServer(("127.0.0.1", 0), _FakeSGLang)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+
+        class Tok:
+            def apply_chat_template(self, messages, **kw):
+                return list(range(sum(len(m["content"]) for m in messages)))
+
+        q = {"question_id": 7, "turns": ["hello", "again"]}
+        rows = single.run_question(f"http://127.0.0.1:{server.server_port}", Tok(), q, 2, 16, 0.0)
+        assert [r["turn"] for r in rows] == [1, 2]
+        s = single.summarize(rows + rows, 2.0)
+        assert s["acceptance_length"] == 3.0 and s["turn2_acceptance_length"] == 3.0
+        assert s["completion_tokens"] == 48 and s["output_throughput_tok_s"] == 24.0
+    finally:
+        server.shutdown()
