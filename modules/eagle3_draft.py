@@ -311,17 +311,6 @@ class Eagle3Draft(nn.Module):
         return draft.to(dtype)
 
 
-def _load_eagle3(draft_dir, target_model, dtype=torch.float32, **kw):
-    return Eagle3Draft.from_pretrained(draft_dir, target=target_model, dtype=dtype)
-
-
-def register():
-    """Make modules.draft_loading.load_draft understand EAGLE-3 folders."""
-    from modules import draft_loading
-    draft_loading.LOADERS.setdefault("eagle3", _load_eagle3)
-
-
-register()
 
 
 # ---- tree decoding (modules/tree_decoding.py protocol) ---------------------------------------
