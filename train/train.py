@@ -160,6 +160,8 @@ def main(argv=None):
     from modules.collate import EagleCollator
     from modules.eagle_draft import EagleDraft
     from modules.export import ExportError, export_draft
+    from safetensors import SafetensorError
+
     from modules.storage import DataFormatError, EagleDataset
     from modules.target import TargetLoadError, model_display_name
     from modules.target_weights import target_config
@@ -188,6 +190,9 @@ def main(argv=None):
         result = trainer.train(resume_from_checkpoint=resume)
     except (DataFormatError, UsageError, TargetLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except SafetensorError as err:  # a shard damaged after the dataset index was read (mid-epoch)
+        print(f"error: corrupt data shard in {', '.join(args.data)}: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
