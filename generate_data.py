@@ -19,7 +19,8 @@ END = None                # end row, exclusive (None = to the end of the dataset
 MAX_LENGTH = 2048         # tokens per conversation (longer ones are truncated)
 DTYPE = "auto"            # target compute dtype: bf16 on GPU and on CPUs with bf16 units, else fp32
 STORE_DTYPE = "bf16"      # stored features: bf16 (default), fp16 or fp32
-BATCH_TOKENS = 8192       # padded tokens per forward pass (length-sorted batches)
+BATCH_TOKENS = 0          # padded tokens per forward (length-sorted batches); 0 = auto: 16384 on GPU,
+                          # one conversation per forward on CPU (measured faster there, see README)
 SYSTEM_PROMPT = None      # prepended to rows without a system turn (the original used Llama-2's)
 OUTDIR = str(DEFAULT_DATA_DIR)
 # ----------------------------------------------------------------------------- end of SETTINGS

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from modules.chat_data import load_rows  # noqa: E402
 from modules.features import base_model  # noqa: E402
 from modules.generation import (GenerationSettings, encode_rows, generate_folder, make_batches,  # noqa: E402
-                                pad_batch)
+                                pad_batch, resolve_batch_tokens)
 from modules.target import load_target_model, load_tokenizer, model_display_name, pick_dtype  # noqa: E402
 
 # ----------------------------------------------------------------------------- SETTINGS
@@ -29,7 +29,8 @@ MODEL = None          # embedded SmolLM2-135M-Instruct
 DATASET = "sharegpt"
 ROWS = 12             # dataset rows 0..ROWS-1
 MAX_LENGTH = 2048
-BATCH_TOKENS = 8192
+BATCH_TOKENS = 0       # 0: the generator's auto choice for the device
+COMPARE_BATCH_TOKENS = 8192  # the batched alternative shown in the second table
 DTYPE = "auto"
 DTYPE_ROWS = 4        # rows used for the fp32-vs-bf16 and unbatched comparisons (fp32 is slow on CPU)
 REPEATS = 2           # bare and pipeline runs alternate this many times (a shared machine is noisy)
@@ -63,6 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=ROWS)
     parser.add_argument("--max-length", type=int, default=MAX_LENGTH)
     parser.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS)
+    parser.add_argument("--compare-batch-tokens", type=int, default=COMPARE_BATCH_TOKENS)
     parser.add_argument("--dtype", default=DTYPE)
     parser.add_argument("--dtype-rows", type=int, default=DTYPE_ROWS)
     parser.add_argument("--device", default="auto")
@@ -75,6 +77,7 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(args.model)
     model = load_target_model(args.model, dtype=args.dtype, device=args.device)
     dtype = next(model.parameters()).dtype
+    args.batch_tokens = resolve_batch_tokens(args.batch_tokens, next(model.parameters()).device)
     rows = load_rows(args.dataset, 0, args.rows)
     examples, skipped, _ = encode_rows(tokenizer, rows, args.max_length, None)
     pad = tokenizer.pad_token_id
@@ -113,12 +116,11 @@ def main(argv=None) -> int:
     table = []
     for name in ("float32", "bfloat16"):
         m = model if getattr(torch, name) == dtype else load_target_model(args.model, dtype=name, device=str(device))
-        bare_forward(m, few[:1], pad, args.batch_tokens)
-        t, n = bare_forward(m, few, pad, args.batch_tokens)
-        table.append((f"bare forward {name}, batch_tokens {args.batch_tokens}", n / t))
-        if getattr(torch, name) == dtype:
-            t1, n1 = bare_forward(m, few, pad, 1)  # one conversation per forward
-            table.append((f"bare forward {name}, one conversation per forward", n1 / t1))
+        bare_forward(m, few[:1], pad, 1)
+        for bt in dict.fromkeys((args.batch_tokens, args.compare_batch_tokens)):
+            t, n = bare_forward(m, few, pad, bt)
+            label = "one conversation per forward" if bt == 1 else f"batch_tokens {bt}"
+            table.append((f"bare forward {name}, {label}", n / t))
         del m
     print(f"\n| bare forward on {len(few)} rows ({sum(len(e[1]) for e in few):,} tokens) | tokens/s |")
     print("| --- | --- |")
