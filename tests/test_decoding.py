@@ -154,3 +154,27 @@ def test_draft_vocab_subset_is_still_lossless():
     assert adapter.to_target_ids(torch.tensor([0, 5])).tolist() == [0, 15]
     res = EagleDecoder(target, adapter, total_tokens=10, depth=3, top_k=3).generate(prompt, 30)
     assert res.tokens == ref
+
+
+def test_smollm2_greedy_is_lossless(smollm2):
+    """The embedded SmolLM2 (fp32) with a draft: the trained one in outputs/eagle2 when present,
+    else a random EagleDraft. Output == HF greedy; a trained draft must also be accepted."""
+    from modules.draft_loading import load_draft
+    from modules.paths import DEFAULT_TRAIN_DIR
+
+    target, tokenizer = smollm2
+    trained = (DEFAULT_TRAIN_DIR / "config.json").is_file()
+    if trained:
+        draft = load_draft(DEFAULT_TRAIN_DIR, target_model=target).eval()
+    else:
+        torch.manual_seed(0)
+        draft = EagleDraft.from_target(target).eval()
+    messages = [{"role": "user", "content": "List three facts about the Moon."}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt = torch.tensor(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    ref = plain_greedy(target, prompt, 16, eos_token_id=tokenizer.eos_token_id)
+    res = EagleDecoder(target, draft, total_tokens=10, depth=4, top_k=3).generate(
+        prompt, 16, eos_token_id=tokenizer.eos_token_id)
+    assert res.tokens == ref
+    if trained:
+        assert res.tau > 1.3, f"trained draft in {DEFAULT_TRAIN_DIR} is rarely accepted (tau {res.tau:.2f})"
