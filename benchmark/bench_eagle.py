@@ -31,6 +31,8 @@ DEPTH = 4
 TOP_K = 4
 TEMPERATURE = 0.0
 PROMPT_LOOKUP_TOKENS = 10
+DRAFT_VOCAB = 16384          # draft proposes only these most frequent tokens (0 = whole vocab); lossless
+DRAFT_VOCAB_DATA = None      # token counts from this generated-data folder (None -> data_out/eagle2)
 DTYPE = "fp32"
 DEVICE = "auto"
 THREADS = None               # torch threads on CPU (None = torch's default)
@@ -52,6 +54,11 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=TOP_K)
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--prompt-lookup-tokens", type=int, default=PROMPT_LOOKUP_TOKENS)
+    p.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB,
+                   help="draft scores only the N most frequent tokens (cheaper head, output unchanged; 0 = all)")
+    p.add_argument("--draft-vocab-data", default=DRAFT_VOCAB_DATA,
+                   help="generated-data folder to count token frequencies (default data_out/eagle2; "
+                        "without it the N lowest ids, BPE's most common merges, are used)")
     p.add_argument("--dtype", default=DTYPE)
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--threads", type=int, default=THREADS)
@@ -90,6 +97,26 @@ def run_eagle(target, ids, max_new, eos, decoder=None, generator=None, **_):
     sec = time.perf_counter() - t
     return res.tokens, sec, {"accept_lengths": res.accept_lengths, "draft_s": res.draft_s,
                              "target_s": res.target_s, "cycles_s": res.cycles_s, "prefill_s": res.prefill_s}
+
+
+def draft_vocab_ids(n, data_dir, vocab_size, eos):
+    """(token ids the draft may propose or None for all, where they came from)."""
+    if not n or n >= vocab_size:
+        return None, "full vocabulary"
+    import torch
+
+    from modules.draft_vocab import count_tokens, shard_token_pairs
+
+    special = [eos] if eos is not None else []
+    try:
+        counts = count_tokens(shard_token_pairs(data_dir), vocab_size)
+        order = torch.argsort(counts, descending=True, stable=True)
+        source = f"{n} most frequent trained tokens of {data_dir}"
+    except (FileNotFoundError, ValueError):
+        order = torch.arange(vocab_size)
+        source = f"{n} lowest token ids (no token counts in {data_dir})"
+    ids = torch.cat([torch.tensor(special, dtype=torch.long), order[:n]]).unique()
+    return ids, source
 
 
 # ---- summary -------------------------------------------------------------------------------
@@ -190,7 +217,7 @@ def main(argv=None):
     from modules import paths
     from modules.draft_loading import load_draft
     from modules.target import load_target
-    from modules.tree_decoding import EagleDecoder
+    from modules.tree_decoding import Eagle2Adapter, EagleDecoder
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,10 +240,16 @@ def main(argv=None):
         sys.exit(f"error: cannot load draft {draft_dir}: {str(e).splitlines()[0]}")
     eos = tokenizer.eos_token_id
     generator = torch.Generator(device=target.device).manual_seed(args.seed)
+    adapter, vocab_source = draft, "the draft's own"
+    if isinstance(draft, torch.nn.Module) and not hasattr(draft, "tree_adapter"):  # EAGLE-1/2 draft
+        vocab_ids, vocab_source = draft_vocab_ids(args.draft_vocab, args.draft_vocab_data or paths.DEFAULT_DATA_DIR,
+                                                  draft.lm_head.weight.shape[0], eos)
+        print(f"draft proposes from: {vocab_source}")
+        adapter = Eagle2Adapter(draft, vocab_ids)
 
     def decoder_for(total, depth, k):
         try:
-            return EagleDecoder(target, draft, total_tokens=total, depth=depth, top_k=k,
+            return EagleDecoder(target, adapter, total_tokens=total, depth=depth, top_k=k,
                                 temperature=args.temperature)
         except ValueError as e:
             sys.exit(f"error: {e}")
@@ -272,7 +305,7 @@ def main(argv=None):
         "settings": {k: v for k, v in vars(args).items()} | {
             "draft": str(draft_dir), "model": args.model or paths.EMBEDDED_MODEL_NAME,
             "dtype": str(target.dtype).replace("torch.", ""), "device": str(target.device),
-            "threads": torch.get_num_threads(), "questions": len(questions),
+            "threads": torch.get_num_threads(), "questions": len(questions), "draft_vocab_source": vocab_source,
             "shapes": [list(s) for s in shapes]},
         "summary": summary,
         "runs": records,
