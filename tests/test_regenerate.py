@@ -2,7 +2,11 @@
 resumes, and the embedded target regenerates real replies through LocalGenerator."""
 import json
 
-from modules.regenerate import LocalGenerator, regenerate_cached, regenerate_rows
+import socket
+
+import pytest
+
+from modules.regenerate import LocalGenerator, OpenAIGenerator, RegenerationError, regenerate_cached, regenerate_rows
 
 ROWS = [
     (0, {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "old 1"},
@@ -60,3 +64,13 @@ def test_local_generator_on_embedded_target(smollm2):
     replies = [m["content"] for r in out.values() for m in r["messages"] if m["role"] == "assistant"]
     assert len(replies) == 3 and all(r and r != "x" for r in replies)
     assert "<|im_end|>" not in "".join(replies)
+
+
+def test_unreachable_server_is_one_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    gen = OpenAIGenerator(f"http://127.0.0.1:{port}/v1", max_new_tokens=4)
+    assert gen.url.endswith("/v1/chat/completions")
+    with pytest.raises(RegenerationError, match="chat/completions"):
+        gen([[{"role": "user", "content": "hi"}]])
