@@ -69,6 +69,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def resolve_draft_dir(path):
+    """A draft folder: `path` itself, its `draft/` export (what train/train.py writes at the end),
+    or its newest `checkpoint-N/`; None when there is none."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if (path / "draft" / "config.json").is_file():
+        return path / "draft"
+    ckpts = sorted((p for p in path.glob("checkpoint-*") if (p / "config.json").is_file()),
+                   key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    return ckpts[-1] if ckpts else None
+
+
 # ---- methods: each takes prompt ids, returns (new token ids, seconds, extra stats) ----------
 
 def run_plain(target, ids, max_new, eos, **_):
@@ -221,10 +234,12 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    draft_dir = Path(args.draft) if args.draft else paths.DEFAULT_TRAIN_DIR
-    if not (draft_dir / "config.json").is_file():
-        sys.exit(f"error: no draft at {draft_dir} (config.json missing): train one with "
-                 f"`python train/train.py` or pass --draft DIR")
+    asked = Path(args.draft) if args.draft else paths.DEFAULT_TRAIN_DIR
+    draft_dir = resolve_draft_dir(asked)
+    if draft_dir is None:
+        sys.exit(f"error: no draft at {asked} (no config.json there, in draft/ or in checkpoint-*/): "
+                 f"train one with `python train/train.py` or pass --draft DIR")
+    print(f"draft: {draft_dir}")
     try:
         questions, skipped = load_questions(args.question_file or paths.MT_BENCH_QUESTIONS, args.num_questions)
     except QuestionFileError as e:

@@ -75,6 +75,14 @@ def test_bench_eagle_missing_draft_is_a_clear_error(tmp_path):
 
     with pytest.raises(SystemExit, match="no draft at .*train/train.py"):
         bench_eagle.main(["--draft", str(tmp_path / "nothing")])
+    # A training output folder: its draft/ export, else its newest checkpoint.
+    for name in ["checkpoint-5", "checkpoint-40", "checkpoint-7"]:
+        (tmp_path / "run" / name).mkdir(parents=True)
+        (tmp_path / "run" / name / "config.json").write_text("{}")
+    assert bench_eagle.resolve_draft_dir(tmp_path / "run").name == "checkpoint-40"
+    (tmp_path / "run" / "draft").mkdir()
+    (tmp_path / "run" / "draft" / "config.json").write_text("{}")
+    assert bench_eagle.resolve_draft_dir(tmp_path / "run").name == "draft"
 
 
 class _FakeSGLang(BaseHTTPRequestHandler):
