@@ -137,6 +137,49 @@ def mean_logged_speed(log_file):
     return round(sum(values) / len(values), 1) if values else None
 
 
+def stage_speed(args, fused, batches=4, repeats=3):
+    """Training step throughput side by side on the same conversations, in this process:
+    EAGLE-2 (a) vs EAGLE-3 with 1 TTT step (the LM-head effect alone) and with --ttt-steps.
+    Median over repeats of forward+backward per conversation, configurations interleaved."""
+    import statistics
+
+    import torch
+
+    from modules.collate import EagleCollator
+    from modules.draft_vocab import count_tokens, select_draft_vocab, shard_token_pairs
+    from modules.eagle3_draft import Eagle3Draft
+    from modules.eagle_draft import EagleDraft
+    from modules.storage import EagleDataset
+    from modules.target_weights import load_embed_and_head, target_config
+    from modules.trainer import EagleTrainer, EagleTrainingArguments
+    from modules.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
+
+    ds = EagleDataset(fused)
+    items = [ds[i] for i in range(min(batches, len(ds)))]
+    cfg = target_config(None)
+    embed, head = load_embed_and_head(None)
+    ids, _ = select_draft_vocab(count_tokens(shard_token_pairs(ds.folders), cfg.vocab_size))
+    e2 = EagleDraft.from_target(None)
+    e3 = Eagle3Draft.from_target(cfg, draft_ids=ids, aux_layers=ds.aux_layers, load_weights=False)
+    e3.load_target_weights(embed, head)
+    common = dict(output_dir=str(Path(args.out) / "speed_tmp"), use_cpu=True, report_to=[])
+    configs = {"a_eagle2": (EagleTrainer(model=e2, args=EagleTrainingArguments(**common)), e2, EagleCollator(args.max_length))}
+    for steps in sorted({1, args.ttt_steps}):
+        targs = TTTTrainingArguments(**common, w_reg=0.0, w_cls=1.0, noise_std=0.0, ttt_steps=steps)
+        configs[f"c_eagle3_ttt{steps}"] = (TTTTrainer(model=e3, args=targs, target_head=head), e3, TTTCollator(args.max_length))
+    times = {name: [] for name in configs}
+    tokens = sum(len(it["input_ids"]) for it in items)
+    for _ in range(repeats):
+        for name, (trainer, model, collate) in configs.items():
+            t = time.perf_counter()
+            for it in items:
+                loss, _ = trainer.eagle_loss(model, collate([it]))
+                loss.backward()
+            times[name].append(time.perf_counter() - t)
+            model.zero_grad(set_to_none=True)
+    return {name: round(tokens / statistics.median(ts), 1) for name, ts in times.items()}
+
+
 def stage_decode(args, out):
     """Plain greedy and the four drafts on the same MT-bench first turns; returns bench_eagle's summary."""
     import torch
@@ -205,8 +248,12 @@ def main(argv=None):
     t0 = time.time()
     fused, regen = stage_data(args, out)
     speed = stage_train(args, out, fused, regen)
+    step_speed = stage_speed(args, fused)
+    print("training step throughput, same conversations (tokens/s, fwd+bwd): " +
+          ", ".join(f"{k} {v}" for k, v in step_speed.items()), flush=True)
     decode, records = stage_decode(args, out)
     result = {"settings": vars(args), "variants": args.variants, "train_tokens_per_s": speed,
+              "step_tokens_per_s": step_speed,
               "decode": decode, "runs": records, "wall_s": round(time.time() - t0, 1)}
     for v in args.variants:
         summary_file = out / v / "summary.json"
