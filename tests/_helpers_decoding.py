@@ -1,7 +1,17 @@
-"""Test drafts for the tree decoder: an oracle that knows the target's greedy continuation."""
+"""Test helpers for the tree decoder: reference greedy decoding, oracle and self drafts."""
+import pytest
 import torch
 
 from modules.tree_decoding import DraftAdapter, TreeKVCache
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: threading costs more than it saves, and the 2 CI cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def plain_greedy(target, prompt, max_new_tokens, eos_token_id=None):

@@ -1,20 +1,11 @@
 """The tree decoder is lossless: greedy output == plain greedy, sampling keeps the distribution."""
 import pytest
 import torch
-from _helpers_decoding import OracleAdapter, SelfDraftAdapter, plain_greedy
+from _helpers_decoding import OracleAdapter, SelfDraftAdapter, one_thread, plain_greedy  # noqa: F401
 from _helpers_draft import tiny_target
 
 from modules.eagle_draft import EagleDraft
 from modules.tree_decoding import EagleDecoder
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: threading costs more than it saves, and the 2 CI cores are shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_pair(family="llama", seed=0, **overrides):

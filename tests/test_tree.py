@@ -1,6 +1,7 @@
 """Tree building, tree attention masks over the KV cache, compaction, acceptance rules."""
 import pytest
 import torch
+from _helpers_decoding import one_thread  # noqa: F401 (autouse fixture)
 from _helpers_draft import tiny_target
 
 from modules.sampling import sample_accept
