@@ -1,0 +1,126 @@
+"""`make demo`: the whole pipeline on the embedded default, on a CPU, with a report at the end.
+
+    python demo.py                                    # same as `make demo`
+    python demo.py --rows 1000 --steps 2000           # bigger (make demo DEMO_ROWS=1000 DEMO_STEPS=2000)
+    python demo.py --out /tmp/tiny --rows 6 --steps 4 --questions 1 --max-new-tokens 16   # smoke run
+
+Stages, each a plain script a user can run by hand (the demo prints every command):
+  1. data       allocation.py over CPU workers -> generate_data.py: ShareGPT rows -> SmolLM2 features
+  2. train      train/train.py: EAGLE-2 draft, evaluated with top-1 accuracy and simulated tau
+  3. benchmark  benchmark/bench_eagle.py: plain greedy vs prompt lookup vs EAGLE on MT-bench
+  4. report     OUT/report.md + PNG plots, also printed
+
+Rerunning skips the stages that finished with the same settings; after Ctrl-C (or a crash) each
+stage resumes: data by shards, training from its last checkpoint, the benchmark from scratch.
+"""
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from modules.paths import REPO_ROOT
+
+# ----------------------------------------------------------------------------- SETTINGS
+OUT = "demo_out"          # everything the demo writes goes here
+ROWS = 300                # ShareGPT rows turned into training data
+WORKERS = 2               # CPU processes for data generation (threads are split between them)
+MAX_LENGTH = 2048         # tokens per conversation
+STEPS = 600               # optimizer steps of draft training
+BATCH_SIZE = 1
+GRAD_ACCUM = 4
+LR = 3e-4
+QUESTIONS = 8             # MT-bench questions in the benchmark (both turns each)
+MAX_NEW_TOKENS = 96       # tokens generated per turn
+# ----------------------------------------------------------------------------- end of SETTINGS
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=OUT)
+    p.add_argument("--rows", type=int, default=ROWS)
+    p.add_argument("--workers", type=int, default=WORKERS)
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH)
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--grad-accum", type=int, default=GRAD_ACCUM)
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--questions", type=int, default=QUESTIONS)
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    p.add_argument("--eval-fraction", type=float, default=None,
+                   help="held-out share of conversations (default: enough for ~10 of them)")
+    return p.parse_args(argv)
+
+
+def stage_commands(args) -> dict[str, list[str]]:
+    """The command line of every stage; a stage is redone when its command changes."""
+    out = Path(args.out)
+    py = sys.executable
+    eval_fraction = args.eval_fraction or min(0.5, max(0.02, 10 / max(args.rows, 1)))
+    return {
+        "data": [py, "allocation.py", "--outdir", str(out / "data"), "--end", str(args.rows),
+                 "--workers", str(args.workers), "--", "--max-length", str(args.max_length)],
+        "train": [py, "train/train.py", "--data", str(out / "data"), "--output-dir", str(out / "train"),
+                  "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+                  "--grad-accum", str(args.grad_accum), "--lr", str(args.lr),
+                  "--max-length", str(args.max_length), "--eval-fraction", f"{eval_fraction:.3f}",
+                  "--save-steps", str(max(20, args.steps // 10)), "--eval-steps", str(max(1, args.steps // 4)),
+                  "--resume", "auto"],
+        "benchmark": [py, "benchmark/bench_eagle.py", "--draft", str(out / "train" / "draft"),
+                      "--num-questions", str(args.questions), "--max-new-tokens", str(args.max_new_tokens),
+                      "--draft-vocab-data", str(out / "data"),
+                      "--out", str(out / "benchmark" / "results.json")],
+    }
+
+
+def run_stage(name: str, cmd: list[str], done_dir: Path) -> float:
+    """Run one stage unless it already finished with the same command; returns its seconds."""
+    marker = done_dir / f"{name}.json"
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("cmd") == cmd:
+            print(f"== {name}: done earlier in {done['seconds']:.0f} s (delete {marker} to redo)")
+            return done["seconds"]
+    print(f"\n== {name}: {shlex.join(cmd)}", flush=True)
+    start = time.time()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env)
+    seconds = time.time() - start
+    if proc.returncode != 0:
+        if proc.returncode in (-signal.SIGINT, 130):
+            raise KeyboardInterrupt
+        sys.exit(f"error: stage '{name}' failed with exit code {proc.returncode} after {seconds:.0f} s; "
+                 f"fix the cause and rerun the demo: finished stages are skipped and this one resumes")
+    done_dir.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"cmd": cmd, "seconds": seconds}))
+    os.replace(tmp, marker)
+    print(f"== {name}: {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from modules.demo_report import write_report
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    try:
+        for name, cmd in stage_commands(args).items():
+            seconds[name] = run_stage(name, cmd, out / ".done")
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun `make demo` (same settings) to resume where it stopped", file=sys.stderr)
+        return 130
+    report = write_report(out, seconds)
+    print("\n" + report)
+    print(f"report written to {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The demo's report: what each stage produced, gathered from the files the stages wrote.
+
+Reads only files (manifests, the trainer's log history, the benchmark's results.json), so it can be
+rebuilt at any time with `python -c "from modules.demo_report import write_report; ..."`.
+"""
+import json
+import os
+from pathlib import Path
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def data_summary(data_dir: Path) -> dict:
+    """Rows, tokens, bytes and skip reasons over every manifest under the data folder."""
+    manifests = sorted(data_dir.glob("manifest.json")) + sorted(data_dir.glob("*/manifest.json"))
+    rows = tokens = trained = 0
+    skipped: dict[str, int] = {}
+    for path in manifests:
+        m = json.loads(path.read_text())
+        rows += m.get("rows_written", 0)
+        tokens += m.get("tokens", 0)
+        trained += m.get("trained_tokens", 0)
+        for reason, count in (m.get("skipped") or {}).items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    size = sum(p.stat().st_size for p in data_dir.rglob("*.safetensors"))
+    return {"folders": len(manifests), "rows": rows, "tokens": tokens, "trained_tokens": trained,
+            "bytes": size, "skipped": skipped}
+
+
+def training_history(train_dir: Path) -> list[dict]:
+    """The trainer's log history: from log_history.json, else the newest checkpoint's trainer_state.json."""
+    path = train_dir / "log_history.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    states = sorted(train_dir.glob("checkpoint-*/trainer_state.json"),
+                    key=lambda p: int(p.parent.name.split("-")[-1]))
+    return json.loads(states[-1].read_text())["log_history"] if states else []
+
+
+def plot_training(history: list[dict], png: Path) -> Path | None:
+    """Loss and top-1 accuracy against the step, train and eval."""
+    train = [h for h in history if "loss" in h and "step" in h]
+    evals = [h for h in history if "eval_top1_acc" in h]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss")
+    ax_loss.set_xlabel("step"), ax_loss.set_ylabel("loss"), ax_loss.set_yscale("log"), ax_loss.legend()
+    if any("top1_acc" in h for h in train):
+        ax_acc.plot([h["step"] for h in train if "top1_acc" in h],
+                    [h["top1_acc"] for h in train if "top1_acc" in h], label="train top-1")
+    if evals:
+        ax_acc.plot([h["step"] for h in evals], [h["eval_top1_acc"] for h in evals], "o-", label="eval top-1")
+    ax_acc.set_xlabel("step"), ax_acc.set_ylabel("top-1 accuracy"), ax_acc.legend()
+    fig.suptitle("EAGLE draft training")
+    fig.tight_layout()
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
+
+
+def _data_section(data: dict) -> list[str]:
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(data["skipped"].items())) or "none"
+    per_token = data["bytes"] / max(data["tokens"], 1)
+    return ["## Data", "",
+            f"- rows written: {data['rows']} ({data['folders']} worker folder(s)); rows skipped: {skipped}",
+            f"- tokens: {data['tokens']:,} ({data['trained_tokens']:,} trained = assistant replies)",
+            f"- bytes on disk: {_fmt_bytes(data['bytes'])} ({per_token:,.0f} bytes/token)", ""]
+
+
+def _training_section(history: list[dict], summary: dict, png: Path | None) -> list[str]:
+    lines = ["## Training", ""]
+    train = [h for h in history if "loss" in h]
+    evals = [h for h in history if "eval_top1_acc" in h]
+    if summary:
+        lines.append(f"- steps: {summary.get('steps')}, final train loss {summary.get('train_loss')}, "
+                     f"time {summary.get('train_runtime_s')} s")
+    if train and "tokens_per_s" in train[-1]:
+        speeds = [h["tokens_per_s"] for h in train if "tokens_per_s" in h]
+        lines.append(f"- training throughput: {sum(speeds) / len(speeds):,.0f} tokens/s (mean of log intervals)")
+    final_eval = {k: v for k, v in summary.items() if k.startswith("eval_")}
+    if evals or final_eval:
+        e = final_eval or evals[-1]
+        lines.append(f"- eval top-1 / top-2 / top-3: {e['eval_top1_acc']:.3f} / {e.get('eval_top2_acc', 0):.3f} / "
+                     f"{e.get('eval_top3_acc', 0):.3f}; simulated tau (chain): {e.get('eval_tau_sim', float('nan')):.2f}")
+    if png:
+        lines.append(f"- curves: ![training]({png.name})")
+    return lines + [""]
+
+
+def _benchmark_section(bench: dict, bench_dir: Path) -> list[str]:
+    lines = ["## Benchmark (MT-bench, greedy)", ""]
+    methods = bench.get("summary", {})
+    if not methods:
+        return lines + ["- no results", ""]
+    lines += ["| method | tokens/s | speedup vs plain | tau | output = plain greedy |",
+              "| --- | ---: | ---: | ---: | --- |"]
+    for name, m in methods.items():
+        tau = "" if m.get("tau") is None else f"{m['tau']:.2f}"
+        speedup = "" if m.get("speedup") is None else f"{m['speedup']:.2f}x"
+        same = f"{m['matched_plain']}/{m['runs']}" + (" (lossless)" if m["matched_plain"] == m["runs"] else "")
+        lines.append(f"| {name} | {m.get('tokens_per_s') or 0:.1f} | {speedup} | {tau} | {same} |")
+    eagle = methods.get("eagle", {})
+    lookup = next((m for n, m in methods.items() if n.startswith("prompt lookup")), {})
+    if eagle.get("tokens_per_s") and lookup.get("tokens_per_s"):
+        lines.append(f"\nEAGLE vs prompt lookup: {eagle['tokens_per_s'] / lookup['tokens_per_s']:.2f}x; "
+                     f"decoder overhead {eagle.get('overhead_pct')}% of a cycle")
+    pngs = sorted(bench_dir.glob("*.png"))
+    for png in pngs:
+        lines.append(f"\n![benchmark]({os.path.relpath(png, bench_dir.parent)})")
+    return lines + [""]
+
+
+def write_report(out: Path, stage_seconds: dict[str, float]) -> str:
+    """Build OUT/report.md from the stages' files and return its text."""
+    out = Path(out)
+    data = data_summary(out / "data")
+    history = training_history(out / "train")
+    summary_path = out / "train" / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    png = plot_training(history, out / "training_curves.png")
+    bench_path = out / "benchmark" / "results.json"
+    bench = json.loads(bench_path.read_text()) if bench_path.is_file() else {}
+
+    lines = ["# EAGLE demo report (embedded SmolLM2-135M-Instruct, ShareGPT, MT-bench)", ""]
+    lines += ["## Stage times", ""] + [f"- {k}: {v:.0f} s" for k, v in stage_seconds.items()]
+    lines += [f"- total: {sum(stage_seconds.values()):.0f} s", ""]
+    lines += _data_section(data) + _training_section(history, summary, png) + _benchmark_section(bench, out / "benchmark")
+    text = "\n".join(lines)
+    tmp = out / "report.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / "report.md")
+    return text

@@ -1,0 +1,40 @@
+"""The demo's stages end to end at a toy size (the full `make demo` is not run in CI)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = ["--rows", "4", "--workers", "2", "--max-length", "256", "--steps", "2", "--grad-accum", "1",
+       "--questions", "1", "--max-new-tokens", "8"]
+
+
+def run_demo(out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "demo.py", "--out", str(out), *TOY], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_demo_pipeline_end_to_end_and_rerun_skips_finished_stages(tmp_path):
+    out = tmp_path / "demo"
+    first = run_demo(out)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    report = (out / "report.md").read_text()
+    for section in ("## Data", "## Training", "## Benchmark"):
+        assert section in report
+    manifests = sorted(out.glob("data/part-*/manifest.json"))
+    assert len(manifests) == 2  # one folder per CPU worker
+    assert sum(json.loads(m.read_text())["rows_written"] for m in manifests) > 0
+    assert (out / "train" / "draft" / "config.json").is_file()
+    assert (out / "training_curves.png").stat().st_size > 0
+
+    bench = json.loads((out / "benchmark" / "results.json").read_text())["summary"]
+    assert set(bench) >= {"plain", "eagle"}
+    # Lossless: every EAGLE output equals plain greedy decoding.
+    assert bench["eagle"]["matched_plain"] == bench["eagle"]["runs"] > 0
+    assert bench["eagle"]["tau"] >= 1.0
+
+    # Rerun with the same settings: every stage is skipped, the report is rebuilt.
+    second = run_demo(out)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("done earlier") == 3
