@@ -170,3 +170,24 @@ def test_smollm2_greedy_is_lossless(smollm2):
     assert res.tokens == ref
     if trained:
         assert res.tau > 1.3, f"trained draft in {trained} is rarely accepted (tau {res.tau:.2f})"
+
+
+def test_adapter_asking_for_aux_layers_gets_the_target_hidden_states():
+    """The EAGLE-3 path of the protocol: aux_layers makes the decoder hand over all hidden states."""
+    from modules.tree_decoding import Eagle2Adapter
+
+    target, draft = tiny_pair("llama")
+    seen = []
+
+    class AuxAdapter(Eagle2Adapter):
+        aux_layers = [0, 1, 2]
+
+        def target_features(self, last_hidden, hidden_states):
+            fused = torch.cat([hidden_states[i] for i in self.aux_layers], dim=-1)
+            seen.append((len(hidden_states), tuple(fused.shape)))
+            return last_hidden  # an EAGLE-3 adapter would return fc(fused)
+
+    prompt = torch.arange(3, 20)
+    ref = plain_greedy(target, prompt, 12)
+    assert EagleDecoder(target, AuxAdapter(draft), total_tokens=6, depth=3, top_k=2).generate(prompt, 12).tokens == ref
+    assert seen and all(n == 3 and shape[-1] == 3 * 64 for n, shape in seen)
