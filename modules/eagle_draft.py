@@ -61,7 +61,8 @@ def make_draft_config(target_config, bias=True, target_model=None, attn_implemen
     if getattr(cfg, "layer_types", None):
         # Families with per-layer attention types (Qwen2, ...): the draft layer is full attention.
         cfg.layer_types = ["full_attention"]
-    cfg.use_sliding_window = False if hasattr(cfg, "use_sliding_window") else None
+    if hasattr(cfg, "use_sliding_window"):
+        cfg.use_sliding_window = False
     cfg.architectures = [EAGLE_ARCHITECTURE]
     cfg.bias = bool(bias)  # SGLang/official EAGLE read this flag for fc.bias
     cfg.eagle_version = 2
