@@ -95,3 +95,17 @@ def test_errors_name_the_problem(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(DataFormatError, match="format"):
         EagleDataset(tmp_path)
+
+
+def test_dataset_copies_into_loader_workers(tmp_path):
+    # DataLoader workers receive a copy of the dataset: open memory maps must not travel with it.
+    import copy
+
+    write_shard(tmp_path, 0, 2, [_conv(0, 4), _conv(1, 3)], {})
+    _manifest(tmp_path)
+    ds = EagleDataset(tmp_path)
+    first = ds[0]
+    clone = copy.deepcopy(ds)
+    assert clone._handles == {} and torch.equal(clone[0]["hidden_states"], first["hidden_states"])
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=0))
+    assert [b["row_id"] for b in batches] == [0, 1]
