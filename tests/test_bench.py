@@ -6,6 +6,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 import torch
 
+from _helpers_decoding import one_thread  # noqa: F401 (autouse: restores torch threads)
+
 from benchmark import mt_bench
 
 
@@ -55,7 +57,7 @@ def test_bench_eagle_end_to_end(tiny_bench_dirs, tmp_path, capsys):
     out = tmp_path / "r.json"
     res = bench_eagle.main(["--model", str(tiny_bench_dirs / "target"), "--draft", str(tiny_bench_dirs / "draft"),
                             "--num-questions", "1", "--max-new-tokens", "12", "--out", str(out),
-                            "--total-tokens", "6", "--depth", "3", "--top-k", "2"])
+                            "--total-tokens", "6", "--depth", "3", "--top-k", "2", "--threads", "1"])
     saved = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 1000
     s = saved["summary"]
@@ -121,3 +123,16 @@ def test_sglang_clients_against_a_fake_server(tmp_path):
         assert s["completion_tokens"] == 48 and s["output_throughput_tok_s"] == 24.0
     finally:
         server.shutdown()
+
+
+def test_bench_eagle_sweep(tiny_bench_dirs, tmp_path):
+    from benchmark import bench_eagle
+
+    out = tmp_path / "s.json"
+    res = bench_eagle.main(["--model", str(tiny_bench_dirs / "target"), "--draft", str(tiny_bench_dirs / "draft"),
+                            "--num-questions", "1", "--max-new-tokens", "6", "--out", str(out), "--sweep", "--threads", "1"])
+    eagle = [m for m in res["summary"] if m.startswith("eagle")]
+    assert len(eagle) == len(bench_eagle.SWEEP_SHAPES)
+    assert res["best_shape"] in eagle
+    assert all(res["summary"][m]["matched_plain"] == 1 for m in res["summary"])
+    assert json.loads(out.read_text())["best_shape"] == res["best_shape"]
