@@ -55,10 +55,18 @@ def test_failed_worker_is_reported(tmp_path):
 
 def test_end_to_end_two_cpu_workers_on_smollm2(tmp_path, smollm2):
     out = tmp_path / "data"
-    r = subprocess.run([sys.executable, "allocation.py", "--workers", "2", "--start", "0", "--end", "4",
-                        "--outdir", str(out), "--", "--max-length", "160", "--dtype", "fp32"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "allocation.py", "--workers", "2", "--start", "0", "--end", "4",
+           "--outdir", str(out), "--", "--max-length", "160", "--dtype", "fp32"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+    # Rerunning the same command resumes: a lost shard is recomputed byte for byte, the rest is kept.
+    (lost,) = (out / "part-0001").glob("shard-*.safetensors")
+    (kept,) = (out / "part-0000").glob("shard-*.safetensors")
+    lost_bytes, kept_mtime = lost.read_bytes(), kept.stat().st_mtime_ns
+    lost.unlink()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert lost.read_bytes() == lost_bytes and kept.stat().st_mtime_ns == kept_mtime
     assert sorted(p.name for p in out.glob("part-*")) == ["part-0000", "part-0001"]
     ds = EagleDataset(out)
     assert [m["start_row"] for m in ds.manifests] == [0, 2] and [m["end_row"] for m in ds.manifests] == [2, 4]
