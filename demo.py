@@ -69,6 +69,7 @@ def stage_commands(args) -> dict[str, list[str]]:
                   "--grad-accum", str(args.grad_accum), "--lr", str(args.lr),
                   "--max-length", str(args.max_length), "--eval-fraction", f"{eval_fraction:.3f}",
                   "--save-steps", str(max(20, args.steps // 10)), "--eval-steps", str(max(1, args.steps // 4)),
+                  "--logging-steps", str(max(1, args.steps // 30)),
                   "--resume", "auto"],
         "benchmark": [py, "benchmark/bench_eagle.py", "--draft", str(out / "train" / "draft"),
                       "--num-questions", str(args.questions), "--max-new-tokens", str(args.max_new_tokens),
