@@ -219,13 +219,19 @@ def generate_folder(model, tokenizer, rows, out_dir, settings: GenerationSetting
         if SHARD_DELAY:
             time.sleep(SHARD_DELAY)
 
-    # Shards are written by one background thread while the next block runs on the target; at most
-    # one shard waits in memory, and they land on disk in order.
-    with ThreadPoolExecutor(max_workers=1) as writer:
+    def encode(k):
+        return encode_rows(tokenizer, by_block.get(k, []), settings.max_length, settings.system_prompt)
+
+    # Two helper threads keep the target busy: one tokenises the next block while the target runs
+    # (matters on GPU with a small target), one writes the previous shard. At most one shard waits
+    # in memory, and shards land on disk in order.
+    with ThreadPoolExecutor(max_workers=1) as writer, ThreadPoolExecutor(max_workers=1) as encoder:
         pending = None
-        for k, a, b in todo:
-            examples, skipped, truncated = encode_rows(tokenizer, by_block.get(k, []), settings.max_length,
-                                                       settings.system_prompt)
+        next_encoded = encoder.submit(encode, todo[0][0]) if todo else None
+        for i, (k, a, b) in enumerate(todo):
+            examples, skipped, truncated = next_encoded.result()
+            if i + 1 < len(todo):
+                next_encoded = encoder.submit(encode, todo[i + 1][0])
             convs = features_for_examples(model, examples, tokenizer.pad_token_id, batch_tokens,
                                           store_dtype, settings.aux_layers, on_batch=count_tokens)
             if pending is not None:
