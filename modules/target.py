@@ -18,8 +18,8 @@ class TargetLoadError(RuntimeError):
 
 
 # Which dtype to run the target in on CPU when the user says "auto". Measured with
-# benchmark/bench_data_generation.py (full forward, SmolLM2-135M, 2 threads, AMX-BF16 CPU):
-# bf16 is ~3x faster than fp32; on a CPU without bf16 units fp32 would win, so "auto" checks.
+# benchmark/bench_data_generation.py (SmolLM2-135M forward, AMX-BF16 CPU): bf16 1.9x fp32 on a
+# loaded shared box (REFERENCE: ~3.5x idle); on a CPU without bf16 units fp32 wins, so "auto" checks.
 CPU_AUTO_DTYPE = torch.bfloat16
 
 DTYPES = {
