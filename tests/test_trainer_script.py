@@ -118,3 +118,26 @@ def test_ddp_two_cpu_processes_end_with_equal_weights(setup, tmp_path):
     torch.manual_seed(0)
     init = EagleDraft.from_target(root / "target").trainable_state_dict(with_embed=False)
     assert not torch.equal(init["fc.weight"], w0["fc.weight"])
+
+
+def test_nan_loss_exits_with_one_line_and_no_checkpoint(setup, tmp_path, capsys):
+    root, target = setup
+    from modules import storage
+    from tests._helpers_draft import fake_items
+
+    items = fake_items(target, n=4)
+    for it in items:
+        it["hidden_states"] = torch.full_like(it["hidden_states"], float("nan"))
+    (tmp_path / "nan").mkdir()
+    storage.write_shard(tmp_path / "nan", 0, 4, items, skipped={})
+    manifest = json.loads((root / "data" / "manifest.json").read_text())
+    storage.write_manifest(tmp_path / "nan", manifest)
+    main = _train_main()
+    capsys.readouterr()
+    rc = main(["--model", str(root / "target"), "--data", str(tmp_path / "nan"), "--output-dir",
+               str(tmp_path / "o"), "--eval-fraction", "0", *FAST])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error: " in line]  # the rest is the progress bar
+    assert rc == 3 and len(lines) == 1 and "Traceback" not in err
+    assert "loss is nan at step 0" in lines[0] and "last good checkpoint: none" in lines[0]
+    assert not (tmp_path / "o" / "draft").exists()
