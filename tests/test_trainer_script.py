@@ -51,6 +51,9 @@ def test_train_script_from_train_dir_exports_a_loadable_draft(setup):
     assert 0.0 <= summary["eval_top1_acc"] <= 1.0
     assert {"config.json", "model.safetensors", "pytorch_model.bin"} <= set(os.listdir(out / "draft"))
     assert (out / "checkpoint-4" / "model.safetensors").exists()
+    history = json.loads((out / "log_history.json").read_text())
+    assert any("eval_tau_sim" in h for h in history) and any("top1_acc" in h for h in history)
+    assert (out / "training_curves.png").stat().st_size > 10_000
     from modules.draft_loading import load_draft
     draft = load_draft(out / "draft")  # finds the target through config.target_model
     assert torch.equal(draft.lm_head.weight, target.lm_head.weight)

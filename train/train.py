@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 8 train/train.py ...          # DDP (or: accelerate launch train/train.py)
 
 Checkpoints go to OUTPUT_DIR/checkpoint-*; the final draft is exported to OUTPUT_DIR/draft in the
-SGLang/vLLM layout (config.json + model.safetensors) and the official EAGLE one (pytorch_model.bin).
+SGLang/vLLM layout (config.json + model.safetensors) and the official EAGLE one (pytorch_model.bin);
+OUTPUT_DIR/summary.json, log_history.json and training_curves.png describe the run.
 """
 import argparse
 import json
@@ -218,6 +219,9 @@ def main(argv=None):
         except ExportError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+    from modules.training_curves import plot_training_curves, save_log_history
+    save_log_history(trainer.state.log_history, Path(args.output_dir) / "log_history.json")
+    plot_training_curves(trainer.state.log_history, Path(args.output_dir) / "training_curves.png")
     summary = {"steps": result.global_step, "train_loss": round(result.training_loss, 5),
                "train_runtime_s": round(time.time() - t0, 1), **{k: round(v, 4) for k, v in metrics.items()},
                "draft": None if args.no_export else str(out)}

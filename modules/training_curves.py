@@ -1,0 +1,45 @@
+"""Training curves from a Trainer's log_history: loss, top-1 accuracy and simulated tau -> one PNG."""
+import json
+import os
+from pathlib import Path
+
+
+def save_log_history(log_history, path):
+    """log_history (list of dicts) as JSON, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(log_history, indent=1))
+    os.replace(tmp, path)
+
+
+def plot_training_curves(log_history, path, title="EAGLE draft training"):
+    """Three panels: train loss, train/eval top-1 accuracy, eval simulated tau (when logged)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [l for l in log_history if "loss" in l and "step" in l]
+    evals = [l for l in log_history if any(k.endswith("tau_sim") for k in l)]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    axes[0].plot([l["step"] for l in train], [l["loss"] for l in train], label="loss")
+    if train and "reg_loss" in train[0]:
+        axes[0].plot([l["step"] for l in train], [l["reg_loss"] for l in train], label="reg (SmoothL1)")
+    axes[0].set(xlabel="step", ylabel="loss")
+    top1 = [l for l in train if "top1_acc" in l]
+    axes[1].plot([l["step"] for l in top1], [l["top1_acc"] for l in top1], label="train")
+    ev1 = [l for l in evals if "eval_top1_acc" in l]
+    axes[1].plot([l["step"] for l in ev1], [l["eval_top1_acc"] for l in ev1], marker="o", label="eval")
+    axes[1].set(xlabel="step", ylabel="top-1 accuracy")
+    tau_key = lambda l: next(k for k in l if k.endswith("tau_sim"))
+    axes[2].plot([l["step"] for l in evals], [l[tau_key(l)] for l in evals], marker="o", color="C2")
+    axes[2].set(xlabel="step", ylabel="eval simulated tau")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
