@@ -111,6 +111,7 @@ def run_recipe(args):
     t0 = time.time()
     trainer.train()
     wall = time.time() - t0
+    trainer.save_model(str(Path(args.out) / args.recipe / "final"))  # loadable with modules.draft_loading.load_draft
     evals = [l for l in trainer.state.log_history if "eval_tau_sim" in l]
     eval_time = sum(l["eval_runtime"] for l in evals)
     peak = (torch.cuda.max_memory_allocated() if cuda
