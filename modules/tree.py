@@ -24,6 +24,7 @@ class Tree:
     parents: torch.Tensor  # [N] parent index, -1 for the root
     depths: torch.Tensor   # [N] 0 for the root
     anc: torch.Tensor      # [N, N] bool, ancestor-or-self
+    scores: torch.Tensor = None  # [N] cumulative draft log-prob (root 0), when known
 
     @property
     def size(self):
@@ -42,6 +43,7 @@ class CandidatePool:
         self.parents = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
         self.scores = torch.zeros(self.capacity, dtype=torch.float32, device=device)
         self.depths = torch.zeros(self.capacity, dtype=torch.long, device=device)
+        self.eye = torch.eye(top_k, dtype=torch.bool, device=device)  # siblings see only themselves
         self.count = 1
 
     def reset(self, root_token):
@@ -74,7 +76,7 @@ class CandidatePool:
         parents = self.parents[keep].clone()
         parents[1:] = remap[parents[1:]]
         depths = self.depths[keep]
-        return Tree(self.tokens[keep], parents, depths, ancestor_matrix(parents, depths))
+        return Tree(self.tokens[keep], parents, depths, ancestor_matrix(parents, depths), self.scores[keep])
 
 
 def ancestor_matrix(parents, depths):

@@ -288,8 +288,11 @@ class EagleDecoder:
         return torch.multinomial(probs_from_logits(logits, self.temperature), 1, generator=generator)[..., 0]
 
     # -- one tree --
-    def _grow_tree(self, root, h_root, lp_root, n, depth, dcache, dmask, pool, result):
-        """Draft a tree after `root` (whose draft output is h_root [H_d], log-probs lp_root [V_d])."""
+    def _grow_tree(self, root, h_root, lp_root, n, depth, dcache, dmask, pool, slot_anc, result):
+        """Draft a tree after `root` (whose draft output is h_root [H_d], log-probs lp_root [V_d]).
+
+        slot_anc: preallocated [k*depth, k*depth] bool scratch for the ancestry of the tree slots
+        the draft caches this round."""
         k = min(self.top_k, lp_root.shape[-1])
         pool.reset(root)
         top_lp, top_ids = lp_root.topk(k)
@@ -298,8 +301,8 @@ class EagleDecoder:
         front_tokens, front_scores = ids, top_lp
         front_h = h_root.unsqueeze(0).expand(k, -1)
         front_slots = torch.arange(k, device=self.device)
-        slot_anc = torch.zeros(k * depth, k * depth, dtype=torch.bool, device=self.device)
-        eye = torch.eye(k, dtype=torch.bool, device=self.device)
+        slot_anc.zero_()
+        eye = pool.eye[:k, :k]
         for d in range(1, depth):
             # Frontier nodes sit at depth d: draft position n + d - 1, attending to the accepted
             # context, to their ancestors among the slots cached this round, and to themselves.
@@ -351,6 +354,7 @@ class EagleDecoder:
                            self.device, self.target_mask_dtype)
         dmask = MaskBuffer(max(P, max_new + 1, k), P + max_new + k * depth + 1, self.device)
         pool = CandidatePool(depth, k, self.device)
+        slot_anc = torch.zeros(k * depth, k * depth, dtype=torch.bool, device=self.device)
 
         # Prefill: target over the prompt (causal, HF builds the mask), first token, draft catch-up.
         last, hs = self._target(ids, None, None, tcache)
@@ -370,7 +374,7 @@ class EagleDecoder:
             tree_depth = min(depth, self.max_positions - 1 - n)
             if tree_depth < 1:
                 break
-            tree = self._grow_tree(root, h[0, -1], lp[0], n, tree_depth, dcache, dmask, pool, result)
+            tree = self._grow_tree(root, h[0, -1], lp[0], n, tree_depth, dcache, dmask, pool, slot_anc, result)
 
             t = time.perf_counter()
             mask = tmask.tree(n, tree.anc)
