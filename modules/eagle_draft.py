@@ -159,6 +159,8 @@ class EagleDraft(nn.Module):
         Returns out_hidden [B,T,H]; with use_cache=True returns (out_hidden, cache), creating a
         DynamicCache when none was given.
         """
+        if not torch.is_autocast_enabled(hidden_states.device.type):
+            hidden_states = hidden_states.to(self.fc.weight.dtype)  # e.g. bf16 target features, fp32 draft
         inputs_embeds = self.embed_tokens(input_ids).to(hidden_states.dtype)
         x = self.fc(torch.cat((inputs_embeds, hidden_states), dim=-1))
         if use_cache and past_key_values is None:
