@@ -88,22 +88,28 @@ def eagle2_ttt_step(draft, input_ids, hidden_states, cache, mask0, step):
 
 
 @torch.no_grad()
-def target_logprobs(features, head_weight, draft_ids, chunk=1024, argmax_head=None):
+def target_logprobs(features, head_weight, draft_ids=None, chunk=1024, argmax_head=None):
     """(log-probs over the draft vocab [N, Nd] float32, full-vocab argmax [N]) of head(features) [N, H].
 
-    Only the draft-vocab rows of the head are needed for the distribution; the full-vocab logits
-    serve only the argmax (is the target's top token in the draft vocab?), so they may come from a
-    cheaper `argmax_head` (e.g. a bf16 copy; on bf16 CPUs/GPUs that matmul is several times faster).
+    draft_ids None = the full vocabulary (EAGLE-1/2): one matmul serves both. Otherwise only the
+    draft-vocab rows of the head are needed for the distribution; the full-vocab logits serve only
+    the argmax (is the target's top token in the draft vocab?), so they may come from a cheaper
+    `argmax_head` (e.g. a bf16 copy; on bf16 CPUs/GPUs that matmul is several times faster).
     Row chunks keep [N, V] logits from existing at once.
     """
-    rows = head_weight[draft_ids]
+    rows = head_weight if draft_ids is None else head_weight[draft_ids]
     argmax_head = head_weight if argmax_head is None else argmax_head
     logp, top = [], []
     for part in features.split(chunk):
-        top.append((part.to(argmax_head.dtype) @ argmax_head.T).argmax(-1))
-        logp.append(torch.log_softmax((part.to(rows.dtype) @ rows.T).float(), dim=-1))
+        logits = (part.to(rows.dtype) @ rows.T).float()
+        if draft_ids is None:
+            top.append(logits.argmax(-1))
+        else:
+            top.append((part.to(argmax_head.dtype) @ argmax_head.T).argmax(-1))
+        logp.append(torch.log_softmax(logits, dim=-1))
     if not logp:
-        return features.new_zeros(0, len(draft_ids), dtype=torch.float32), features.new_zeros(0, dtype=torch.long)
+        n = head_weight.shape[0] if draft_ids is None else len(draft_ids)
+        return features.new_zeros(0, n, dtype=torch.float32), features.new_zeros(0, dtype=torch.long)
     return torch.cat(logp), torch.cat(top)
 
 
@@ -146,13 +152,13 @@ class TTTTrainer(EagleTrainer):
         return (aux if self.is_eagle3 else last), last
 
     def _draft_ids(self, draft):
+        """(draft ids or None = full vocabulary, t2d mask)."""
         if self.is_eagle3:
             return draft.draft_ids, draft.t2d
-        V = self.target_head.shape[0]
-        return torch.arange(V, device=self.target_head.device), torch.ones(V, dtype=torch.bool, device=self.target_head.device)
+        return None, torch.ones(self.target_head.shape[0], dtype=torch.bool, device=self.target_head.device)
 
     # ---- the unrolled draft ---------------------------------------------------------------------
-    def unroll(self, model, inputs, steps, all_logits=False):
+    def unroll(self, model, inputs, steps):
         """Run `steps` TTT steps. Returns a dict with per-step outputs and the shifted labels."""
         draft = self.draft_module(model)
         dtype = draft.fc.weight.dtype
