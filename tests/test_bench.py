@@ -136,3 +136,13 @@ def test_bench_eagle_sweep(tiny_bench_dirs, tmp_path):
     assert res["best_shape"] in eagle
     assert all(res["summary"][m]["matched_plain"] == 1 for m in res["summary"])
     assert json.loads(out.read_text())["best_shape"] == res["best_shape"]
+
+
+def test_bench_eagle_sampling(tiny_bench_dirs, tmp_path):
+    from benchmark import bench_eagle
+
+    res = bench_eagle.main(["--model", str(tiny_bench_dirs / "target"), "--draft", str(tiny_bench_dirs / "draft"),
+                            "--num-questions", "1", "--turns", "1", "--max-new-tokens", "6", "--temperature", "0.8",
+                            "--out", str(tmp_path / "t.json"), "--threads", "1"])
+    assert all(s["matched_plain"] is None for s in res["summary"].values())
+    assert res["summary"]["eagle"]["tau"] >= 1.0 and res["summary"]["eagle"]["new_tokens"] > 0
