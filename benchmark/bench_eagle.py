@@ -177,8 +177,11 @@ def summarize(records, depth):
         summary[m] = s
         if m == "plain":
             plain_tps = s["tokens_per_s"]
+    lookup_tps = next((s["tokens_per_s"] for m, s in summary.items() if m.startswith("prompt lookup")), None)
     for m, s in summary.items():
         s["speedup"] = round(s["tokens_per_s"] / plain_tps, 3) if plain_tps and s["tokens_per_s"] else None
+        if lookup_tps and s["tokens_per_s"]:
+            s["speedup_vs_prompt_lookup"] = round(s["tokens_per_s"] / lookup_tps, 3)
     return summary
 
 
