@@ -38,7 +38,7 @@ DRAFT_DTYPE = "auto"         # auto: bf16 on GPUs and on CPUs with bf16 units (d
 DEVICE = "auto"
 THREADS = None               # torch threads on CPU (None = torch's default)
 OUT = "benchmark/results/eagle.json"
-SWEEP_SHAPES = [(6, 3, 2), (8, 4, 2), (10, 4, 3), (12, 4, 4), (16, 5, 4), (24, 6, 4), (32, 6, 6)]
+SWEEP_SHAPES = [(4, 3, 1), (6, 3, 2), (8, 4, 2), (10, 4, 3), (12, 4, 4), (16, 5, 4), (24, 6, 4)]  # (total, depth, top_k)
 SEED = 0
 # -------------------------------------------------------------------------------------------
 
