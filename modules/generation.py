@@ -11,7 +11,7 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -255,10 +255,6 @@ def _write_progress_manifest(out_dir: Path, manifest: dict, done: dict, complete
         skipped.update(s["skipped"])
     write_manifest(out_dir, {**manifest, **totals, "skipped": dict(sorted(skipped.items())),
                              "shards": len(done), "complete": complete})
-
-
-def settings_dict(settings: GenerationSettings) -> dict:
-    return asdict(settings)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import allocation
-from _helpers_data import chat_rows, write_jsonl
 from modules.features import target_features
 from modules.storage import EagleDataset
 
