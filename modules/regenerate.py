@@ -142,9 +142,11 @@ def regenerate_rows(rows, generate, system_prompt=None, batch_size=8, progress=T
 
 
 def regenerate_cached(rows, generate, cache_file, system_prompt=None, batch_size=8, progress=True,
-                      chunk_rows=64):
+                      chunk_rows=None):
     """regenerate_rows with a JSONL cache ({"row_id", "row"} per line): rows already in the file
-    are reused, new ones are appended every `chunk_rows` rows (a kill loses at most one chunk)."""
+    are reused, new ones are appended every `chunk_rows` rows (default 4 batches; a kill loses at
+    most one chunk)."""
+    chunk_rows = chunk_rows or 4 * batch_size
     cache_file = Path(cache_file)
     done = {}
     if cache_file.is_file():
