@@ -43,35 +43,6 @@ def training_history(train_dir: Path) -> list[dict]:
     return json.loads(states[-1].read_text())["log_history"] if states else []
 
 
-def plot_training(history: list[dict], png: Path) -> Path | None:
-    """Loss and top-1 accuracy against the step, train and eval."""
-    train = [h for h in history if "loss" in h and "step" in h]
-    evals = [h for h in history if "eval_top1_acc" in h]
-    if not train:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss")
-    ax_loss.set_xlabel("step"), ax_loss.set_ylabel("loss"), ax_loss.set_yscale("log"), ax_loss.legend()
-    if any("top1_acc" in h for h in train):
-        ax_acc.plot([h["step"] for h in train if "top1_acc" in h],
-                    [h["top1_acc"] for h in train if "top1_acc" in h], label="train top-1")
-    if evals:
-        ax_acc.plot([h["step"] for h in evals], [h["eval_top1_acc"] for h in evals], "o-", label="eval top-1")
-    ax_acc.set_xlabel("step"), ax_acc.set_ylabel("top-1 accuracy"), ax_acc.legend()
-    fig.suptitle("EAGLE draft training")
-    fig.tight_layout()
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
-
-
 def _data_section(data: dict) -> list[str]:
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(data["skipped"].items())) or "none"
     per_token = data["bytes"] / max(data["tokens"], 1)
@@ -81,7 +52,7 @@ def _data_section(data: dict) -> list[str]:
             f"- bytes on disk: {_fmt_bytes(data['bytes'])} ({per_token:,.0f} bytes/token)", ""]
 
 
-def _training_section(history: list[dict], summary: dict, png: Path | None) -> list[str]:
+def _training_section(history: list[dict], summary: dict, png: Path | None, out: Path) -> list[str]:
     lines = ["## Training", ""]
     train = [h for h in history if "loss" in h]
     evals = [h for h in history if "eval_top1_acc" in h]
@@ -97,7 +68,7 @@ def _training_section(history: list[dict], summary: dict, png: Path | None) -> l
         lines.append(f"- eval top-1 / top-2 / top-3: {e['eval_top1_acc']:.3f} / {e.get('eval_top2_acc', 0):.3f} / "
                      f"{e.get('eval_top3_acc', 0):.3f}; simulated tau (chain): {e.get('eval_tau_sim', float('nan')):.2f}")
     if png:
-        lines.append(f"- curves: ![training]({png.name})")
+        lines.append(f"- curves: ![training]({os.path.relpath(png, out)})")
     return lines + [""]
 
 
@@ -131,14 +102,19 @@ def write_report(out: Path, stage_seconds: dict[str, float]) -> str:
     history = training_history(out / "train")
     summary_path = out / "train" / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    png = plot_training(history, out / "training_curves.png")
+    png = out / "train" / "training_curves.png"  # drawn by train/train.py
+    if not png.is_file() and history:
+        from modules.training_curves import plot_training_curves
+
+        plot_training_curves(history, png)
+    png = png if png.is_file() else None
     bench_path = out / "benchmark" / "results.json"
     bench = json.loads(bench_path.read_text()) if bench_path.is_file() else {}
 
     lines = ["# EAGLE demo report (embedded SmolLM2-135M-Instruct, ShareGPT, MT-bench)", ""]
     lines += ["## Stage times", ""] + [f"- {k}: {v:.0f} s" for k, v in stage_seconds.items()]
     lines += [f"- total: {sum(stage_seconds.values()):.0f} s", ""]
-    lines += _data_section(data) + _training_section(history, summary, png) + _benchmark_section(bench, out / "benchmark")
+    lines += _data_section(data) + _training_section(history, summary, png, out) + _benchmark_section(bench, out / "benchmark")
     text = "\n".join(lines)
     tmp = out / "report.md.tmp"
     tmp.write_text(text)

@@ -26,7 +26,7 @@ def test_demo_pipeline_end_to_end_and_rerun_skips_finished_stages(tmp_path):
     assert len(manifests) == 2  # one folder per CPU worker
     assert sum(json.loads(m.read_text())["rows_written"] for m in manifests) > 0
     assert (out / "train" / "draft" / "config.json").is_file()
-    assert (out / "training_curves.png").stat().st_size > 0
+    assert (out / "train" / "training_curves.png").stat().st_size > 0
 
     bench = json.loads((out / "benchmark" / "results.json").read_text())["summary"]
     assert set(bench) >= {"plain", "eagle"}
