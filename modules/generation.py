@@ -168,6 +168,39 @@ def _check_resume(out_dir: Path, manifest: dict, blocks) -> dict:
     return done
 
 
+STORE_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def manifest_header(settings: GenerationSettings, tokenizer, config, device, extra_manifest: dict | None = None) -> dict:
+    """The manifest fields fixed by the settings (everything a resumed run must match), from the
+    target's config alone: no weights needed, so a finished folder can be recognised cheaply."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = text.hidden_size
+    store_dtype = STORE_TORCH_DTYPES[settings.dtype]
+    rps = settings.rows_per_shard or auto_rows_per_shard(hidden, settings.max_length, store_dtype,
+                                                         len(settings.aux_layers or []))
+    return {
+        "format": FORMAT, "model": settings.model, "dataset": settings.dataset, "split": settings.split,
+        "chat_template_sha256": chat_template_sha256(tokenizer), "vocab_size": len(tokenizer),
+        "start_row": settings.start, "end_row": settings.end, "hidden_size": hidden, "dtype": settings.dtype,
+        "aux_layers": settings.aux_layers, "max_length": settings.max_length,
+        "system_prompt": settings.system_prompt, "rows_per_shard": rps,
+        "batch_tokens": resolve_batch_tokens(settings.batch_tokens, device),
+        **(extra_manifest or {}),
+    }
+
+
+def finished_manifest(out_dir: Path, header: dict) -> dict | None:
+    """The manifest of a complete folder made with exactly these settings, else None."""
+    try:
+        old = read_manifest(out_dir)
+    except Exception:
+        return None
+    same = all(old.get(k) == header.get(k) for k in RESUME_KEYS)
+    done = sum(int(m.group(2)) - int(m.group(1)) for p in out_dir.iterdir() if (m := SHARD_RE.match(p.name)))
+    return old if same and old.get("complete") and done == header["end_row"] - header["start_row"] else None
+
+
 def generate_folder(model, tokenizer, rows, out_dir, settings: GenerationSettings, progress: bool = True,
                     desc: str = "generate", extra_manifest: dict | None = None) -> dict:
     """Write (or finish) one data folder for rows [settings.start, settings.end); return the manifest."""
@@ -181,21 +214,11 @@ def generate_folder(model, tokenizer, rows, out_dir, settings: GenerationSetting
         raise GenerationError(f"cannot write to out dir {out_dir}: {err.strerror or err}") from None
     if not getattr(tokenizer, "chat_template", None):
         raise GenerationError("the tokenizer has no chat template: pass --chat-template FILE (a Jinja template)")
-    store_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[settings.dtype]
-    hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") \
-        else model.config.hidden_size
-    n_aux = len(settings.aux_layers or [])
-    batch_tokens = resolve_batch_tokens(settings.batch_tokens, next(model.parameters()).device)
-    rps = settings.rows_per_shard or auto_rows_per_shard(hidden, settings.max_length, store_dtype, n_aux)
-    manifest = {
-        "format": FORMAT, "model": settings.model, "dataset": settings.dataset, "split": settings.split,
-        "chat_template_sha256": chat_template_sha256(tokenizer), "vocab_size": len(tokenizer),
-        "start_row": settings.start, "end_row": settings.end, "hidden_size": hidden, "dtype": settings.dtype,
-        "aux_layers": settings.aux_layers, "max_length": settings.max_length,
-        "system_prompt": settings.system_prompt, "rows_per_shard": rps, "batch_tokens": batch_tokens,
-        "target_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        **(extra_manifest or {}),
-    }
+    store_dtype = STORE_TORCH_DTYPES[settings.dtype]
+    device = next(model.parameters()).device
+    manifest = manifest_header(settings, tokenizer, model.config, device, extra_manifest)
+    manifest["target_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    batch_tokens, rps = manifest["batch_tokens"], manifest["rows_per_shard"]
     blocks = shard_blocks(settings.start, settings.end, rps)
     done = _check_resume(out_dir, manifest, blocks)
     _write_progress_manifest(out_dir, manifest, done, complete=len(done) == len(blocks))
@@ -296,7 +319,7 @@ def run_from_args(args, aux_layers_fn=None, rows_fn=None, extra_manifest: dict |
     (they must match on resume, like every other setting).
     """
     from modules.chat_data import dataset_display_name, load_rows
-    from modules.target import load_target_model, load_tokenizer, model_display_name
+    from modules.target import load_target_config, load_target_model, load_tokenizer, model_display_name, pick_device
 
     if args.gpu_index:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, args.gpu_index))
@@ -310,17 +333,25 @@ def run_from_args(args, aux_layers_fn=None, rows_fn=None, extra_manifest: dict |
     tokenizer = load_tokenizer(args.model, args.chat_template)  # cheap checks before the model loads
     if not getattr(tokenizer, "chat_template", None):
         raise GenerationError("the tokenizer has no chat template: pass --chat-template FILE (a Jinja template)")
-    model = load_target_model(args.model, dtype=args.dtype, device=args.device)
-    n_layers = model.config.get_text_config().num_hidden_layers
-    if rows_fn is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rows = rows_fn(rows, model, tokenizer, out_dir)
+    config = load_target_config(args.model)
+    n_layers = config.get_text_config().num_hidden_layers
     settings = GenerationSettings(
         model=model_display_name(args.model), dataset=dataset_display_name(args.dataset), split=args.split,
         start=args.start, end=end, max_length=args.max_length, system_prompt=args.system_prompt,
         dtype=STORE_DTYPES[args.store_dtype], aux_layers=aux_layers_fn(n_layers) if aux_layers_fn else None,
         rows_per_shard=args.rows_per_shard, batch_tokens=args.batch_tokens)
     t0 = time.perf_counter()
+    # A finished folder (e.g. allocation.py rerun after one worker failed) exits without loading weights.
+    header = manifest_header(settings, tokenizer, config, pick_device(args.device), extra_manifest)
+    finished = finished_manifest(out_dir, header) if out_dir.is_dir() else None
+    if finished is not None:
+        print(f"{out_dir} is already complete for these settings: nothing to do")
+        print_summary(out_dir, finished, time.perf_counter() - t0)
+        return finished
+    model = load_target_model(args.model, dtype=args.dtype, device=args.device)
+    if rows_fn is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = rows_fn(rows, model, tokenizer, out_dir)
     manifest = generate_folder(model, tokenizer, rows, out_dir, settings, progress=not args.no_progress,
                                desc=f"rows {args.start}-{end}", extra_manifest=extra_manifest)
     print_summary(out_dir, manifest, time.perf_counter() - t0)

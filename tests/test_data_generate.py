@@ -74,6 +74,9 @@ def test_resume_after_kill_is_bit_identical(tiny, tmp_path, capsys):
     for name in names:
         assert (full / name).read_bytes() == (resumed / name).read_bytes(), name
     assert (full / "manifest.json").read_text() == (resumed / "manifest.json").read_text()
+    # A third run finds the folder complete and stops before loading the weights.
+    code, out, _ = main_in_process(generate_data, gen_cmd(model, data, resumed)[2:], capsys)
+    assert code == 0 and "already complete" in out
 
     m = read_manifest(full)
     assert m["complete"] and m["rows_written"] == 22 and m["skipped"] == {"empty": 1, "unknown_role": 1}
