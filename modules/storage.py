@@ -7,7 +7,7 @@ A data folder is what one generate_data.py run writes for a row slice [start, en
 
 Each shard holds every kept conversation of its rows, packed end to end (no padding):
     input_ids          int32  [N_tok]
-    loss_mask          uint8  [N_tok]          1 = the draft is trained to predict this token
+    loss_mask          uint8  [N_tok]          1 = assistant-reply token or its closing end-of-turn token
     hidden_states      bf16   [N_tok, H]       target's last hidden state (post final norm)
     aux_hidden_states  bf16   [N_tok, k*H]     optional: EAGLE-3 fused low/mid/high features
     offsets            int64  [n_conv + 1]     conversation c = tokens offsets[c]:offsets[c+1]
