@@ -4,7 +4,7 @@ Sources (`--dataset`):
   sharegpt            the embedded ShareGPT V3 file (truncated mid-row: parsed incrementally)
   ultrachat           HuggingFaceH4/ultrachat_200k (split train_sft) through `datasets`
   a .json/.jsonl file rows of {"messages": [...]} or ShareGPT {"conversations": [{"from", "value"}]}
-  any other hub id    the same row shapes through `datasets`
+  a folder / hub id   the same row shapes through `datasets` (json or parquet files)
 Rows are addressed by their index in the source, so a row range means the same rows everywhere.
 Bad rows raise `BadRow(reason)`; the generator skips and counts them per reason.
 """
@@ -141,11 +141,10 @@ def load_rows(dataset: str | None, start: int = 0, end: int | None = None,
     name = dataset_display_name(dataset)
     if name == EMBEDDED_DATASET_NAME:
         rows = iter_json_array(embedded_sharegpt())
-    elif Path(name).expanduser().exists():
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise DatasetError(f"dataset path is not a file: {name}")
-        rows = _local_rows(path)
+    elif Path(name).expanduser().is_file():
+        rows = _local_rows(Path(name).expanduser())
+    elif Path(name).expanduser().is_dir():  # a local dataset folder (json/parquet files): through `datasets`
+        return list(_hub_rows(str(Path(name).expanduser()), split, start, end))
     elif name.endswith((".json", ".jsonl")) or name.startswith((".", "/", "~")):
         raise DatasetError(f"dataset file not found: {name}")
     else:
@@ -177,7 +176,7 @@ def _hub_rows(name: str, split: str | None, start: int, end: int | None):
 def count_rows(dataset: str | None, split: str | None = None) -> int:
     """Number of rows of a dataset (for splitting "to the end" over workers)."""
     name = dataset_display_name(dataset)
-    if name == EMBEDDED_DATASET_NAME or Path(name).expanduser().exists():
+    if name == EMBEDDED_DATASET_NAME or Path(name).expanduser().is_file():
         return sum(1 for _ in load_rows(dataset, 0, None))
     import datasets
 

@@ -56,3 +56,18 @@ def test_local_files_keep_row_numbers(tmp_path):
 def test_embedded_sharegpt_head():
     rows = load_rows(None, 0, 3)
     assert [i for i, _ in rows] == [0, 1, 2] and "conversations" in rows[0][1]
+
+
+def test_dataset_folder_through_datasets(tmp_path):
+    # A local folder of json files goes through `datasets`, the same code path as hub ids (ultrachat, ...).
+    from modules.chat_data import count_rows
+
+    folder = tmp_path / "ultrachat_like"
+    folder.mkdir()
+    rows = [{"prompt": f"q{i}", "messages": [{"role": "user", "content": f"q{i}"},
+                                              {"role": "assistant", "content": f"a{i}"}]} for i in range(5)]
+    write_jsonl(folder / "train.jsonl", rows)
+    got = load_rows(str(folder), 1, 3)
+    assert [i for i, _ in got] == [1, 2]
+    assert row_to_messages(got[0][1]) == rows[1]["messages"]
+    assert count_rows(str(folder)) == 5
