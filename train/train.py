@@ -86,6 +86,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# UsageError, check_data_fits_target, split and training_arguments are also used by
+# train/train_eagle_ttt.py (it loads this file by path): keep their names and signatures.
 class UsageError(RuntimeError):
     """Bad input found before training: printed as one line, exit code 2."""
 
