@@ -104,7 +104,7 @@ def _hf_generate(target, ids, max_new, eos, temperature, **kw):
                                                                                          temperature=None)
     t = time.perf_counter()
     out = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, eos_token_id=eos,
-                          pad_token_id=eos, top_p=None, top_k=None, **sampling, **kw)
+                          pad_token_id=eos, top_p=None, top_k=None, repetition_penalty=None, **sampling, **kw)
     if x.device.type == "cuda":
         torch.cuda.synchronize()
     return out[0, len(ids):].tolist(), time.perf_counter() - t, {}
