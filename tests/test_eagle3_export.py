@@ -1,0 +1,37 @@
+"""EAGLE-3 export: a checkpoint folder re-exported (bf16) loads with the same logits; drafts that do
+not fit the target are refused with one clear line."""
+import json
+
+import pytest
+import torch
+
+from modules.eagle3_draft import Eagle3Draft
+from modules.export_eagle3 import Eagle3ExportError, export_eagle3
+from tests._helpers_eagle3 import VOCAB, tiny_eagle3, tiny_target, tiny_target_config
+
+
+def test_export_checkpoint_in_bf16(tmp_path):
+    target = tiny_target()
+    draft = tiny_eagle3(target)
+    draft.save_pretrained(tmp_path / "ckpt")
+    out = export_eagle3(tmp_path / "ckpt", tmp_path / "export", target=target, dtype=torch.bfloat16)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["dtype"] == "bfloat16"
+    loaded = Eagle3Draft.from_pretrained(out)
+    assert torch.equal(loaded.d2t, draft.d2t) and loaded.t2d.dtype == torch.bool
+    ids, fused = torch.randint(0, VOCAB, (1, 7)), torch.randn(1, 7, 192)
+    torch.testing.assert_close(loaded.compute_logits(loaded(ids, fused)), draft.compute_logits(draft(ids, fused)),
+                               atol=0.05, rtol=0.05)
+
+
+def test_refuses_a_draft_for_another_target(tmp_path):
+    draft = tiny_eagle3()
+    other = tiny_target_config(hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(Eagle3ExportError, match="fc takes 192 features"):
+        export_eagle3(draft, tmp_path / "x", target=other)
+    with torch.no_grad():
+        draft.t2d[1] = True  # marks a token d2t does not map to
+    with pytest.raises(Eagle3ExportError, match="t2d"):
+        export_eagle3(draft, tmp_path / "y", target=tiny_target_config())
+    with pytest.raises(Eagle3ExportError, match="not a draft folder"):
+        export_eagle3(tmp_path / "nothing", tmp_path / "z")
