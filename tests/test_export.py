@@ -44,3 +44,21 @@ def test_export_refuses_a_draft_for_another_target(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "missing layers.0.mlp.up_proj.weight" in r.stderr and "unexpected midlayer.mlp.up_proj.weight" in r.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_export_cli_dispatches_eagle3_checkpoints(tmp_path):
+    """train/export.py on a train_eagle_ttt.py checkpoint writes the SGLang EAGLE-3 layout."""
+    from tests._helpers_eagle3 import tiny_eagle3, tiny_target
+
+    target = tiny_target()
+    target.save_pretrained(tmp_path / "t")
+    tiny_eagle3(target).save_pretrained(tmp_path / "ckpt")
+    r = subprocess.run([sys.executable, "train/export.py", "--checkpoint", str(tmp_path / "ckpt"),
+                        "--out", str(tmp_path / "out"), "--model", str(tmp_path / "t")],
+                       cwd=REPO_ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"]
+    keys = set(load_file(str(tmp_path / "out" / "model.safetensors")))
+    assert {"d2t", "t2d", "norm.weight", "midlayer.self_attn.q_proj.weight"} <= keys
+    assert not (tmp_path / "out" / "pytorch_model.bin").exists()

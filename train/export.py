@@ -1,4 +1,4 @@
-"""Export a trained EAGLE-1/2 draft checkpoint for SGLang, vLLM and the official EAGLE code.
+"""Export a trained draft checkpoint (EAGLE-1/2 or EAGLE-3) for SGLang, vLLM and the official EAGLE code.
 
     python train/export.py --checkpoint outputs/eagle2/checkpoint-400 --out outputs/eagle2/export
 
@@ -30,16 +30,24 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import torch
+    from modules.draft_loading import draft_kind
     from modules.export import ExportError, export_draft
     from modules.target import TargetLoadError
 
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
-        out = export_draft(args.checkpoint, args.out, target=args.model, dtype=dtype)
-    except (ExportError, TargetLoadError, FileNotFoundError, OSError) as err:
+        if draft_kind(args.checkpoint) == "eagle3":  # train_eagle_ttt.py checkpoints: SGLang EAGLE-3 layout
+            from modules.export_eagle3 import export_eagle3
+
+            out = export_eagle3(args.checkpoint, args.out, target=args.model, dtype=dtype)
+            files = "config.json, model.safetensors"
+        else:
+            out = export_draft(args.checkpoint, args.out, target=args.model, dtype=dtype)
+            files = "config.json, model.safetensors, pytorch_model.bin"
+    except (ExportError, ValueError, TargetLoadError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"exported {args.checkpoint} -> {out} (config.json, model.safetensors, pytorch_model.bin)")
+    print(f"exported {args.checkpoint} -> {out} ({files})")
     return 0
 
 
