@@ -47,6 +47,9 @@ def test_offline_ttt_training_and_export(tiny, tmp_path):
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and "eval_step2_acc" in summary and summary["draft_vocab_coverage"] >= 0.9
+    assert (out / "training_curves.png").is_file()
+    history = json.loads((out / "log_history.json").read_text())
+    assert any("step2_acc" in h for h in history)
     draft = load_draft(out / "draft", target_model=model)
     assert isinstance(draft, Eagle3Draft) and draft.aux_layers == [2, 2, 1]
     assert draft.lm_head.out_features < draft.config.vocab_size  # a reduced draft vocabulary

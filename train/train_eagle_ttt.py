@@ -11,7 +11,8 @@ arch). With --online, conversations are read from --dataset, tokenised with the 
 the target computes the features of each batch (modules/features.target_features) on the fly.
 The draft vocabulary is counted from the training conversations' trained tokens before training.
 Checkpoints: OUTPUT_DIR/checkpoint-*; final draft: OUTPUT_DIR/draft (SGLang EAGLE-3 layout, or
-the EAGLE layouts of train/export.py for --arch eagle2).
+the EAGLE layouts of train/export.py for --arch eagle2); summary.json, log_history.json (per-step
+losses/accuracies) and training_curves.png describe the run.
 """
 import argparse
 import json
@@ -266,6 +267,10 @@ def main(argv=None):
     metrics = trainer.evaluate() if eval_ds is not None else {}
     if not trainer.is_world_process_zero():
         return 0
+    from modules.training_curves import plot_training_curves, save_log_history
+    save_log_history(trainer.state.log_history, Path(args.output_dir) / "log_history.json")
+    plot_training_curves(trainer.state.log_history, Path(args.output_dir) / "training_curves.png",
+                         title=f"{args.arch} + TTT ({args.ttt_steps} steps): loss, step-0 accuracy, simulated tau")
     out = Path(args.output_dir) / "draft"
     if not args.no_export:
         if args.arch == "eagle3":
