@@ -54,6 +54,11 @@ def _data_section(data: dict) -> list[str]:
 
 def _training_section(history: list[dict], summary: dict, png: Path | None, out: Path) -> list[str]:
     lines = ["## Training", ""]
+    draft_cfg = out / "train" / "draft" / "config.json"
+    if draft_cfg.is_file():
+        cfg = json.loads(draft_cfg.read_text())
+        vocab = f", draft vocabulary {cfg['draft_vocab_size']:,} tokens" if cfg.get("draft_vocab_size") else ""
+        lines.append(f"- draft: {', '.join(cfg.get('architectures', []))} in {draft_cfg.parent}{vocab}")
     train = [h for h in history if "loss" in h]
     evals = [h for h in history if "eval_top1_acc" in h]
     if summary:
@@ -65,8 +70,11 @@ def _training_section(history: list[dict], summary: dict, png: Path | None, out:
     final_eval = {k: v for k, v in summary.items() if k.startswith("eval_")}
     if evals or final_eval:
         e = final_eval or evals[-1]
-        lines.append(f"- eval top-1 / top-2 / top-3: {e['eval_top1_acc']:.3f} / {e.get('eval_top2_acc', 0):.3f} / "
-                     f"{e.get('eval_top3_acc', 0):.3f}; simulated tau (chain): {e.get('eval_tau_sim', float('nan')):.2f}")
+        accs = [f"{name} {e[f'eval_{name}_acc']:.3f}" for name in ("top1", "top2", "top3") if f"eval_{name}_acc" in e]
+        steps = [f"{e[f'eval_step{k}_acc']:.3f}" for k in range(32) if f"eval_step{k}_acc" in e]
+        lines.append(f"- eval accuracy: {', '.join(accs)}; simulated tau (chain): {e.get('eval_tau_sim', float('nan')):.2f}")
+        if steps:
+            lines.append(f"- eval accuracy per training-time-test step: {' / '.join(steps)}")
     if png:
         lines.append(f"- curves: ![training]({os.path.relpath(png, out)})")
     return lines + [""]
