@@ -43,9 +43,9 @@ test-server: $(SERVER_STAMP)
 	$(PY) -m pytest -q tests/test_regenerate_server.py
 
 DEMO_OUT ?= demo_out
-DEMO_ROWS ?= 300
-DEMO_STEPS ?= 600
-DEMO_QUESTIONS ?= 8
+DEMO_ROWS ?= 600
+DEMO_STEPS ?= 360
+DEMO_QUESTIONS ?= 6
 demo: $(STAMP)
 	$(PY) demo.py --out $(DEMO_OUT) --rows $(DEMO_ROWS) --steps $(DEMO_STEPS) --questions $(DEMO_QUESTIONS)
 

@@ -33,16 +33,17 @@ from modules.paths import REPO_ROOT
 # ----------------------------------------------------------------------------- SETTINGS
 OUT = "demo_out"          # everything the demo writes goes here
 ARCH = "eagle3"           # eagle3 (fused features + TTT + draft vocab) | eagle2 (train/train.py)
-ROWS = 300                # ShareGPT rows turned into training data
+ROWS = 600                # ShareGPT rows turned into training data
 WORKERS = 2               # CPU processes for data generation (threads are split between them)
 MAX_LENGTH = 1024         # tokens per conversation (shorter than the 2048 default: CPU time)
-STEPS = 300               # optimizer steps of draft training
+STEPS = 360               # optimizer steps of draft training (x GRAD_ACCUM conversations each)
 TTT_STEPS = 4             # EAGLE-3 unrolled steps (official 7; each one costs a draft forward)
 BATCH_SIZE = 1
 GRAD_ACCUM = 4
 LR = 3e-4
 QUESTIONS = 6             # MT-bench questions in the benchmark (both turns each)
 MAX_NEW_TOKENS = 96       # tokens generated per turn
+TREE = (8, 4, 2)          # total tokens, depth, top-k: small trees suit a 2-core CPU (bench_eagle.py --sweep)
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 
@@ -60,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--questions", type=int, default=QUESTIONS)
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    p.add_argument("--tree", type=int, nargs=3, default=TREE, metavar=("TOTAL", "DEPTH", "TOP_K"))
     p.add_argument("--eval-fraction", type=float, default=None,
                    help="held-out share of conversations (default: enough for ~10 of them)")
     return p.parse_args(argv)
@@ -85,6 +87,7 @@ def stage_commands(args) -> dict[str, list[str]]:
                   "--resume", "auto"],
         "benchmark": [py, "benchmark/bench_eagle.py", "--draft", str(out / "train" / "draft"),
                       "--num-questions", str(args.questions), "--max-new-tokens", str(args.max_new_tokens),
+                      "--total-tokens", str(args.tree[0]), "--depth", str(args.tree[1]), "--top-k", str(args.tree[2]),
                       "--draft-vocab-data", str(out / "data"),
                       "--out", str(out / "benchmark" / "results.json")],
     }
