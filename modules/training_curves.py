@@ -43,3 +43,15 @@ def plot_training_curves(log_history, path, title="EAGLE draft training"):
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def save_run_outputs(output_dir, log_history, summary, title="EAGLE draft training"):
+    """What a finished run leaves beside its draft: log_history.json, training_curves.png and
+    summary.json (all atomic); prints the summary on one line."""
+    output_dir = Path(output_dir)
+    save_log_history(log_history, output_dir / "log_history.json")
+    plot_training_curves(log_history, output_dir / "training_curves.png", title=title)
+    tmp = output_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, output_dir / "summary.json")
+    print("done: " + ", ".join(f"{k}={v}" for k, v in summary.items()))

@@ -9,7 +9,6 @@ SGLang/vLLM layout (config.json + model.safetensors) and the official EAGLE one 
 OUTPUT_DIR/summary.json, log_history.json and training_curves.png describe the run.
 """
 import argparse
-import json
 import os
 import random
 import sys
@@ -221,14 +220,11 @@ def main(argv=None):
         except ExportError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    from modules.training_curves import plot_training_curves, save_log_history
-    save_log_history(trainer.state.log_history, Path(args.output_dir) / "log_history.json")
-    plot_training_curves(trainer.state.log_history, Path(args.output_dir) / "training_curves.png")
+    from modules.training_curves import save_run_outputs
     summary = {"steps": result.global_step, "train_loss": round(result.training_loss, 5),
                "train_runtime_s": round(time.time() - t0, 1), **{k: round(v, 4) for k, v in metrics.items()},
                "draft": None if args.no_export else str(out)}
-    (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("done: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    save_run_outputs(args.output_dir, trainer.state.log_history, summary)
     return 0
 
 

@@ -15,7 +15,6 @@ the EAGLE layouts of train/export.py for --arch eagle2); summary.json, log_histo
 losses/accuracies) and training_curves.png describe the run.
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -267,10 +266,6 @@ def main(argv=None):
     metrics = trainer.evaluate() if eval_ds is not None else {}
     if not trainer.is_world_process_zero():
         return 0
-    from modules.training_curves import plot_training_curves, save_log_history
-    save_log_history(trainer.state.log_history, Path(args.output_dir) / "log_history.json")
-    plot_training_curves(trainer.state.log_history, Path(args.output_dir) / "training_curves.png",
-                         title=f"{args.arch} + TTT ({args.ttt_steps} steps): loss, step-0 accuracy, simulated tau")
     out = Path(args.output_dir) / "draft"
     if not args.no_export:
         if args.arch == "eagle3":
@@ -282,8 +277,9 @@ def main(argv=None):
                "train_loss": round(result.training_loss, 5), "draft_vocab_coverage": round(covered, 4),
                "train_runtime_s": round(time.time() - t0, 1), **{k: round(v, 4) for k, v in metrics.items()},
                "draft": None if args.no_export else str(out)}
-    (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("done: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    from modules.training_curves import save_run_outputs
+    save_run_outputs(args.output_dir, trainer.state.log_history, summary,
+                     title=f"{args.arch} + TTT ({args.ttt_steps} steps): loss, step-0 accuracy, simulated tau")
     return 0
 
 
