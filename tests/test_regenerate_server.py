@@ -4,7 +4,8 @@ llama-cpp-python's server serving the embedded SmolLM2 GGUF (not a mock).
 llama-cpp-python builds from source: the 0.3.36 wheel took 71 min here (2 shared cores at load ~12,
 built at nice 19), so it is not part of the default test install; this test runs where it is
 installed: `pip install llama-cpp-python==0.3.36` and, --no-deps, the server extras fastapi==0.115.12
-starlette==0.46.2 uvicorn sse-starlette starlette-context pydantic-settings python-dotenv
+starlette==0.46.2 uvicorn==0.54.0 sse-starlette==3.7.0 starlette-context==0.5.1
+pydantic-settings==2.16.3 python-dotenv==1.2.4
 (newer fastapi also needs opentelemetry). Measured run: 2.5 s (server start + 3 short replies)."""
 import importlib.util
 import json
