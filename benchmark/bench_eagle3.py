@@ -124,7 +124,10 @@ def stage_train(args, out, fused, regen):
 
 
 def mean_logged_speed(log_file):
-    """Mean of the trainer's logged tokens_per_s (the first log, with start-up, is left out)."""
+    """Mean of the trainer's logged tokens_per_s (the first log, with start-up, is left out);
+    None when there is no log (a draft put in OUT/<variant>/draft by hand is used as it is)."""
+    if not Path(log_file).is_file():
+        return None
     values = []
     for line in Path(log_file).read_text().splitlines():
         line = line.strip()

@@ -36,6 +36,7 @@ LR = 5e-4                     # short budget: higher than train.py's default
 BATCH_SIZE = 1
 GRAD_ACCUM = 1
 SIM_STEPS = 5
+EVALS_PER_EPOCH = 1           # >1: also evaluate inside epochs (curves from a single long epoch)
 PRECISION = "auto"            # auto: bf16 autocast on CUDA and on CPUs with bf16 units, else fp32
 SEED = 0
 OUT = str(REPO_ROOT / "outputs" / "bench_training")
@@ -55,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--grad-accum", type=int, default=GRAD_ACCUM)
     p.add_argument("--sim-steps", type=int, default=SIM_STEPS)
+    p.add_argument("--evals-per-epoch", type=int, default=EVALS_PER_EPOCH)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=PRECISION)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", default=OUT)
@@ -97,11 +99,14 @@ def run_recipe(args):
     set_seed(args.seed)
     draft = EagleDraft.from_target(args.model)
     cuda = torch.cuda.is_available()
+    # eval_steps < 1 is a fraction of all training steps (transformers' convention)
+    eval_schedule = {"eval_strategy": "epoch"} if args.evals_per_epoch <= 1 else {
+        "eval_strategy": "steps", "eval_steps": 1.0 / (args.epochs * args.evals_per_epoch)}
     targs = EagleTrainingArguments(
         output_dir=str(Path(args.out) / args.recipe), num_train_epochs=args.epochs, learning_rate=args.lr,
         warmup_steps=0.05, min_lr_ratio=0.1, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=1, gradient_accumulation_steps=args.grad_accum, max_grad_norm=0.5,
-        adam_beta2=0.95, bf16=use_bf16(args.precision), use_cpu=not cuda, eval_strategy="epoch",
+        adam_beta2=0.95, bf16=use_bf16(args.precision), use_cpu=not cuda, **eval_schedule,
         save_strategy="no", logging_steps=10, report_to="none", seed=args.seed, disable_tqdm=False,
         sim_steps=args.sim_steps, remove_unused_columns=False, **RECIPES[args.recipe])
     trainer = EagleTrainer(model=draft, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -110,6 +115,9 @@ def run_recipe(args):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     trainer.train()
+    last_eval = [l for l in trainer.state.log_history if "eval_tau_sim" in l][-1:]
+    if not last_eval or last_eval[0]["step"] != trainer.state.global_step:
+        trainer.evaluate()  # the step schedule can stop short of the last step; always end with an eval
     wall = time.time() - t0
     trainer.save_model(str(Path(args.out) / args.recipe / "final"))  # loadable with modules.draft_loading.load_draft
     evals = [l for l in trainer.state.log_history if "eval_tau_sim" in l]
@@ -136,7 +144,7 @@ def print_table(results):
           f"{ours['epochs']} epochs; {'bf16 autocast' if ours['bf16'] else 'fp32'}")
     print(f"{'epoch':>5} | {'top-1 ours':>10} {'top-1 BaldEagle':>15} | {'tau ours':>8} {'tau BaldEagle':>13}")
     for a, b in zip(ours["per_epoch"], bald["per_epoch"]):
-        print(f"{a['epoch']:>5.1f} | {a['eval_top1_acc']:>10.3f} {b['eval_top1_acc']:>15.3f} | "
+        print(f"{a['epoch']:>5.2f} | {a['eval_top1_acc']:>10.3f} {b['eval_top1_acc']:>15.3f} | "
               f"{a['eval_tau_sim']:>8.3f} {b['eval_tau_sim']:>13.3f}")
     for name, r in (("ours", ours), ("BaldEagle", bald)):
         print(f"{name:>10}: {r['train_tokens_per_s']:,.0f} train tokens/s, peak memory "

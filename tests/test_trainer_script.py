@@ -144,3 +144,24 @@ def test_nan_loss_exits_with_one_line_and_no_checkpoint(setup, tmp_path, capsys)
     assert rc == 3 and len(lines) == 1 and "Traceback" not in err
     assert "loss is nan at step 0" in lines[0] and "last good checkpoint: none" in lines[0]
     assert not (tmp_path / "o" / "draft").exists()
+
+
+def test_training_benchmark_runs_both_recipes_with_in_epoch_evals(setup, tmp_path):
+    """benchmark/bench_training.py end to end: two recipes in their own processes, evals inside the
+    epoch (the schedule always ends with one at the last step), table, results.json and PNG."""
+    root, _ = setup
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "benchmark" / "bench_training.py"),
+                        "--model", str(root / "target"), "--data", str(root / "data"),
+                        "--train-conversations", "5", "--eval-conversations", "2", "--max-length", "32",
+                        "--epochs", "1", "--evals-per-epoch", "2", "--sim-steps", "2", "--precision", "fp32",
+                        "--out", str(out)], capture_output=True, text=True, env=_env(), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"ours", "baldeagle"}
+    for res in results.values():
+        assert res["train_conversations"] == 5 and res["eval_conversations"] == 2
+        assert [round(e["epoch"], 1) for e in res["per_epoch"]] == [0.6, 1.0]  # 5 steps: evals at 3 and 5
+        assert res["train_tokens_per_s"] > 0 and res["peak_memory_gb"] > 0
+    assert (out / "bench_training.png").stat().st_size > 1000
+    assert "top-1 ours" in r.stdout and "BaldEagle" in r.stdout
