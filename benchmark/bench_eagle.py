@@ -201,6 +201,8 @@ def plot(summary, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from modules.training_curves import save_figure
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     names = list(summary)
     axes[0].bar(names, [summary[m]["tokens_per_s"] or 0 for m in names], color="tab:blue")
@@ -223,10 +225,7 @@ def plot(summary, path, title):
         axes[1].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = str(path) + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 # ---- main ----------------------------------------------------------------------------------

@@ -223,6 +223,8 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from modules.training_curves import save_figure
+
     vs = [v for v in result["variants"] if v in result["decode"]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     taus = [result["decode"][v]["tau"] for v in vs]
@@ -238,10 +240,7 @@ def plot(result, path):
     fig.suptitle(f"SmolLM2-135M, {result['settings']['rows']} rows x {result['settings']['max_length']} tokens, "
                  f"{result['settings']['epochs']} epochs, TTT {result['settings']['ttt_steps']} steps")
     fig.tight_layout()
-    tmp = str(path) + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv=None):

@@ -12,7 +12,6 @@ and saves a PNG.
 """
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modules.paths import DEFAULT_DATA_DIR, REPO_ROOT  # noqa: E402
+from modules.storage import atomic_write_text  # noqa: E402
 
 # ----------------------------------------------------------------------------- SETTINGS
 DATA = str(DEFAULT_DATA_DIR)
@@ -134,7 +134,7 @@ def run_recipe(args):
         "peak_memory_gb": peak / 2**30, "peak_memory_kind": "cuda allocated" if cuda else "process RSS",
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"{args.recipe}.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(Path(args.out) / f"{args.recipe}.json", json.dumps(result, indent=2))
 
 
 def print_table(results):
@@ -157,6 +157,8 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from modules.training_curves import save_figure
+
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for name, r in results.items():
         ep = [e["epoch"] for e in r["per_epoch"]]
@@ -168,7 +170,7 @@ def plot(results, path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -195,7 +197,7 @@ def main(argv=None):
     print_table(results)
     png = Path(args.out) / "bench_training.png"
     plot(results, png)
-    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(Path(args.out) / "results.json", json.dumps(results, indent=2))
     print(f"saved {png} and {Path(args.out) / 'results.json'}")
     return 0
 

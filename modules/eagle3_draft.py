@@ -20,12 +20,11 @@ target_hidden_size, eagle_config.eagle_aux_hidden_state_layer_ids) + model.safet
 fc.weight, midlayer.*, norm.weight, lm_head.weight, d2t, t2d (+ embed_tokens.weight).
 """
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig
 from transformers.activations import ACT2FN
@@ -36,6 +35,7 @@ from transformers.models.llama.modeling_llama import (
 
 from modules import ttt_attention
 from modules.draft_vocab import build_mappings
+from modules.storage import save_draft_folder
 
 EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
 WEIGHTS_NAME = "model.safetensors"
@@ -269,21 +269,14 @@ class Eagle3Draft(nn.Module):
 
     def save_pretrained(self, out_dir, with_embed=True, dtype=None):
         """config.json + model.safetensors in the SGLang EAGLE-3 layout, written atomically."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         sd = self.serving_state_dict(with_embed=with_embed)
         if dtype is not None:  # only float tensors; d2t / t2d keep int64 / bool
             sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-        tmp = out_dir / (WEIGHTS_NAME + ".tmp")
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out_dir / WEIGHTS_NAME)
         cfg = self.config.to_dict()
         cfg["architectures"] = [EAGLE3_ARCHITECTURE]
         cfg.pop("_attn_implementation_autoset", None)
         cfg["dtype"] = str(dtype or self.fc.weight.dtype).replace("torch.", "")
-        tmp = out_dir / "config.json.tmp"
-        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        os.replace(tmp, out_dir / "config.json")
+        save_draft_folder(out_dir, sd, cfg, WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, draft_dir, target=None, dtype=torch.float32, **_):

@@ -16,17 +16,17 @@ The lm_head is never saved: `from_pretrained(dir, target=...)` re-attaches it fr
 """
 import copy
 import importlib
-import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoConfig
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+from modules.storage import save_draft_folder
 
 EAGLE_ARCHITECTURE = "LlamaForCausalLMEagle"
 WEIGHTS_NAME = "model.safetensors"
@@ -200,23 +200,16 @@ class EagleDraft(nn.Module):
 
     def save_pretrained(self, out_dir, with_embed=True, dtype=None):
         """Write config.json + model.safetensors (SGLang/vLLM EAGLE layout), atomically."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         sd = self.trainable_state_dict(with_embed=with_embed)
         if dtype is not None:
             sd = {k: v.to(dtype) for k, v in sd.items()}
-        tmp = out_dir / (WEIGHTS_NAME + ".tmp")
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out_dir / WEIGHTS_NAME)
         cfg = self.config.to_dict()
         cfg["architectures"] = [EAGLE_ARCHITECTURE]
         cfg["num_hidden_layers"] = 1
         cfg.pop("_attn_implementation_autoset", None)
         if dtype is not None:
             cfg["dtype"] = str(dtype).replace("torch.", "")
-        tmp = out_dir / "config.json.tmp"
-        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        os.replace(tmp, out_dir / "config.json")
+        save_draft_folder(out_dir, sd, cfg, WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, draft_dir, target=None, attn_implementation="sdpa", dtype=torch.float32):

@@ -10,13 +10,13 @@ Before writing, the keys and shapes are checked against the target's config: a d
 target (hidden size, vocab, heads, intermediate size) is refused with the differences listed.
 """
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from modules.eagle_draft import EAGLE_ARCHITECTURE, WEIGHTS_NAME, EagleDraft, make_draft_config
+from modules.storage import atomic_write
 
 OFFICIAL_WEIGHTS_NAME = "pytorch_model.bin"
 
@@ -63,12 +63,6 @@ def serving_config(cfg: dict, bias: bool) -> dict:
     return cfg
 
 
-def _atomic(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def export_draft(draft, out_dir, target=None, dtype=None):
     """Write a draft (an EagleDraft or a checkpoint folder) in both layouts to out_dir.
 
@@ -102,8 +96,8 @@ def export_draft(draft, out_dir, target=None, dtype=None):
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / WEIGHTS_NAME, lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
     # the official loader reads only a torch .bin; a plain dict of tensors (loads with weights_only=True)
-    _atomic(out / OFFICIAL_WEIGHTS_NAME, lambda p: torch.save(sd, str(p)))
-    _atomic(out / "config.json", lambda p: p.write_text(json.dumps(serving_config(cfg, bias), indent=2, sort_keys=True)))
+    atomic_write(out / OFFICIAL_WEIGHTS_NAME, lambda p: torch.save(sd, str(p)))
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(serving_config(cfg, bias), indent=2, sort_keys=True)))
     return out

@@ -1,15 +1,21 @@
 """Training curves from a Trainer's log_history: loss, top-1 accuracy and simulated tau -> one PNG."""
 import json
-import os
 from pathlib import Path
+
+from modules.storage import atomic_write, atomic_write_text
 
 
 def save_log_history(log_history, path):
     """log_history (list of dicts) as JSON, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(log_history, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(Path(path), json.dumps(log_history, indent=1))
+
+
+def save_figure(fig, path, dpi=110):
+    """Save a matplotlib figure as PNG atomically (a killed run never leaves half an image) and close it."""
+    import matplotlib.pyplot as plt
+
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    plt.close(fig)
 
 
 def plot_training_curves(log_history, path, title="EAGLE draft training"):
@@ -39,10 +45,7 @@ def plot_training_curves(log_history, path, title="EAGLE draft training"):
     axes[1].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def save_run_outputs(output_dir, log_history, summary, title="EAGLE draft training"):
@@ -51,7 +54,5 @@ def save_run_outputs(output_dir, log_history, summary, title="EAGLE draft traini
     output_dir = Path(output_dir)
     save_log_history(log_history, output_dir / "log_history.json")
     plot_training_curves(log_history, output_dir / "training_curves.png", title=title)
-    tmp = output_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, output_dir / "summary.json")
+    atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
     print("done: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
