@@ -85,7 +85,7 @@ def run_recipe(args):
     from modules.storage import EagleDataset
     from modules.trainer import EagleTrainer, EagleTrainingArguments
 
-    ds = EagleDataset(args.data)
+    ds = EagleDataset(args.data, read_aux=False)
     idx = list(range(len(ds)))
     random.Random(args.seed).shuffle(idx)
     eval_idx = idx[: args.eval_conversations]

@@ -226,8 +226,11 @@ class EagleDataset(torch.utils.data.Dataset):
               ["aux_hidden_states": Tensor[T,k*H]], "row_id": int}
     """
 
-    def __init__(self, dirs):
+    def __init__(self, dirs, read_aux=True):
+        """read_aux=False: leave fused features on disk (EAGLE-1/2 training needs only the last
+        hidden state; reading them would touch ~4x the pages of the memory map)."""
         self.folders = find_data_folders(dirs)
+        self._read_aux_wanted = read_aux
         self.manifests = [read_manifest(f) for f in self.folders]
         self._check_compatible()
         self.shards: list[Path] = []
@@ -262,6 +265,7 @@ class EagleDataset(torch.utils.data.Dataset):
         self.model_name = first["model"]
         self.aux_layers = first.get("aux_layers")
         self.has_aux = bool(self.aux_layers)
+        self.read_aux = self.has_aux and self._read_aux_wanted
 
     @staticmethod
     def _read_index(path: Path):
@@ -306,7 +310,7 @@ class EagleDataset(torch.utils.data.Dataset):
             "hidden_states": f.get_slice("hidden_states")[a:b],
             "row_id": int(self.row_ids[i]),
         }
-        if self.has_aux:
+        if self.read_aux:
             item["aux_hidden_states"] = f.get_slice("aux_hidden_states")[a:b]
         return item
 

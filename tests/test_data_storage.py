@@ -41,6 +41,10 @@ def test_round_trip_bit_exact(tmp_path, aux):
         assert ("aux_hidden_states" in item) == aux
         if aux:
             assert torch.equal(item["aux_hidden_states"], c["aux_hidden_states"])
+    # EAGLE-1/2 training reads the same folder without touching the fused features
+    last_only = EagleDataset(tmp_path, read_aux=False)
+    assert last_only.has_aux == aux and all("aux_hidden_states" not in item for item in last_only)
+    assert torch.equal(last_only[1]["hidden_states"], convs[1]["hidden_states"])
     s = summarize_shards(tmp_path)
     assert (s["rows_written"], s["tokens"], s["shards"]) == (3, 13, 3)
     assert s["skipped"] == {"empty": 5, "no_assistant_reply": 1}

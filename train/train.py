@@ -171,7 +171,7 @@ def main(argv=None):
 
     t0 = time.time()
     try:
-        ds = EagleDataset(args.data)
+        ds = EagleDataset(args.data, read_aux=False)
         display = model_display_name(args.model)
         cfg = target_config(args.model)
         check_data_fits_target(ds, cfg, display, args.allow_other_model)

@@ -221,7 +221,7 @@ def main(argv=None):
             ds, target = online_data(args)
             aux_layers = args.aux_layers or default_aux_layers(cfg.num_hidden_layers)
         else:
-            ds = EagleDataset(args.data)
+            ds = EagleDataset(args.data, read_aux=args.arch == "eagle3")
             check_data_fits_target(ds, cfg, display, args.allow_other_model)
             aux_layers = ds.aux_layers
             if args.arch == "eagle3" and not ds.has_aux:
