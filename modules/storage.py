@@ -20,6 +20,7 @@ and a rerun continues from the first missing one. The format is readable with `s
 import json
 import os
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -29,6 +30,9 @@ FORMAT = "eagle-data-v1"
 MANIFEST = "manifest.json"
 SHARD_RE = re.compile(r"^shard-(\d{8})-(\d{8})\.safetensors$")
 SHARD_KEYS = ("input_ids", "loss_mask", "hidden_states", "offsets", "row_ids")
+# Memory-mapped shards a reader keeps open at once (per process: each DataLoader worker has its own).
+# Linux allows 65,530 maps per process by default; a large data set has tens of thousands of shards.
+MAX_OPEN_SHARDS = 64
 
 
 class DataFormatError(RuntimeError):
@@ -226,9 +230,14 @@ class EagleDataset(torch.utils.data.Dataset):
               ["aux_hidden_states": Tensor[T,k*H]], "row_id": int}
     """
 
-    def __init__(self, dirs, read_aux=True):
+    def __init__(self, dirs, read_aux=True, max_open_shards=MAX_OPEN_SHARDS):
         """read_aux=False: leave fused features on disk (EAGLE-1/2 training needs only the last
-        hidden state; reading them would touch ~4x the pages of the memory map)."""
+        hidden state; reading them would touch ~4x the pages of the memory map).
+        max_open_shards: memory maps kept open at once; the least recently read shard is closed
+        when one more is needed."""
+        if max_open_shards < 1:
+            raise ValueError(f"max_open_shards must be >= 1, got {max_open_shards}")
+        self.max_open_shards = max_open_shards
         self.folders = find_data_folders(dirs)
         self._read_aux_wanted = read_aux
         self.manifests = [read_manifest(f) for f in self.folders]
@@ -252,7 +261,8 @@ class EagleDataset(torch.utils.data.Dataset):
         self._start = torch.cat(starts)
         self._end = torch.cat(ends)
         self.row_ids = torch.cat(row_ids)
-        self._handles = {}
+        self._handles = OrderedDict()  # shard index -> open safe_open handle, least recently read first
+        self._pid = os.getpid()
 
     def _check_compatible(self):
         first = self.manifests[0]
@@ -292,11 +302,19 @@ class EagleDataset(torch.utils.data.Dataset):
         return self._end - self._start
 
     def _open(self, k: int):
-        # One lazily opened memory map per shard and process (DataLoader workers reopen theirs).
-        key = (os.getpid(), k)
-        if key not in self._handles:
-            self._handles[key] = safe_open(str(self.shards[k]), framework="pt")
-        return self._handles[key]
+        """The open handle of shard k: at most max_open_shards memory maps per process, least
+        recently read closed first. A forked DataLoader worker drops the maps it inherited and
+        opens its own."""
+        if self._pid != os.getpid():
+            self._handles, self._pid = OrderedDict(), os.getpid()
+        f = self._handles.get(k)
+        if f is not None:
+            self._handles.move_to_end(k)
+            return f
+        while len(self._handles) >= self.max_open_shards:
+            self._handles.popitem(last=False)  # the last reference: the map is closed here
+        f = self._handles[k] = safe_open(str(self.shards[k]), framework="pt")
+        return f
 
     def __getitem__(self, i: int) -> dict:
         if not -len(self) <= i < len(self):
@@ -316,5 +334,9 @@ class EagleDataset(torch.utils.data.Dataset):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_handles"] = {}  # open files do not pickle (spawned DataLoader workers)
+        state["_handles"] = OrderedDict()  # open maps do not travel: each worker opens its own
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pid = os.getpid()

@@ -36,13 +36,16 @@ SIM_STEPS = 5             # chain length of the simulated acceptance length
 W_REG, W_CLS = 1.0, 0.1   # SmoothL1 feature loss, soft cross-entropy weights
 NOISE_STD = 0.2           # uniform noise on input features (EAGLE)
 DETACH_CLS = False        # True = BaldEagle recipe (CE term gives no gradient)
-BIAS = True               # fc bias (official LLaMA-2 drafts and BaldEagle have it)
+BIAS = False              # fc bias: vLLM 0.32 builds fc without one (drops it), so none by default (modules/engines.py)
 GRAD_CLIP = 0.5
 PRECISION = "auto"        # auto: bf16 autocast on CUDA and on CPUs with bf16 units (~1.8x faster), else fp32
 ATTN = "auto"             # auto (flash_attention_2 on CUDA when installed, else sdpa) | sdpa | eager | flash_attention_2
 LOGGING_STEPS = 10
 SAVE_STEPS = 200
+SAVE_TOTAL_LIMIT = 2      # checkpoints kept (older ones deleted); 0 = keep all
 EVAL_STEPS = None         # None = at the end of every epoch
+DATALOADER_WORKERS = None  # processes reading the shards per rank; None = 2 on GPU, 0 on CPU (cores compute)
+PREFETCH_FACTOR = 2       # batches each worker prepares ahead (with workers > 0)
 REPORT_TO = "none"        # none | tensorboard | wandb
 SEED = 0
 # ----------------------------------------------------------------------------- end of SETTINGS
@@ -74,7 +77,11 @@ def parse_args(argv=None):
     p.add_argument("--attn", default=ATTN)
     p.add_argument("--logging-steps", type=int, default=LOGGING_STEPS)
     p.add_argument("--save-steps", type=int, default=SAVE_STEPS)
+    p.add_argument("--save-total-limit", type=int, default=SAVE_TOTAL_LIMIT, help="checkpoints kept; 0 = all")
     p.add_argument("--eval-steps", type=int, default=EVAL_STEPS)
+    p.add_argument("--dataloader-workers", type=int, default=DATALOADER_WORKERS,
+                   help="data reading processes per rank (default: 2 on GPU, 0 on CPU)")
+    p.add_argument("--prefetch-factor", type=int, default=PREFETCH_FACTOR, help="batches per worker read ahead")
     p.add_argument("--report-to", default=REPORT_TO)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--resume", default=None, help="checkpoint folder, or 'auto' = the last one in --output-dir")
@@ -125,6 +132,9 @@ def training_arguments(args, has_eval):
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun / accelerate launch
     from modules.target import cpu_has_fast_bf16
     bf16 = args.precision == "bf16" or (args.precision == "auto" and (cuda or cpu_has_fast_bf16()))
+    # Workers read the memory-mapped shards (each opens its own maps) while the GPU trains; on CPU
+    # the cores are busy with the training itself.
+    workers = args.dataloader_workers if args.dataloader_workers is not None else (2 if cuda else 0)
     return EagleTrainingArguments(
         output_dir=args.output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
         learning_rate=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup,
@@ -134,10 +144,11 @@ def training_arguments(args, has_eval):
         ddp_backend="gloo" if not cuda and distributed else None, ddp_find_unused_parameters=False,
         w_reg=args.w_reg, w_cls=args.w_cls, noise_std=args.noise_std, detach_cls_pred=args.detach_cls,
         sim_steps=args.sim_steps, logging_steps=args.logging_steps, save_strategy="steps",
-        save_steps=args.save_steps,
+        save_steps=args.save_steps, save_total_limit=args.save_total_limit or None,
         eval_strategy=("no" if not has_eval else "steps" if args.eval_steps else "epoch"),
         eval_steps=args.eval_steps, report_to=args.report_to, seed=args.seed,
-        dataloader_num_workers=0, remove_unused_columns=False,
+        dataloader_num_workers=workers, dataloader_prefetch_factor=args.prefetch_factor if workers else None,
+        dataloader_persistent_workers=workers > 0, remove_unused_columns=False,
     )
 
 

@@ -47,7 +47,10 @@ GRAD_CLIP = 0.5
 PRECISION = "auto"
 LOGGING_STEPS = 10
 SAVE_STEPS = 200
+SAVE_TOTAL_LIMIT = 2      # checkpoints kept (older ones deleted); 0 = keep all
 EVAL_STEPS = None
+DATALOADER_WORKERS = None  # processes reading the shards per rank; None = 2 on GPU, 0 on CPU
+PREFETCH_FACTOR = 2       # batches each worker prepares ahead (with workers > 0)
 REPORT_TO = "none"
 SEED = 0
 # online training only
@@ -95,7 +98,11 @@ def parse_args(argv=None):
     a("--precision", choices=["auto", "bf16", "fp32"], default=PRECISION)
     a("--logging-steps", type=int, default=LOGGING_STEPS)
     a("--save-steps", type=int, default=SAVE_STEPS)
+    a("--save-total-limit", type=int, default=SAVE_TOTAL_LIMIT, help="checkpoints kept; 0 = all")
     a("--eval-steps", type=int, default=EVAL_STEPS)
+    a("--dataloader-workers", type=int, default=DATALOADER_WORKERS,
+      help="data reading processes per rank (default: 2 on GPU, 0 on CPU)")
+    a("--prefetch-factor", type=int, default=PREFETCH_FACTOR, help="batches per worker read ahead")
     a("--report-to", default=REPORT_TO)
     a("--seed", type=int, default=SEED)
     a("--resume", default=None, help="checkpoint folder, or 'auto' = the last one in --output-dir")
