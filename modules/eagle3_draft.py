@@ -249,8 +249,8 @@ class Eagle3Draft(nn.Module):
         B, T = input_ids.shape
         position_ids = torch.arange(step, step + T, device=g.device).unsqueeze(0)
         pos_emb = self.rotary_emb(g, position_ids)
-        attn = self.midlayer.self_attn
-        return self.midlayer(embeds, g, lambda x2: ttt_attention.run_attention(attn, x2, pos_emb, cache, mask0))
+        attn, impl = self.midlayer.self_attn, ttt_attention.implementation(self.config)
+        return self.midlayer(embeds, g, lambda x2: ttt_attention.run_attention(attn, x2, pos_emb, cache, mask0, impl))
 
     def compute_logits(self, h):
         """Logits over the DRAFT vocabulary [.., draft_vocab_size]."""

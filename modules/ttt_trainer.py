@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from modules.trainer import EagleTrainer, EagleTrainingArguments, add_uniform_noise, soft_cross_entropy
 from modules.ttt_attention import TTTCache, run_attention, step0_mask
+from modules.ttt_attention import implementation as ttt_attention_implementation
 
 
 @dataclass
@@ -83,7 +84,8 @@ def eagle2_ttt_step(draft, input_ids, hidden_states, cache, mask0, step):
     layer = draft.layers[0]
     pos = torch.arange(step, step + x.shape[1], device=x.device).unsqueeze(0)
     pos_emb = draft.rotary_emb(x, pos)
-    x = x + run_attention(layer.self_attn, layer.input_layernorm(x), pos_emb, cache, mask0)
+    impl = ttt_attention_implementation(draft.config)
+    x = x + run_attention(layer.self_attn, layer.input_layernorm(x), pos_emb, cache, mask0, impl)
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
