@@ -109,3 +109,19 @@ def test_regenerated_data(tiny, tmp_path):
         replies = [m["content"] for m in new["messages"] if m["role"] == "assistant"]
         old = [t["value"] for t in orig["conversations"] if t["from"] == "gpt"]
         assert replies != old[:len(replies)]
+
+
+@pytest.mark.parametrize("attn, expected", [("eager", "eager"), ("auto", "sdpa")])
+def test_attn_flag_chooses_the_ttt_attention(tiny, tmp_path, monkeypatch, attn, expected):
+    from modules import ttt_attention
+    calls = {"eager": 0, "sdpa": 0}
+    for impl, name in (("eager", "ttt_scores_softmax_output"), ("sdpa", "ttt_sdpa_output")):
+        def counted(*a, _f=getattr(ttt_attention, name), _impl=impl, **kw):
+            calls[_impl] += 1
+            return _f(*a, **kw)
+        monkeypatch.setattr(ttt_attention, name, counted)
+    rc = train_eagle_ttt.main(["--model", tiny[1], "--data", str(tiny[3]), "--output-dir", str(tmp_path / "run"),
+                               "--max-steps", "1", "--ttt-steps", "2", "--eval-fraction", "0", "--grad-accum", "1",
+                               "--attn", attn, "--no-export"])
+    assert rc == 0
+    assert calls[expected] > 0 and sum(calls.values()) == calls[expected], calls

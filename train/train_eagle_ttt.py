@@ -45,6 +45,8 @@ SIM_STEPS = 5
 W_REG, W_CLS, NOISE_STD = None, None, None  # None = per arch: eagle3 (0, 1, 0), eagle2 (1, 0.1, 0.2)
 GRAD_CLIP = 0.5
 PRECISION = "auto"
+ATTN = "auto"             # TTT attention: eager = the reference ([heads, T, T] scores per step); anything else
+                          # (auto, sdpa, flash_attention_2) = SDPA kernels, no T x T matrix (modules/ttt_attention.py)
 LOGGING_STEPS = 10
 SAVE_STEPS = 200
 SAVE_TOTAL_LIMIT = 2      # checkpoints kept (older ones deleted); 0 = keep all
@@ -96,6 +98,7 @@ def parse_args(argv=None):
     a("--bias", action=argparse.BooleanOptionalAction, default=True, help="fc bias (eagle2 arch)")
     a("--grad-clip", type=float, default=GRAD_CLIP)
     a("--precision", choices=["auto", "bf16", "fp32"], default=PRECISION)
+    a("--attn", default=ATTN, help="auto | sdpa | eager | flash_attention_2 (TTT attention: eager or SDPA)")
     a("--logging-steps", type=int, default=LOGGING_STEPS)
     a("--save-steps", type=int, default=SAVE_STEPS)
     a("--save-total-limit", type=int, default=SAVE_TOTAL_LIMIT, help="checkpoints kept; 0 = all")
@@ -123,7 +126,6 @@ def parse_args(argv=None):
     for k, v in ARCH_DEFAULTS[args.arch].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.attn = "sdpa"
     args.detach_cls = False
     return args
 
@@ -246,6 +248,7 @@ def main(argv=None):
             draft = EagleDraft.from_target(args.model, bias=args.bias)
             draft.config.target_model = display
             target_head, covered = None, 1.0
+        draft.config._attn_implementation = train_py().pick_attention(args.attn)
         targs = ttt_arguments(args, eval_ds is not None)
         resume = args.resume
         if resume == "auto":
