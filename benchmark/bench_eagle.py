@@ -276,7 +276,7 @@ def main(argv=None):
     def decoder_for(total, depth, k):
         try:
             return EagleDecoder(target, adapter, total_tokens=total, depth=depth, top_k=k,
-                                temperature=args.temperature)
+                                temperature=args.temperature, timing=True)  # the report splits draft / target time
         except ValueError as e:
             sys.exit(f"error: {e}")
 

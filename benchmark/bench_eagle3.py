@@ -202,7 +202,7 @@ def stage_decode(args, out):
     methods = [("plain", run_plain, {})]
     for v in args.variants:
         draft = load_draft(out / v / "draft", target_model=target, dtype=target.dtype).eval()
-        methods.append((v, run_eagle, {"decoder": EagleDecoder(target, draft, total_tokens=total, depth=depth, top_k=k)}))
+        methods.append((v, run_eagle, {"decoder": EagleDecoder(target, draft, total_tokens=total, depth=depth, top_k=k, timing=True)}))
     warm = prompt_ids(tokenizer, conversation(["Say hello."], []))
     for _, fn, kw in methods:
         fn(target, warm, 8, eos, **kw)

@@ -16,7 +16,7 @@ the draft's own previous output [B,T,h] (chosen by width, or forced with `fused=
 
 Saved layout (SGLang `LlamaForCausalLMEagle3`, vLLM `Eagle3LlamaForCausalLM`, specforge):
 config.json (LlamaConfig, architectures ["LlamaForCausalLMEagle3"], draft_vocab_size,
-target_hidden_size, eagle_config.eagle_aux_hidden_state_layer_ids) + model.safetensors with
+target_hidden_size, capture layer fields per engine: modules/engines.py) + model.safetensors with
 fc.weight, midlayer.*, norm.weight, lm_head.weight, d2t, t2d (+ embed_tokens.weight).
 """
 import json
@@ -33,7 +33,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb, repeat_kv,
 )
 
-from modules import ttt_attention
+from modules import engines, ttt_attention
 from modules.draft_vocab import build_mappings
 from modules.storage import save_draft_folder
 
@@ -66,11 +66,21 @@ def make_eagle3_config(target_config, draft_vocab_size, aux_layers, target_model
     cfg.architectures = [EAGLE3_ARCHITECTURE]
     cfg.draft_vocab_size = int(draft_vocab_size)
     cfg.target_hidden_size = t.hidden_size
-    cfg.eagle_config = {"eagle_aux_hidden_state_layer_ids": [int(i) for i in aux_layers]}
+    cfg.target_num_hidden_layers = t.num_hidden_layers
+    # In memory and in checkpoints: our ids (HF hidden_states index, = vLLM's convention) in the
+    # order the data fused them. Exports write each engine's convention (modules/engines.py).
+    cfg.eagle_aux_hidden_state_layer_ids = [int(i) for i in aux_layers]
     cfg.eagle_version = 3
     if target_model is not None:
         cfg.target_model = str(target_model)
     return cfg
+
+
+def cast_floats(sd: dict, dtype) -> dict:
+    """Float tensors to dtype (None = unchanged); d2t / t2d keep int64 / bool."""
+    if dtype is None:
+        return sd
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
 
 
 def _additive_or_bool_mask(attention_mask, B, T, past_len, device):
@@ -169,7 +179,8 @@ class Eagle3Draft(nn.Module):
     # ---- construction -------------------------------------------------------------------
     @property
     def aux_layers(self):
-        return list(self.config.eagle_config["eagle_aux_hidden_state_layer_ids"])
+        """Target hidden_states ids fused by fc, in fc's input order."""
+        return list(self.config.eagle_aux_hidden_state_layer_ids)
 
     @property
     def fused_size(self):
@@ -181,7 +192,7 @@ class Eagle3Draft(nn.Module):
         config: then embed/head stay random). draft_ids: sorted target ids of the draft vocab
         (None = the full vocabulary); aux_layers: None = the official default."""
         from modules import target_weights
-        from modules.features import default_aux_layers
+        from modules.engines import default_aux_layers
 
         config = target_weights.target_config(target)
         if aux_layers is None:
@@ -270,13 +281,17 @@ class Eagle3Draft(nn.Module):
     def save_pretrained(self, out_dir, with_embed=True, dtype=None):
         """config.json + model.safetensors in the SGLang EAGLE-3 layout, written atomically."""
         sd = self.serving_state_dict(with_embed=with_embed)
-        if dtype is not None:  # only float tensors; d2t / t2d keep int64 / bool
-            sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-        cfg = self.config.to_dict()
+        save_draft_folder(out_dir, cast_floats(sd, dtype), self.config_dict(dtype), WEIGHTS_NAME)
+
+    def config_dict(self, dtype=None) -> dict:
+        """config.json of a checkpoint: our capture ids (exports rewrite them per engine), RoPE fields
+        old loaders read, both dtype keys, no machine paths."""
+        cfg = engines.clean_config(self.config.to_dict())
         cfg["architectures"] = [EAGLE3_ARCHITECTURE]
-        cfg.pop("_attn_implementation_autoset", None)
-        cfg["dtype"] = str(dtype or self.fc.weight.dtype).replace("torch.", "")
-        save_draft_folder(out_dir, sd, cfg, WEIGHTS_NAME)
+        cfg.pop("eagle_config", None)
+        cfg.update(engines.rope_fields(cfg.get("rope_parameters")))
+        cfg.update(engines.dtype_fields(dtype or self.fc.weight.dtype))
+        return cfg
 
     @classmethod
     def from_pretrained(cls, draft_dir, target=None, dtype=torch.float32, **_):
@@ -284,18 +299,26 @@ class Eagle3Draft(nn.Module):
         from `target` (name/path/module; None = the config's target_model)."""
         draft_dir = Path(draft_dir)
         cfg_dict = json.loads((draft_dir / "config.json").read_text())
-        for key in ("draft_vocab_size", "eagle_config"):
-            if key not in cfg_dict:
-                raise ValueError(f"{draft_dir / 'config.json'}: no '{key}': not an EAGLE-3 draft config")
-        cfg_dict.pop("dtype", None)
-        cfg_dict.pop("torch_dtype", None)
+        if "draft_vocab_size" not in cfg_dict:
+            raise ValueError(f"{draft_dir / 'config.json'}: no 'draft_vocab_size': not an EAGLE-3 draft config")
+        for key in ("dtype", "torch_dtype", "rope_theta", "rope_scaling"):  # rope_parameters holds the rope
+            cfg_dict.pop(key, None)
+        if target is None:
+            target = cfg_dict.get("target_model")
+        n = cfg_dict.get("target_num_hidden_layers")
+        if n is None and cfg_dict.get("eagle_version") == 3 and engines.AUX_KEY not in cfg_dict:
+            # our checkpoints before the engine conventions: eagle_config held OUR ids
+            cfg_dict[engines.AUX_KEY] = (cfg_dict.get("eagle_config") or {}).get(engines.AUX_KEY)
+        if n is None:  # a draft written elsewhere (SpecForge): the target says how many layers it has
+            from modules import target_weights
+            n = cfg_dict["target_num_hidden_layers"] = target_weights.target_config(target).num_hidden_layers
+        cfg_dict[engines.AUX_KEY] = engines.read_aux_layers(cfg_dict, n)
+        cfg_dict.pop("eagle_config", None)
         config = LlamaConfig(**cfg_dict)
         draft = cls(config)
         sd = load_file(str(draft_dir / WEIGHTS_NAME))
         if "embed_tokens.weight" not in sd:
             from modules import target_weights
-            if target is None:
-                target = getattr(config, "target_model", None)
             embed, _ = target_weights.load_embed_and_head(target)
             sd["embed_tokens.weight"] = embed
         missing, unexpected = draft.load_state_dict(sd, strict=False)

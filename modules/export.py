@@ -1,13 +1,16 @@
 """Export an EAGLE-1/2 draft for the serving engines and the official EAGLE code.
 
-One output folder serves all of them:
-  config.json          LlamaConfig-style, num_hidden_layers 1, architectures ["LlamaForCausalLMEagle"]
-                       (SGLang's class name; vLLM maps it too), "bias" for fc, plus the pre-5.x
-                       rope fields ("rope_theta", "rope_scaling") that older loaders read
-  model.safetensors    SGLang / vLLM: fc.*, layers.0.*, embed_tokens.weight
+One output folder serves all of them (the rules and the engine versions: modules/engines.py):
+  config.json          the target family's config with one layer; architectures
+                       ["LlamaForCausalLMEagle", "LlamaForCausalLM"] (SGLang takes the first, vLLM
+                       the second as EagleLlamaForCausalLM); rope_theta / rope_scaling beside
+                       rope_parameters; dtype and torch_dtype; no "bias" key, no machine paths
+  model.safetensors    SGLang / vLLM: fc.weight, fc.bias (zeros unless trained with one), layers.0.*,
+                       embed_tokens.weight
   pytorch_model.bin    official `eagle-llm` EaModel (loads only this name, strict, needs embed_tokens)
-Before writing, the keys and shapes are checked against the target's config: a draft for another
-target (hidden size, vocab, heads, intermediate size) is refused with the differences listed.
+Weights are bf16 by default. Before writing, the keys and shapes are checked against the target's
+config: a draft for another target (hidden size, vocab, heads, intermediate size) is refused with
+the differences listed; so is a family no engine has an EAGLE-1/2 class for.
 """
 import json
 from pathlib import Path
@@ -15,7 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from modules.eagle_draft import EAGLE_ARCHITECTURE, WEIGHTS_NAME, EagleDraft, make_draft_config
+from modules import engines
+from modules.eagle_draft import WEIGHTS_NAME, EagleDraft, draft_config_dict, make_draft_config
 from modules.storage import atomic_write
 
 OFFICIAL_WEIGHTS_NAME = "pytorch_model.bin"
@@ -25,7 +29,7 @@ class ExportError(ValueError):
     """The draft does not fit the target (or the checkpoint is incomplete)."""
 
 
-def expected_shapes(target_cfg, bias=True):
+def expected_shapes(target_cfg, bias=False):
     """{key: shape} of a draft for this target, computed without allocating weights."""
     with torch.device("meta"):
         draft = EagleDraft(make_draft_config(target_cfg, bias=bias))
@@ -46,33 +50,20 @@ def check_fits_target(state_dict, target_cfg, where):
         raise ExportError(f"{where}: draft does not fit the target: {shown}")
 
 
-def serving_config(cfg: dict, bias: bool) -> dict:
-    """Our config plus the fields SGLang / vLLM / official EAGLE read."""
-    cfg = dict(cfg)
-    cfg["architectures"] = [EAGLE_ARCHITECTURE]
-    cfg["num_hidden_layers"] = 1
-    cfg["bias"] = bias
-    rope = cfg.get("rope_parameters") or {}
-    if "rope_theta" in rope:
-        cfg["rope_theta"] = rope["rope_theta"]
-    rope_type = rope.get("rope_type", "default")
-    # pre-5.x loaders: rope_scaling None means plain RoPE; they do not know rope_type "default"
-    cfg["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, "rope_type": rope_type,
-                                                                **{k: v for k, v in rope.items() if k != "rope_theta"}}
-    cfg.pop("_attn_implementation_autoset", None)
-    return cfg
-
-
-def export_draft(draft, out_dir, target=None, dtype=None):
+def export_draft(draft, out_dir, target=None, dtype=torch.bfloat16, warn=print):
     """Write a draft (an EagleDraft or a checkpoint folder) in both layouts to out_dir.
 
     target: the target model (name/path/module); None = the checkpoint's config.target_model.
-    dtype: e.g. torch.bfloat16 to halve the files; None keeps the training dtype.
+    dtype: bf16 by default (what engines run); None keeps the training dtype.
+    Returns the output folder; `warn` receives what an engine would not serve as trained.
     """
     from modules.target_weights import load_embed_and_head, target_config
 
     if isinstance(draft, EagleDraft):
-        sd, cfg, where = draft.trainable_state_dict(with_embed=True), draft.config.to_dict(), "draft"
+        # Training keeps the frozen embedding in its compute dtype (modules/trainer.py): a bf16 copy
+        # of an fp32 target's embedding is not the target's, so take that one from the target.
+        exact = draft.embed_tokens.weight.dtype == draft.fc.weight.dtype
+        sd, cfg, where = draft.trainable_state_dict(with_embed=exact), draft.config.to_dict(), "draft"
     else:
         folder = Path(draft)
         for name in ("config.json", WEIGHTS_NAME):
@@ -83,21 +74,29 @@ def export_draft(draft, out_dir, target=None, dtype=None):
     if target is None:
         target = cfg.get("target_model")
     tcfg = target_config(target)
-    if "embed_tokens.weight" not in sd:  # a checkpoint saved without it: take the target's
-        sd["embed_tokens.weight"] = load_embed_and_head(target)[0]
+    if "embed_tokens.weight" not in sd:  # a checkpoint saved without it (all do): take the target's
+        sd["embed_tokens.weight"] = load_embed_and_head(target)[0].to(sd["fc.weight"].dtype)
     check_fits_target(sd, tcfg, where)
-    bias = "fc.bias" in sd
-    if "bias" in cfg and bool(cfg["bias"]) != bias:
-        raise ExportError(f"{where}: config says bias={cfg['bias']} but fc.bias is {'present' if bias else 'absent'}")
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
-        cfg["dtype"] = str(dtype).replace("torch.", "")
-    sd = {k: v.contiguous() for k, v in sd.items()}
+    try:
+        _, served_by = engines.eagle_architectures(tcfg.model_type)
+    except engines.EngineConventionError as err:
+        raise ExportError(f"{where}: {err}") from None
+    sd["fc.bias"], vllm_as_trained = engines.eagle_fc_bias(sd)
+    if not vllm_as_trained:
+        warn(f"warning: {where} was trained with a non-zero fc bias; vLLM drops fc.bias (serve it in SGLang "
+             f"or eagle-llm, or retrain with --no-bias)")
+    if "vllm" not in served_by:
+        warn(f"note: vLLM 0.32 has no EAGLE-1/2 class for {tcfg.model_type} targets; served by: {', '.join(served_by)}")
+    dtype = dtype or sd["fc.weight"].dtype
+    sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
+    cfg = draft_config_dict(cfg, dtype)
+    cfg["fc_bias"] = True
+    cfg["target_model"] = engines.portable_name(cfg.get("target_model"))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
     # the official loader reads only a torch .bin; a plain dict of tensors (loads with weights_only=True)
     atomic_write(out / OFFICIAL_WEIGHTS_NAME, lambda p: torch.save(sd, str(p)))
-    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(serving_config(cfg, bias), indent=2, sort_keys=True)))
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2, sort_keys=True)))
     return out

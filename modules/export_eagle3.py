@@ -2,12 +2,14 @@
 
 The training checkpoints already use that layout (Eagle3Draft.save_pretrained); exporting re-checks
 the draft against the target (hidden size, vocabulary, aux layer ids, d2t/t2d consistency),
-optionally casts the weights (bf16 halves the files; d2t/t2d keep their int64/bool types) and
-writes a clean folder without trainer files. `train/export.py` handles EAGLE-1/2.
+casts the weights (bf16 by default; d2t/t2d keep their int64/bool types), writes the capture
+layers in each engine's convention (modules/engines.py) and a clean folder without trainer files. `train/export.py` handles EAGLE-1/2.
 """
 from pathlib import Path
 
 import torch
+
+from modules import engines
 
 
 class Eagle3ExportError(ValueError):
@@ -32,10 +34,32 @@ def check_fits_target(draft, target_config, where="draft"):
         raise Eagle3ExportError(f"{where}: " + "; ".join(problems))
 
 
-def export_eagle3(draft, out_dir, target=None, dtype=None):
+def engine_layout(draft, num_target_layers, where="draft"):
+    """(state dict, config) in the engines' layout: capture ids sorted (fc's input blocks permuted to
+    match, since engines hand over the layers in layer order), validated, and written in each
+    engine's convention (modules/engines.py)."""
+    ids = draft.aux_layers
+    try:
+        sorted_ids = engines.check_aux_layers(ids, num_target_layers, f"{where}: capture layers")
+    except engines.EngineConventionError as err:
+        raise Eagle3ExportError(str(err)) from None
+    sd = draft.serving_state_dict(with_embed=True)
+    if sorted_ids != ids:
+        h = draft.fused_size // len(ids)
+        blocks = sd["fc.weight"].split(h, dim=1)
+        sd["fc.weight"] = torch.cat([blocks[ids.index(i)] for i in sorted_ids], dim=1)
+    cfg = draft.config_dict()
+    cfg.pop(engines.AUX_KEY, None)
+    cfg.update(engines.aux_layer_fields(sorted_ids, num_target_layers))
+    cfg["target_model"] = engines.portable_name(cfg.get("target_model"))
+    return sd, cfg
+
+
+def export_eagle3(draft, out_dir, target=None, dtype=torch.bfloat16):
     """draft: an Eagle3Draft or a folder holding one. target: name/path/module (None = the config's
-    target_model). Returns the output folder."""
-    from modules.eagle3_draft import Eagle3Draft
+    target_model). dtype: bf16 by default (None keeps the training dtype). Returns the output folder."""
+    from modules.eagle3_draft import Eagle3Draft, cast_floats
+    from modules.storage import save_draft_folder
     from modules.target_weights import target_config
 
     where = "draft"
@@ -49,6 +73,10 @@ def export_eagle3(draft, out_dir, target=None, dtype=None):
             raise Eagle3ExportError(str(err).splitlines()[0]) from None
     if target is None:
         target = getattr(draft.config, "target_model", None)
-    check_fits_target(draft, target_config(target), where)
-    draft.save_pretrained(out_dir, with_embed=True, dtype=dtype)
+    tcfg = target_config(target)
+    check_fits_target(draft, tcfg, where)
+    sd, cfg = engine_layout(draft, tcfg.num_hidden_layers, where)
+    dtype = dtype or draft.fc.weight.dtype
+    cfg.update(engines.dtype_fields(dtype))
+    save_draft_folder(out_dir, cast_floats(sd, dtype), cfg, "model.safetensors")
     return Path(out_dir)

@@ -212,10 +212,17 @@ def make_adapter(draft):
 
 # ---- the decoder --------------------------------------------------------------------------
 
+def synchronize(device):
+    """Wait for the work queued on `device` (for timing only: a sync stalls the GPU's queue)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class DecodeResult:
     tokens: list                  # new token ids (prompt excluded), EOS included when hit
     accept_lengths: list = field(default_factory=list)  # per cycle: accepted draft tokens + 1 bonus
+    # prefill_s .. cycles_s are measured only by a decoder built with timing=True (else 0)
     prefill_s: float = 0.0
     draft_s: float = 0.0          # draft forwards + log-probs inside cycles
     target_s: float = 0.0         # target verify forwards + lm_head inside cycles
@@ -244,9 +251,12 @@ class EagleDecoder:
     draft: an EagleDraft, a DraftAdapter, or anything with tree_adapter().
     total_tokens: tree size verified per cycle, root included; depth: draft levels; top_k: nodes
     expanded per level and children per node. temperature 0 = greedy.
+    timing: fill DecodeResult's prefill / draft / target / cycle times. On a GPU this synchronises
+    with the device around every forward, so it is off unless a benchmark asks for it; total_s is
+    always measured (each cycle ends by reading the accepted tokens on the host anyway).
     """
 
-    def __init__(self, target, draft, total_tokens=16, depth=4, top_k=4, temperature=0.0):
+    def __init__(self, target, draft, total_tokens=16, depth=4, top_k=4, temperature=0.0, timing=False):
         if total_tokens < 1 or depth < 1 or top_k < 1:
             raise ValueError(f"need total_tokens, depth, top_k >= 1, got {total_tokens}, {depth}, {top_k}")
         self.target = target
@@ -266,7 +276,17 @@ class EagleDecoder:
         self.total_tokens, self.depth, self.top_k = total_tokens, depth, top_k
         self.temperature = temperature
         self.max_positions = getattr(self.config, "max_position_embeddings", None) or 1 << 30
-        self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        self.timing = timing
+
+    def _clock(self):
+        """perf_counter after the device's queued work is done; None when not timing (no sync)."""
+        if not self.timing:
+            return None
+        synchronize(self.device)
+        return time.perf_counter()
+
+    def _elapsed(self, start):
+        return self._clock() - start if self.timing else 0.0
 
     # -- forwards (timed) --
     def _target(self, ids, position_ids, mask, cache, result=None):
@@ -275,11 +295,10 @@ class EagleDecoder:
         return out.last_hidden_state, out.hidden_states
 
     def _draft(self, ids, feats, position_ids, mask, cache, result, last_only=False):
-        t = time.perf_counter()
+        t = self._clock()
         h = self.adapter.forward(ids, feats, position_ids, mask, cache)
         lp = self.adapter.logprobs(h[:, -1] if last_only else h[0])
-        self._sync()
-        result.draft_s += time.perf_counter() - t
+        result.draft_s += self._elapsed(t)
         return h, lp
 
     def _choose(self, logits, generator):
@@ -335,6 +354,7 @@ class EagleDecoder:
         target's context length. A prompt that fills the context raises ValueError.
         """
         t0 = time.perf_counter()
+        t_prefill = self._clock()
         result = DecodeResult(tokens=[])
         ids = torch.as_tensor(input_ids, device=self.device).reshape(1, -1).long()
         P = ids.shape[1]
@@ -364,24 +384,22 @@ class EagleDecoder:
         pos = torch.arange(P, device=self.device).unsqueeze(0)
         h, lp = self._draft(torch.cat([ids[:, 1:], root.view(1, 1)], 1), feats, pos,
                             dmask.causal_after(0, P), dcache, result, last_only=True)
-        self._sync()
-        result.prefill_s = time.perf_counter() - t0
+        result.prefill_s = self._elapsed(t_prefill)
         result.draft_s = 0.0
         n = P  # position of the root; the caches hold positions < n
         done = tokens[0] in eos or len(tokens) >= max_new
         while not done:
-            t_cycle = time.perf_counter()
+            t_cycle = self._clock()
             tree_depth = min(depth, self.max_positions - 1 - n)
             if tree_depth < 1:
                 break
             tree = self._grow_tree(root, h[0, -1], lp[0], n, tree_depth, dcache, dmask, pool, slot_anc, result)
 
-            t = time.perf_counter()
+            t = self._clock()
             mask = tmask.tree(n, tree.anc)
             last, hs = self._target(tree.tokens.unsqueeze(0), (n + tree.depths).unsqueeze(0), mask, tcache)
             logits = self.lm_head(last[0])
-            self._sync()
-            result.target_s += time.perf_counter() - t
+            result.target_s += self._elapsed(t)
 
             if self.temperature <= 0:
                 path, bonus = greedy_accept(tree, torch.argmax(logits, dim=-1))
@@ -406,7 +424,7 @@ class EagleDecoder:
                                     last_only=True)
                 n += L
                 root = bonus
-            result.cycles_s += time.perf_counter() - t_cycle
+            result.cycles_s += self._elapsed(t_cycle)
         result.tokens = tokens
         result.total_s = time.perf_counter() - t0
         return result

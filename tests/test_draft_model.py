@@ -31,7 +31,7 @@ def test_draft_builds_from_target_files_with_frozen_head(tmp_path, family):
     assert torch.equal(draft.embed_tokens.weight, target.model.embed_tokens.weight)
     assert torch.equal(draft.lm_head.weight, target.lm_head.weight)
     assert not draft.embed_tokens.weight.requires_grad and not draft.lm_head.weight.requires_grad
-    assert draft.fc.bias is not None and draft.fc.weight.shape == (64, 128)
+    assert draft.fc.bias is None and draft.fc.weight.shape == (64, 128)  # no fc bias by default (vLLM has none)
     ids, hs = _inputs(draft)
     out = draft(ids, hs)
     assert out.shape == hs.shape and torch.isfinite(out).all()
@@ -81,8 +81,9 @@ def test_save_load_round_trip_serving_layout(tmp_path):
     draft = EagleDraft.from_target(tmp_path / "t", bias=True)
     draft.save_pretrained(tmp_path / "d")
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())
-    assert cfg["architectures"] == ["LlamaForCausalLMEagle"]
-    assert cfg["num_hidden_layers"] == 1 and cfg["bias"] is True and cfg["eagle_version"] == 2
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle", "LlamaForCausalLM"]  # SGLang's name, then vLLM's
+    assert cfg["num_hidden_layers"] == 1 and cfg["fc_bias"] is True and cfg["eagle_version"] == 2
+    assert "bias" not in cfg  # SGLang reads "bias" as attention bias
     assert cfg["target_model"] == str(tmp_path / "t")
     with safe_open(str(tmp_path / "d" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())

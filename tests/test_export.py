@@ -20,13 +20,26 @@ def test_export_writes_both_layouts_with_the_same_tensors(tmp_path):
     export_draft(tmp_path / "ckpt", tmp_path / "out", dtype=torch.bfloat16)
     st = load_file(str(tmp_path / "out" / "model.safetensors"))
     bin_sd = torch.load(str(tmp_path / "out" / "pytorch_model.bin"), weights_only=True)
-    assert set(st) == set(bin_sd) and "embed_tokens.weight" in st and "fc.bias" not in st
+    assert set(st) == set(bin_sd) and "embed_tokens.weight" in st
+    # trained without a bias: a zero fc.bias for SGLang / eagle-llm (which build fc with one); vLLM drops it
+    assert not st["fc.bias"].any()
     assert all(torch.equal(st[k], bin_sd[k]) and st[k].dtype == torch.bfloat16 for k in st)
     assert not any("input_layernorm" in k or k.startswith(("lm_head", "norm")) for k in st)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert cfg["architectures"] == ["LlamaForCausalLMEagle"] and cfg["bias"] is False
+    # SGLang takes the first name it has, vLLM prefixes "Eagle" to each and takes EagleLlamaForCausalLM
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle", "LlamaForCausalLM"]
+    assert "bias" not in cfg  # SGLang would read it as attention bias
     assert cfg["rope_scaling"] is None and cfg["rope_theta"] == draft.config.rope_parameters["rope_theta"]
-    assert cfg["num_hidden_layers"] == 1
+    assert cfg["num_hidden_layers"] == 1 and cfg["dtype"] == cfg["torch_dtype"] == "bfloat16"
+    assert not any(str(tmp_path) in json.dumps(v) for v in cfg.values())  # no machine paths
+
+
+def test_export_of_a_family_no_engine_serves_is_refused(tmp_path):
+    from modules.engines import EngineConventionError, eagle_architectures
+
+    assert eagle_architectures("qwen2") == (["Qwen2ForCausalLMEagle"], ("sglang",))
+    with pytest.raises(EngineConventionError, match="no serving engine has an EAGLE-1/2 draft class for model_type 'qwen3'"):
+        eagle_architectures("qwen3")
 
 
 def test_export_refuses_a_draft_for_another_target(tmp_path):

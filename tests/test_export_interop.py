@@ -60,7 +60,7 @@ def test_official_eamodel_loads_export_strictly_and_decodes_losslessly(tmp_path,
     _save_tokenizer(tmp_path / "target", target.config.vocab_size)
     torch.manual_seed(0)
     draft = EagleDraft.from_target(tmp_path / "target").eval()
-    export_draft(draft, tmp_path / "draft")
+    export_draft(draft, tmp_path / "draft", dtype=None)  # same tensors as trained: outputs compared exactly
 
     ea = EaModel.from_pretrained(base_model_path=str(tmp_path / "target"), ea_model_path=str(tmp_path / "draft"),
                                  dtype=torch.float32)  # load_state_dict(strict=True) inside

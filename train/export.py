@@ -2,8 +2,11 @@
 
     python train/export.py --checkpoint outputs/eagle2/checkpoint-400 --out outputs/eagle2/export
 
-Writes config.json + model.safetensors (SGLang `LlamaForCausalLMEagle` / vLLM) and pytorch_model.bin
-(official `eagle-llm` EaModel). Refuses a draft whose keys or shapes do not fit the target.
+EAGLE-1/2: config.json + model.safetensors (SGLang `LlamaForCausalLMEagle`, vLLM `EagleLlamaForCausalLM`)
+and pytorch_model.bin (official `eagle-llm` EaModel). EAGLE-3: config.json + model.safetensors (SGLang
+`LlamaForCausalLMEagle3`, vLLM `Eagle3LlamaForCausalLM`). bf16 weights by default. Each engine's reading
+of the files is in modules/engines.py; docs/serving.md has the serve commands. Refuses a draft whose keys
+or shapes do not fit the target, or that no engine could serve as trained.
 """
 import argparse
 import sys
@@ -17,7 +20,7 @@ from modules.paths import DEFAULT_TRAIN_DIR  # noqa: E402
 CHECKPOINT = str(DEFAULT_TRAIN_DIR / "draft")   # a checkpoint-* folder or a previous export
 OUT = str(DEFAULT_TRAIN_DIR / "export")
 MODEL = None              # target; None = the draft config's target_model
-DTYPE = "keep"            # keep | bf16 | fp16 | fp32
+DTYPE = "bf16"            # bf16 (what engines run) | keep (the training dtype) | fp16 | fp32
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 

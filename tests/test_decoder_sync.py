@@ -1,0 +1,38 @@
+"""The tree decoder waits for the device (torch.cuda.synchronize) only when timing is asked for."""
+import torch
+
+from modules import tree_decoding
+from modules.eagle_draft import EagleDraft
+from modules.tree_decoding import EagleDecoder
+from tests._helpers_draft import tiny_target
+
+
+def decode(timing, monkeypatch):
+    """(result, number of synchronize calls) of one generation on a tiny random pair."""
+    calls = []
+    monkeypatch.setattr(tree_decoding, "synchronize", lambda device: calls.append(device))
+    target = tiny_target("llama", seed=0).double()
+    torch.manual_seed(1)
+    draft = EagleDraft.from_target(target).double().eval()
+    prompt = torch.randint(0, 300, (12,), generator=torch.Generator().manual_seed(3))
+    res = EagleDecoder(target, draft, total_tokens=8, depth=3, top_k=2, timing=timing).generate(prompt, 12)
+    return res, len(calls)
+
+
+def test_no_synchronize_without_timing(monkeypatch):
+    res, n_sync = decode(False, monkeypatch)
+    assert n_sync == 0
+    assert res.draft_s == res.target_s == res.cycles_s == res.prefill_s == 0.0 and res.total_s > 0
+    timed, n_sync_timed = decode(True, monkeypatch)
+    assert n_sync_timed >= 2 * timed.cycles > 0  # at least before and after each timed forward
+    assert timed.tokens == res.tokens
+    assert timed.draft_s > 0 and timed.target_s > 0 and timed.cycles_s >= timed.draft_s + timed.target_s
+
+
+def test_synchronize_waits_for_cuda_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    tree_decoding.synchronize(torch.device("cpu"))
+    assert calls == []
+    tree_decoding.synchronize(torch.device("cuda", 1))
+    assert calls == [torch.device("cuda", 1)]
