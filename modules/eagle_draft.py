@@ -26,9 +26,10 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+from modules import engines
 from modules.storage import save_draft_folder
 
-EAGLE_ARCHITECTURE = "LlamaForCausalLMEagle"
+EAGLE_ARCHITECTURE = "LlamaForCausalLMEagle"  # checkpoints of families no engine serves (see engines.py)
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -54,7 +55,7 @@ def family_classes(config):
     return layer_cls, rotary_cls
 
 
-def make_draft_config(target_config, bias=True, target_model=None, attn_implementation="sdpa"):
+def make_draft_config(target_config, bias=False, target_model=None, attn_implementation="sdpa"):
     """Draft config = copy of the target's text config with one layer plus EAGLE fields."""
     cfg = copy.deepcopy(target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config)
     cfg.num_hidden_layers = 1
@@ -63,12 +64,39 @@ def make_draft_config(target_config, bias=True, target_model=None, attn_implemen
         cfg.layer_types = ["full_attention"]
     if hasattr(cfg, "use_sliding_window"):
         cfg.use_sliding_window = False
-    cfg.architectures = [EAGLE_ARCHITECTURE]
-    cfg.bias = bool(bias)  # SGLang/official EAGLE read this flag for fc.bias
+    cfg.architectures = checkpoint_architectures(cfg.model_type)
+    # Not "bias": SGLang reads that key as attention bias (modules/engines.py).
+    cfg.fc_bias = bool(bias)
     cfg.eagle_version = 2
     if target_model is not None:
         cfg.target_model = str(target_model)
     cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def checkpoint_architectures(model_type: str) -> list[str]:
+    """The engines' names for families they serve; other families still train and decode here
+    (export refuses them with the reason, modules/export.py)."""
+    if model_type in engines.EAGLE_ARCHITECTURES:
+        return engines.eagle_architectures(model_type)[0]
+    return [EAGLE_ARCHITECTURE]
+
+
+def fc_bias(config) -> bool:
+    """Whether the draft's fc has a bias: `fc_bias`, or the pre-rename `bias` key of older checkpoints."""
+    return bool(getattr(config, "fc_bias", getattr(config, "bias", False)))
+
+
+def draft_config_dict(cfg: dict, dtype: torch.dtype) -> dict:
+    """The config.json of a saved or exported EAGLE-1/2 draft, in the layout every engine reads
+    (modules/engines.py): architectures per family, one layer, RoPE fields old loaders read, both dtype
+    keys, no "bias" key and no machine paths."""
+    cfg = engines.clean_config(cfg)
+    cfg["fc_bias"] = bool(cfg.pop("bias", cfg.get("fc_bias", False)))
+    cfg["architectures"] = checkpoint_architectures(cfg["model_type"])
+    cfg["num_hidden_layers"] = 1
+    cfg.update(engines.rope_fields(cfg.get("rope_parameters")))
+    cfg.update(engines.dtype_fields(dtype))
     return cfg
 
 
@@ -97,7 +125,7 @@ class EagleDraft(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         self.lm_head.weight.requires_grad_(False)
         # Trained parts.
-        self.fc = nn.Linear(2 * h, h, bias=getattr(config, "bias", True))
+        self.fc = nn.Linear(2 * h, h, bias=fc_bias(config))
         layer = layer_cls(config, layer_idx=0)
         layer.input_layernorm = nn.Identity()  # official EAGLE: no norm on the fc output
         self.layers = nn.ModuleList([layer])
@@ -114,7 +142,7 @@ class EagleDraft(nn.Module):
                         nn.init.zeros_(m.bias)
 
     @classmethod
-    def from_target(cls, target=None, bias=True, attn_implementation="sdpa", load_head=True):
+    def from_target(cls, target=None, bias=False, attn_implementation="sdpa", load_head=True):
         """Fresh draft for a target: a model name/path (None = embedded default), a loaded
         nn.Module, or a config (then embed/head stay random unless load_head finds weights)."""
         from modules import target_weights
@@ -203,12 +231,7 @@ class EagleDraft(nn.Module):
         sd = self.trainable_state_dict(with_embed=with_embed)
         if dtype is not None:
             sd = {k: v.to(dtype) for k, v in sd.items()}
-        cfg = self.config.to_dict()
-        cfg["architectures"] = [EAGLE_ARCHITECTURE]
-        cfg["num_hidden_layers"] = 1
-        cfg.pop("_attn_implementation_autoset", None)
-        if dtype is not None:
-            cfg["dtype"] = str(dtype).replace("torch.", "")
+        cfg = draft_config_dict(self.config.to_dict(), dtype or self.fc.weight.dtype)
         save_draft_folder(out_dir, sd, cfg, WEIGHTS_NAME)
 
     @classmethod
@@ -220,8 +243,9 @@ class EagleDraft(nn.Module):
         draft_dir = Path(draft_dir)
         config = AutoConfig.from_pretrained(draft_dir)
         config._attn_implementation = attn_implementation
-        draft = cls(config).to(dtype)
         sd = load_file(str(draft_dir / WEIGHTS_NAME))
+        config.fc_bias = "fc.bias" in sd  # exports always carry one (zeros when trained without)
+        draft = cls(config).to(dtype)
         if target is None:
             target = getattr(config, "target_model", None)
         embed, head = target_weights.load_embed_and_head(target)
