@@ -1,14 +1,16 @@
 """Split a row range over GPUs (or CPU processes) and run one generator per device group.
 
     python allocation.py --outdir data_out/eagle2 --end 20000                 # all visible GPUs, 1 each
-    python allocation.py --outdir data_out/eagle2 --gpus 0,1 2,3 --end 20000  # 2 workers with 2 GPUs each
+    python allocation.py --outdir data_out/eagle2 --gpus 0,1 2,3 --end 20000  # 2 workers, each target spread over 2 GPUs
     python allocation.py --outdir data_out/eagle2 --workers 2 --end 200       # no GPU: 2 CPU processes
     python allocation.py --outdir D --num-shards 4 --shard-index 1            # node 1 of 4 takes its quarter
     python allocation.py --outdir D --script generate_data_fused_features.py -- --max-length 1024
 
 Each worker writes OUTDIR/part-<index:04d>/ for its slice (no gap, no overlap) and logs to
 OUTDIR/logs/. Rerunning the same command resumes every worker. Flags after `--` (and unknown
-flags) go to the generator unchanged.
+flags) go to the generator unchanged. GPU ids are indexes into the GPUs this process sees: with
+CUDA_VISIBLE_DEVICES=4,5 already set, `--gpus 0 1` (and the default) run on physical GPUs 4 and 5.
+A worker given several GPUs gets --spread-target (its target is spread over them).
 """
 import argparse
 import os
@@ -40,7 +42,7 @@ def split_range(start: int, end: int, parts: int) -> list[tuple[int, int]]:
 
 
 def parse_gpu_groups(groups: list[str] | None) -> list[list[int]]:
-    """['0,1', '2,3'] -> [[0, 1], [2, 3]]; None -> one worker per visible GPU."""
+    """['0,1', '2,3'] -> [[0, 1], [2, 3]]; None -> one worker per visible GPU (logical indexes)."""
     if groups is None:
         import torch
 
@@ -55,8 +57,13 @@ def parse_gpu_groups(groups: list[str] | None) -> list[list[int]]:
 
 
 def worker_plan(args) -> list[dict]:
-    """One dict per worker: index, rows, env (GPU ids or CPU threads)."""
-    gpu_groups = [] if args.workers else parse_gpu_groups(args.gpus)
+    """One dict per worker: index, rows, env (GPU ids or CPU threads), gpus (physical ids)."""
+    from modules.placement import PlacementError, physical_gpus
+
+    try:
+        gpu_groups = [] if args.workers else [physical_gpus(g) for g in parse_gpu_groups(args.gpus)]
+    except PlacementError as err:
+        raise SystemExit(f"error: --gpus: {err}") from None
     n_workers = len(gpu_groups) or args.workers or 1
     node = split_range(args.start, args.end, args.num_shards)
     if args.shard_index >= len(node):
@@ -66,9 +73,9 @@ def worker_plan(args) -> list[dict]:
     threads = max(1, (os.cpu_count() or 1) // n_workers)
     plan = []
     for w, (lo, hi) in enumerate(split_range(a, b, n_workers)):
-        env = dict(os.environ)
-        if gpu_groups:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_groups[w]))
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}  # workers
+        if gpu_groups:                                                                         # are independent
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_groups[w])
         else:
             env["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers: never touch a GPU
         plan.append({"index": args.shard_index * n_workers + w, "start": lo, "end": hi, "env": env,
@@ -86,6 +93,8 @@ def launch(worker: dict, args, extra: list[str]) -> subprocess.Popen:
         cmd += ["--split", args.split]
     if worker["threads"]:
         cmd += ["--threads", str(worker["threads"]), "--device", "cpu"]
+    if worker["gpus"] and len(worker["gpus"]) > 1:
+        cmd += ["--spread-target"]
     cmd += extra
     worker["cmd"] = cmd
     log = open(worker["log"], "a")

@@ -35,7 +35,8 @@ DRAFT_VOCAB = 16384          # draft proposes only these most frequent tokens (0
 DRAFT_VOCAB_DATA = None      # token counts from this generated-data folder (None -> data_out/eagle2)
 DTYPE = "fp32"               # the target's dtype (all methods use the same target)
 DRAFT_DTYPE = "auto"         # auto: bf16 on GPUs and on CPUs with bf16 units (draft steps ~3x cheaper), else fp32
-DEVICE = "auto"
+DEVICE = "auto"              # auto: this process's GPU (cuda:LOCAL_RANK under torchrun) or cpu (modules/placement.py)
+SPREAD_TARGET = False        # spread the target over every visible GPU (targets too large for one GPU)
 THREADS = None               # torch threads on CPU (None = torch's default)
 OUT = "benchmark/results/eagle.json"
 SWEEP_SHAPES = [(4, 3, 1), (6, 3, 2), (8, 4, 2), (10, 4, 3), (12, 4, 4), (16, 5, 4), (24, 6, 4)]  # (total, depth, top_k)
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--draft-dtype", default=DRAFT_DTYPE,
                    help="draft dtype (auto, fp32, bf16, fp16); never changes the output, only its speed")
     p.add_argument("--device", default=DEVICE)
+    p.add_argument("--spread-target", action=argparse.BooleanOptionalAction, default=SPREAD_TARGET,
+                   help="spread the target over every visible GPU (device_map=auto); the draft sits on its LM head's GPU")
     p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--turns", type=int, default=2, help="turns per question (MT-bench has 2)")
     p.add_argument("--sweep", action="store_true", help="try tree shapes (first turns only), report the fastest")
@@ -238,7 +241,8 @@ def main(argv=None):
     from benchmark.mt_bench import QuestionFileError, conversation, load_questions, prompt_ids
     from modules import paths
     from modules.draft_loading import load_draft
-    from modules.target import load_target, pick_dtype
+    from modules.placement import output_device
+    from modules.target import TargetLoadError, load_target, pick_dtype
     from modules.tree_decoding import Eagle2Adapter, EagleDecoder
 
     if args.threads:
@@ -259,13 +263,18 @@ def main(argv=None):
     print("loading target and draft ...", flush=True)
     target, tokenizer = load_target(args.model, dtype=args.dtype, device=args.device)
     try:
-        draft_dtype = pick_dtype(args.draft_dtype, target.device)
-        draft = load_draft(draft_dir, target_model=target, dtype=draft_dtype).to(target.device).eval()
+        target, tokenizer = load_target(args.model, dtype=args.dtype, device=args.device, spread=args.spread_target)
+    except TargetLoadError as e:
+        sys.exit(f"error: {e}")
+    device = output_device(target)  # the draft and the decoder live here (modules/placement.py)
+    try:
+        draft_dtype = pick_dtype(args.draft_dtype, device)
+        draft = load_draft(draft_dir, target_model=target, dtype=draft_dtype).to(device).eval()
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: cannot load draft {draft_dir}: {str(e).splitlines()[0]}")
     eos = tokenizer.eos_token_id
     torch.manual_seed(args.seed)  # HF sampling draws from the global generator
-    generator = torch.Generator(device=target.device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     adapter, vocab_source = draft, "the draft's own"
     if isinstance(draft, torch.nn.Module) and not hasattr(draft, "tree_adapter"):  # EAGLE-1/2 draft
         vocab_ids, vocab_source = draft_vocab_ids(args.draft_vocab, args.draft_vocab_data or paths.DEFAULT_DATA_DIR,

@@ -192,6 +192,7 @@ def stage_decode(args, out):
     from benchmark.mt_bench import conversation, load_questions, prompt_ids
     from modules import paths
     from modules.draft_loading import load_draft
+    from modules.placement import output_device
     from modules.target import load_target
     from modules.tree_decoding import EagleDecoder
 
@@ -201,7 +202,7 @@ def stage_decode(args, out):
     total, depth, k = args.tree
     methods = [("plain", run_plain, {})]
     for v in args.variants:
-        draft = load_draft(out / v / "draft", target_model=target, dtype=target.dtype).eval()
+        draft = load_draft(out / v / "draft", target_model=target, dtype=target.dtype).to(output_device(target)).eval()
         methods.append((v, run_eagle, {"decoder": EagleDecoder(target, draft, total_tokens=total, depth=depth, top_k=k, timing=True)}))
     warm = prompt_ids(tokenizer, conversation(["Say hello."], []))
     for _, fn, kw in methods:

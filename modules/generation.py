@@ -11,6 +11,8 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+import argparse
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,12 +294,16 @@ def add_generation_args(parser, defaults: dict):
     a("--start", type=int, default=defaults["START"], help="first dataset row")
     a("--end", type=int, default=defaults["END"], help="end row (exclusive; default: the whole dataset)")
     a("--index", type=int, default=None, help="worker index: writes OUTDIR/part-<index:04d> (allocation.py sets it)")
-    a("--gpu_index", type=int, nargs="*", default=None, help="GPU ids this process may use")
+    a("--gpu_index", type=int, nargs="*", default=None,
+      help="indexes of the visible GPUs this process may use (with CUDA_VISIBLE_DEVICES=4,5 set, 0 = GPU 4)")
     a("--outdir", default=defaults["OUTDIR"], help="output folder")
     a("--max-length", type=int, default=defaults["MAX_LENGTH"], help="truncate conversations to this many tokens")
     a("--dtype", default=defaults["DTYPE"], help="dtype the target runs in: auto, bf16, fp16, fp32")
     a("--store-dtype", default=defaults["STORE_DTYPE"], choices=["bf16", "fp16", "fp32"], help="dtype of stored features")
-    a("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    a("--device", default=defaults["DEVICE"], help="auto (this process's GPU if any, cuda:LOCAL_RANK under torchrun), "
+      "cpu, cuda, cuda:1, ... (modules/placement.py)")
+    a("--spread-target", action=argparse.BooleanOptionalAction, default=defaults["SPREAD_TARGET"],
+      help="spread the target over every visible GPU (device_map=auto; for targets too large for one GPU)")
     a("--threads", type=int, default=None, help="CPU threads for torch (allocation.py splits the cores)")
     a("--batch-tokens", type=int, default=defaults["BATCH_TOKENS"], help="padded tokens per forward (0: auto, 16384 on GPU, one conversation per forward on CPU)")
     a("--rows-per-shard", type=int, default=0, help="rows per shard file (0: auto, shards <= ~256 MB)")
@@ -319,10 +325,14 @@ def run_from_args(args, aux_layers_fn=None, rows_fn=None, extra_manifest: dict |
     (they must match on resume, like every other setting).
     """
     from modules.chat_data import dataset_display_name, load_rows
-    from modules.target import load_target_config, load_target_model, load_tokenizer, model_display_name, pick_device
+    from modules.placement import PlacementError, physical_gpus, pick_device
+    from modules.target import load_target_config, load_target_model, load_tokenizer, model_display_name
 
     if args.gpu_index:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, args.gpu_index))
+        try:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(physical_gpus(args.gpu_index))
+        except PlacementError as err:
+            raise GenerationError(str(err)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.outdir) / f"part-{args.index:04d}" if args.index is not None else Path(args.outdir)
@@ -342,7 +352,11 @@ def run_from_args(args, aux_layers_fn=None, rows_fn=None, extra_manifest: dict |
         rows_per_shard=args.rows_per_shard, batch_tokens=args.batch_tokens)
     t0 = time.perf_counter()
     # A finished folder (e.g. allocation.py rerun after one worker failed) exits without loading weights.
-    header = manifest_header(settings, tokenizer, config, pick_device(args.device), extra_manifest)
+    try:
+        device = pick_device(args.device, args.spread_target)
+    except PlacementError as err:
+        raise GenerationError(str(err)) from None
+    header = manifest_header(settings, tokenizer, config, device, extra_manifest)
     finished = finished_manifest(out_dir, header) if out_dir.is_dir() else None
     if finished is not None:
         print(f"{out_dir} is already complete for these settings: nothing to do")

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from modules.paths import EMBEDDED_MODEL_NAME, embedded_gguf
+from modules.placement import PlacementError, pick_device
 
 
 class TargetLoadError(RuntimeError):
@@ -59,13 +60,6 @@ def model_display_name(model: str | None) -> str:
     if model is None or model == "" or model == EMBEDDED_MODEL_NAME:
         return EMBEDDED_MODEL_NAME
     return model
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda if present, else cpu; anything else is passed to torch.device."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -175,22 +169,25 @@ def load_target_config(model: str | None = None):
 
 
 def load_target(model: str | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
-                attn_implementation: str = "sdpa", chat_template_file: str | None = None):
-    """(model, tokenizer) in eval mode with gradients off, on `device` in `dtype`."""
+                attn_implementation: str = "sdpa", chat_template_file: str | None = None, spread: bool = False):
+    """(model, tokenizer) in eval mode with gradients off, placed by load_target_model, in `dtype`."""
     tokenizer = load_tokenizer(model, chat_template_file)
-    return load_target_model(model, dtype, device, attn_implementation), tokenizer
+    return load_target_model(model, dtype, device, attn_implementation, spread), tokenizer
 
 
 def load_target_model(model: str | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
-                      attn_implementation: str = "sdpa"):
-    """The target model alone (eval mode, gradients off) on `device` in `dtype`."""
+                      attn_implementation: str = "sdpa", spread: bool = False):
+    """The target model alone (eval mode, gradients off) in `dtype`, on this process's device
+    (modules.placement.pick_device: cuda:LOCAL_RANK under torchrun), or with `spread` over every
+    visible GPU (device_map="auto"; its outputs are on placement.output_device(model))."""
     from transformers import AutoModelForCausalLM
 
     path, gguf = _source(model)
-    device = pick_device(device)
+    try:
+        device = pick_device(device, spread)
+    except PlacementError as err:
+        raise TargetLoadError(str(err)) from None
     dtype = pick_dtype(dtype, device)
-    # A worker given several GPUs (allocation.py --gpus 0,1) spreads a large target over them.
-    spread = device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1
     try:
         target = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation,

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from modules.placement import output_device
 from modules.sampling import probs_from_logits, sample_accept
 from modules.tree import CandidatePool, MaskBuffer, greedy_accept
 
@@ -89,7 +90,7 @@ class BufferedLayer(DynamicLayer):
     def compact(self, start, keep):
         """Keep entries start + keep (ascending) at start.., drop everything after them."""
         n = keep.shape[0]
-        src = keep + start
+        src = (keep + start).to(self.kbuf.device)  # a spread target keeps each layer's cache on its own GPU
         self.kbuf[:, :, start:start + n] = self.kbuf.index_select(2, src)
         self.vbuf[:, :, start:start + n] = self.vbuf.index_select(2, src)
         self.length = start + n
@@ -271,7 +272,7 @@ class EagleDecoder:
                 raise ValueError(f"targets with {name} are not supported by the tree decoder")
         self.base = getattr(target, target.base_model_prefix)
         self.lm_head = target.get_output_embeddings()
-        self.device = self.lm_head.weight.device
+        self.device = output_device(target)  # the draft lives here too (modules/placement.py)
         self.target_mask_dtype = torch.bool if impl == "sdpa" else self.lm_head.weight.dtype
         self.total_tokens, self.depth, self.top_k = total_tokens, depth, top_k
         self.temperature = temperature
@@ -292,7 +293,9 @@ class EagleDecoder:
     def _target(self, ids, position_ids, mask, cache, result=None):
         out = self.base(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                         use_cache=True, output_hidden_states=self.adapter.aux_layers is not None)
-        return out.last_hidden_state, out.hidden_states
+        # A target spread over GPUs (--spread-target) leaves each layer's output on its own GPU.
+        hidden = None if out.hidden_states is None else tuple(h.to(self.device) for h in out.hidden_states)
+        return out.last_hidden_state.to(self.device), hidden
 
     def _draft(self, ids, feats, position_ids, mask, cache, result, last_only=False):
         t = self._clock()

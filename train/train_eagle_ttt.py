@@ -217,6 +217,7 @@ def main(argv=None):
     from modules.storage import DataFormatError, EagleDataset
     from modules.target import TargetLoadError, model_display_name
     from modules.target_weights import load_embed_and_head, target_config
+    from modules.placement import output_device
     from modules.trainer import NonFiniteLossError
     from modules.ttt_trainer import TTTCollator, TTTTrainer
     UsageError, check_data_fits_target, split = (getattr(train_py(), n) for n in ("UsageError", "check_data_fits_target", "split"))
@@ -259,6 +260,9 @@ def main(argv=None):
         if trainer.is_world_process_zero():
             print(f"{args.arch} + TTT ({args.ttt_steps} steps): {len(train_ds)} train / "
                   f"{len(eval_ds) if eval_ds else 0} eval conversations, {'online' if args.online else 'offline'} "
+        if target is not None and output_device(target) != trainer.args.device:  # one rule: modules/placement.py
+            raise UsageError(f"the online target is on {output_device(target)} but the draft trains on "
+                             f"{trainer.args.device}")
                   f"features; trainable params {sum(p.numel() for p in draft.parameters() if p.requires_grad):,}",
                   flush=True)
         result = trainer.train(resume_from_checkpoint=resume)
