@@ -6,13 +6,12 @@ Determinism and resume: the row range is cut into fixed blocks of `rows_per_shar
 batches depend only on its own rows, so recomputing a missing block after a kill gives exactly the
 bytes an uninterrupted run writes. Whole shards appear atomically; a rerun skips the ones on disk.
 """
+import argparse
 import hashlib
 import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-import argparse
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -214,10 +214,10 @@ def main(argv=None):
     from modules.eagle3_draft import Eagle3Draft
     from modules.eagle_draft import EagleDraft
     from modules.features import default_aux_layers
+    from modules.placement import output_device
     from modules.storage import DataFormatError, EagleDataset
     from modules.target import TargetLoadError, model_display_name
     from modules.target_weights import load_embed_and_head, target_config
-    from modules.placement import output_device
     from modules.trainer import NonFiniteLossError
     from modules.ttt_trainer import TTTCollator, TTTTrainer
     UsageError, check_data_fits_target, split = (getattr(train_py(), n) for n in ("UsageError", "check_data_fits_target", "split"))
@@ -257,12 +257,12 @@ def main(argv=None):
         trainer = TTTTrainer(model=draft, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
                              data_collator=TTTCollator(max_length=args.max_length), target_head=target_head,
                              target=target, online=args.online)
-        if trainer.is_world_process_zero():
-            print(f"{args.arch} + TTT ({args.ttt_steps} steps): {len(train_ds)} train / "
-                  f"{len(eval_ds) if eval_ds else 0} eval conversations, {'online' if args.online else 'offline'} "
         if target is not None and output_device(target) != trainer.args.device:  # one rule: modules/placement.py
             raise UsageError(f"the online target is on {output_device(target)} but the draft trains on "
                              f"{trainer.args.device}")
+        if trainer.is_world_process_zero():
+            print(f"{args.arch} + TTT ({args.ttt_steps} steps): {len(train_ds)} train / "
+                  f"{len(eval_ds) if eval_ds else 0} eval conversations, {'online' if args.online else 'offline'} "
                   f"features; trainable params {sum(p.numel() for p in draft.parameters() if p.requires_grad):,}",
                   flush=True)
         result = trainer.train(resume_from_checkpoint=resume)
