@@ -23,9 +23,9 @@ BATCH_TOKENS = 0          # padded tokens per forward (length-sorted batches); 0
                           # one conversation per forward on CPU (measured faster there, see README)
 SYSTEM_PROMPT = None      # prepended to rows without a system turn (the original used Llama-2's)
 OUTDIR = str(DEFAULT_DATA_DIR)
-# ----------------------------------------------------------------------------- end of SETTINGS
 DEVICE = "auto"           # auto: this process's GPU (cuda:LOCAL_RANK under torchrun) or cpu; cpu, cuda:N
 SPREAD_TARGET = False     # spread the target over every visible GPU (targets too large for one GPU)
+# ----------------------------------------------------------------------------- end of SETTINGS
 
 
 def main(argv=None) -> int:

@@ -28,12 +28,12 @@ STORE_DTYPE = "bf16"
 BATCH_TOKENS = 8192
 SYSTEM_PROMPT = None
 OUTDIR = str(DEFAULT_FUSED_DATA_DIR)
+DEVICE = "auto"           # auto: this process's GPU (cuda:LOCAL_RANK under torchrun) or cpu; cpu, cuda:N
+SPREAD_TARGET = False     # spread the target over every visible GPU (targets too large for one GPU)
 AUX_LAYERS = None         # hidden_states ids of the fused layers; None = [2, N//2, N-3]
 REGENERATE = False        # replace every assistant reply by the target's own, turn by turn
 TEMPERATURE = 0.8         # sampling temperature of the regenerated replies
 MAX_NEW_TOKENS = 512      # per regenerated reply
-DEVICE = "auto"           # auto: this process's GPU (cuda:LOCAL_RANK under torchrun) or cpu; cpu, cuda:N
-SPREAD_TARGET = False     # spread the target over every visible GPU (targets too large for one GPU)
 REGEN_BATCH_SIZE = 8      # conversations per generate() batch (or requests in flight to a server)
 SERVER_URL = None         # an OpenAI-compatible server (SGLang, vLLM, llama-cpp) instead of local generate
 SERVER_MODEL = "default"  # the model name the server expects

@@ -261,7 +261,6 @@ def main(argv=None):
         print(f"skipped question rows: {skipped}")
 
     print("loading target and draft ...", flush=True)
-    target, tokenizer = load_target(args.model, dtype=args.dtype, device=args.device)
     try:
         target, tokenizer = load_target(args.model, dtype=args.dtype, device=args.device, spread=args.spread_target)
     except TargetLoadError as e:
