@@ -12,8 +12,11 @@ Extension points for subclasses (the EAGLE-3 TTT trainer):
                                                  added over micro-batches and ranks before dividing
   eval_batch(model, inputs) -> metrics           loss metrics + simulated acceptance sums
   summarize(sums, prefix) -> {name: value}       sums -> logged averages
-  save_draft(model, output_dir)                  what a checkpoint holds (model.save_pretrained)
+  save_draft(model, output_dir)                  what a checkpoint holds (model.save_pretrained without the
+                                                 frozen embedding: it is the target's, reloaded from it)
   load_draft_weights(model, checkpoint_dir)      resume
+Frozen weights (the target's embedding / lm_head inside the draft) are kept in the training dtype
+(bf16 under bf16 autocast, where an fp32 copy would only cost memory) and never saved in checkpoints.
 Shared helpers: soft_cross_entropy, topk_hits, add_uniform_noise, simulated_acceptance.
 """
 import json
@@ -136,6 +139,7 @@ class EagleTrainer(Trainer):
         self.args.remove_unused_columns = False
         self._sums = defaultdict(float)
         self._last_log_time = None
+        self._frozen_to_training_dtype()
 
     # ---- loss -------------------------------------------------------------------------
     def draft_module(self, model=None):
@@ -265,13 +269,27 @@ class EagleTrainer(Trainer):
         return self.lr_scheduler
 
     # ---- checkpoints --------------------------------------------------------------------
+    def _frozen_to_training_dtype(self):
+        """Frozen draft weights in the dtype the forward computes in: under bf16 (fp16) autocast the
+        embedding and lm_head run in bf16 anyway, and an fp32 copy of a [128k, 4096] matrix is 2 GB.
+        Trained weights stay fp32 (the optimizer's master copy)."""
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        if dtype is None:
+            return
+        for p in self.draft_module().parameters():  # tied weights (embed = lm_head) come once
+            if not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(dtype)
+
     def save_draft(self, model, output_dir):
-        model.save_pretrained(output_dir)
+        """Trained weights + config; the frozen embedding is the target's (reloaded on resume and at
+        export), so it stays out of every checkpoint."""
+        model.save_pretrained(output_dir, with_embed=False)
 
     def load_draft_weights(self, model, checkpoint_dir):
+        """The trained weights of a checkpoint; the frozen ones stay as loaded from the target."""
         path = os.path.join(checkpoint_dir, "model.safetensors")
         sd = load_file(path)
-        sd.pop("embed_tokens.weight", None)  # frozen, from the target
+        sd.pop("embed_tokens.weight", None)  # frozen, from the target (older checkpoints hold it)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head.", "rotary_emb."))]
         if missing or unexpected:
