@@ -4,13 +4,16 @@ the fused low/middle/high-layer hidden states (`aux_hidden_states`, [tokens, 3 x
     python generate_data_fused_features.py                       # embedded SmolLM2 on embedded ShareGPT
     python generate_data_fused_features.py --aux-layers 2 16 29  # choose the fused layers
     python generate_data_fused_features.py --regenerate          # the target's own replies (T=0.8) first
-    python generate_data_fused_features.py --regenerate --server-url http://localhost:30000/v1
+    python generate_data_fused_features.py --regenerate --server-url http://localhost:30000/v1 --regenerate-only
+    python generate_data_fused_features.py --regenerate --server-url http://localhost:30000/v1  # server stopped
     python allocation.py --script generate_data_fused_features.py --outdir data_out/eagle3
 
 Same storage, manifest, resume and allocation.py sharding as generate_data.py (modules/generation.py);
 only the aux layers (default: the official EAGLE-3 choice, inputs of layers 2, N//2, N-3) and the
 optional regeneration are added. Regenerated conversations are kept in OUTDIR/regenerated-*.jsonl,
-so a killed run resumes with the same replies.
+so a killed run resumes with the same replies. With --server-url the target is loaded only after the
+server has written every reply; --regenerate-only stops there, so the server can have the GPUs to
+itself, and the same command without it then computes the features from the kept replies.
 """
 import argparse
 import sys
@@ -37,6 +40,7 @@ MAX_NEW_TOKENS = 512      # per regenerated reply
 REGEN_BATCH_SIZE = 8      # conversations per generate() batch (or requests in flight to a server)
 SERVER_URL = None         # an OpenAI-compatible server (SGLang, vLLM, llama-cpp) instead of local generate
 SERVER_MODEL = "default"  # the model name the server expects
+REGENERATE_ONLY = False   # write the regenerated replies and stop (no target loaded with SERVER_URL, no features)
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 
@@ -50,22 +54,26 @@ def add_fused_args(parser):
     a("--regen-batch-size", type=int, default=REGEN_BATCH_SIZE, help="regeneration: conversations per batch")
     a("--server-url", default=SERVER_URL, help="regenerate through this OpenAI-compatible server")
     a("--server-model", default=SERVER_MODEL, help="model name sent to the server")
+    a("--regenerate-only", action=argparse.BooleanOptionalAction, default=REGENERATE_ONLY,
+      help="write OUTDIR/regenerated-*.jsonl and stop; rerun without it for the features")
     a("--seed", type=int, default=0, help="regeneration sampling seed")
     return parser
 
 
 def regenerate_rows_fn(args):
-    """rows_fn for modules.generation.run_from_args: regenerate (cached) after the target loads."""
+    """rows_fn for modules.generation.run_from_args: regenerate (cached) before the features are computed.
+    With --server-url the target is not loaded until the server has written every reply."""
     from pathlib import Path
 
     from modules.regenerate import LocalGenerator, OpenAIGenerator, regenerate_cached
 
-    def rows_fn(rows, model, tokenizer, out_dir):
+    def rows_fn(rows, get_model, tokenizer, out_dir):
         if args.server_url:
             gen = OpenAIGenerator(args.server_url, args.server_model, args.temperature, args.max_new_tokens,
                                   concurrency=args.regen_batch_size)
         else:
-            gen = LocalGenerator(model, tokenizer, args.temperature, args.max_new_tokens, args.max_length, args.seed)
+            gen = LocalGenerator(get_model(), tokenizer, args.temperature, args.max_new_tokens, args.max_length,
+                                 args.seed)
         cache = Path(out_dir) / f"regenerated-{args.start:08d}-{args.end if args.end is not None else 'end'}.jsonl"
         return regenerate_cached(rows, gen, cache, args.system_prompt, args.regen_batch_size,
                                  progress=not args.no_progress)
@@ -85,12 +93,16 @@ def main(argv=None) -> int:
         return list(args.aux_layers) if args.aux_layers else default_aux_layers(num_layers)
 
     kwargs = {"aux_layers_fn": aux_layers_fn}
+    if args.regenerate_only and not args.regenerate:
+        print("error: --regenerate-only needs --regenerate", file=sys.stderr)
+        return 2
     if args.regenerate:
         kwargs["rows_fn"] = regenerate_rows_fn(args)
         # recorded in the manifest (a resume must use the same settings)
         kwargs["extra_manifest"] = {"regenerated": {
             "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
             "server_url": args.server_url, "server_model": args.server_model if args.server_url else None}}
+        kwargs["rows_only"] = args.regenerate_only
     from modules.regenerate import RegenerationError
     try:
         return run_with_clear_errors(lambda: run_from_args(args, **kwargs))

@@ -7,6 +7,7 @@ batches depend only on its own rows, so recomputing a missing block after a kill
 bytes an uninterrupted run writes. Whole shards appear atomically; a rerun skips the ones on disk.
 """
 import argparse
+import functools
 import hashlib
 import os
 import time
@@ -315,12 +316,15 @@ def add_generation_args(parser, defaults: dict):
 STORE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def run_from_args(args, aux_layers_fn=None, rows_fn=None, extra_manifest: dict | None = None) -> dict:
+def run_from_args(args, aux_layers_fn=None, rows_fn=None, extra_manifest: dict | None = None,
+                  rows_only: bool = False) -> dict | None:
     """Load target, tokenizer and rows from parsed flags, generate, print a summary; return the manifest.
 
     aux_layers_fn(num_layers) -> list of ids turns on fused (EAGLE-3) features.
-    rows_fn(rows, model, tokenizer, out_dir) -> rows replaces the rows once the target is loaded
-    (regeneration of the assistant replies by the target); extra_manifest adds manifest fields
+    rows_fn(rows, get_model, tokenizer, out_dir) -> rows replaces the rows before the features are
+    computed (regeneration of the assistant replies); get_model() loads the target, only when rows_fn
+    needs it (a server regenerating next to this process keeps its GPUs until then); rows_only stops after
+    rows_fn (no target loaded unless rows_fn needed it, no features, returns None); extra_manifest adds manifest fields
     (they must match on resume, like every other setting).
     """
     from modules.chat_data import dataset_display_name, load_rows
@@ -361,10 +365,15 @@ def run_from_args(args, aux_layers_fn=None, rows_fn=None, extra_manifest: dict |
         print(f"{out_dir} is already complete for these settings: nothing to do")
         print_summary(out_dir, finished, time.perf_counter() - t0)
         return finished
-    model = load_target_model(args.model, dtype=args.dtype, device=args.device)
+    get_model = functools.cache(lambda: load_target_model(args.model, dtype=args.dtype, device=args.device,
+                                                          spread=args.spread_target))
     if rows_fn is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        rows = rows_fn(rows, model, tokenizer, out_dir)
+        rows = rows_fn(rows, get_model, tokenizer, out_dir)
+        if rows_only:
+            print(f"{out_dir}: {len(rows)} rows ready in {time.perf_counter() - t0:,.1f} s; no features computed")
+            return None
+    model = get_model()
     manifest = generate_folder(model, tokenizer, rows, out_dir, settings, progress=not args.no_progress,
                                desc=f"rows {args.start}-{end}", extra_manifest=extra_manifest)
     print_summary(out_dir, manifest, time.perf_counter() - t0)

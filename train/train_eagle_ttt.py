@@ -146,18 +146,21 @@ class ListDataset:
 
 
 def online_data(args):
-    """(dataset of token ids + loss masks, target model) for --online."""
+    """(dataset of token ids + loss masks, target model) for --online. The target is whole on this
+    rank's device (cuda:LOCAL_RANK under torchrun, modules/placement.py), where the trainer puts the draft."""
     from modules.chat_data import load_rows
     from modules.generation import encode_rows
+    from modules.placement import process_ranks
     from modules.target import load_target
 
     target, tokenizer = load_target(args.model, dtype=args.target_dtype)
     rows = load_rows(args.dataset, args.start, args.end)
-    if args.regenerate:
-        from modules.regenerate import LocalGenerator, regenerate_cached
+    if args.regenerate:  # each rank regenerates its share into its own file, then reads all of them
+        from modules.regenerate import LocalGenerator, regenerate_sharded
+        rank, world = process_ranks()
         gen = LocalGenerator(target, tokenizer, args.temperature, args.max_new_tokens, args.max_length, args.seed)
-        rows = regenerate_cached(rows, gen, Path(args.output_dir) / f"regenerated-{args.start}-{args.end}.jsonl",
-                                 args.system_prompt)
+        rows = regenerate_sharded(rows, gen, args.output_dir, f"regenerated-{args.start}-{args.end}", rank, world,
+                                  args.system_prompt, progress=rank == 0)
     examples, skipped, _ = encode_rows(tokenizer, rows, args.max_length, args.system_prompt)
     if not examples:
         raise RuntimeError(f"no usable conversations in rows {args.start}-{args.end} of {args.dataset} ({dict(skipped)})")
