@@ -22,6 +22,7 @@ STORE_DTYPE = "bf16"      # stored features: bf16 (default), fp16 or fp32
 BATCH_TOKENS = 0          # padded tokens per forward (length-sorted batches); 0 = auto: 16384 on GPU,
                           # one conversation per forward on CPU (measured faster there, see README)
 SYSTEM_PROMPT = None      # prepended to rows without a system turn (the original used Llama-2's)
+SHARD_BYTES = 2**30       # auto rows per shard: a shard of max-length rows stays within this many bytes
 OUTDIR = str(DEFAULT_DATA_DIR)
 DEVICE = "auto"           # auto: this process's GPU (cuda:LOCAL_RANK under torchrun) or cpu; cpu, cuda:N
 SPREAD_TARGET = False     # spread the target over every visible GPU (targets too large for one GPU)
