@@ -30,6 +30,7 @@ DTYPE = "auto"
 STORE_DTYPE = "bf16"
 BATCH_TOKENS = 8192
 SYSTEM_PROMPT = None
+SHARD_BYTES = 2**30       # auto rows per shard: a shard of max-length rows stays within this many bytes
 OUTDIR = str(DEFAULT_FUSED_DATA_DIR)
 DEVICE = "auto"           # auto: this process's GPU (cuda:LOCAL_RANK under torchrun) or cpu; cpu, cuda:N
 SPREAD_TARGET = False     # spread the target over every visible GPU (targets too large for one GPU)

@@ -2,9 +2,14 @@
 
 rows -> (tokenise + loss mask) -> length-sorted padded batches -> target forward -> packed shards.
 
-Determinism and resume: the row range is cut into fixed blocks of `rows_per_shard` rows; a block's
-batches depend only on its own rows, so recomputing a missing block after a kill gives exactly the
-bytes an uninterrupted run writes. Whole shards appear atomically; a rerun skips the ones on disk.
+Shards and batches: the row range is cut into fixed blocks of `rows_per_shard` rows, one shard each
+(auto: shards of at most `shard_bytes` at max length). Forward batches are formed across shard
+boundaries, over a window of consecutive blocks that holds BATCH_WINDOW full batches at max length
+(`batch_window_shards`), so large targets with few rows per shard still fill `batch_tokens`.
+
+Determinism and resume: a window's batches depend only on its own rows, so recomputing a window after
+a kill gives exactly the bytes an uninterrupted run writes. Whole shards appear atomically; a rerun
+skips the windows whose shards are all on disk and writes only the missing shards of the others.
 """
 import argparse
 import functools
@@ -25,7 +30,10 @@ from modules.loss_mask import TemplateError, tokenize_conversation
 from modules.storage import (FORMAT, MANIFEST, SHARD_RE, list_shards, read_manifest, read_shard_stats,
                              shard_name, write_manifest, write_shard)
 
-SHARD_TARGET_BYTES = 256 * 2**20  # shards stay small enough to write atomically and copy around
+SHARD_BYTES = 2**30  # default shard size bound: few files (and memory maps) for large targets, still easy to copy
+# A batching window holds this many full batches of max-length rows: length-sorting a window's rows
+# fills batch_tokens; a window's features wait in host memory until its shards are written.
+BATCH_WINDOW = 8
 # Seconds to pause after each shard: lets the tests kill a run between shards deterministically.
 SHARD_DELAY = float(os.environ.get("EAGLE_DATA_SHARD_DELAY", "0"))
 
@@ -45,14 +53,25 @@ class GenerationSettings:
     system_prompt: str | None = None
     dtype: str = "bfloat16"            # storage dtype of the features
     aux_layers: list[int] | None = None  # EAGLE-3 fused features (None for EAGLE-1/2 data)
-    rows_per_shard: int = 0            # 0: auto, shards of at most ~256 MB at max_length
+    rows_per_shard: int = 0            # 0: auto, shards of at most shard_bytes at max_length
+    shard_bytes: int = SHARD_BYTES     # the bound of auto rows_per_shard
     batch_tokens: int = 0              # padded tokens per forward (longest row x rows); 0: auto per device
     split: str | None = None
 
 
-def auto_rows_per_shard(hidden_size: int, max_length: int, dtype: torch.dtype, n_aux: int = 0) -> int:
+def auto_rows_per_shard(hidden_size: int, max_length: int, dtype: torch.dtype, n_aux: int = 0,
+                        shard_bytes: int = SHARD_BYTES) -> int:
+    """Rows per shard so that a shard of max-length rows stays within shard_bytes: per token the last
+    hidden state and n_aux fused ones (hidden_size x dtype each), an int32 id and a uint8 mask."""
     bytes_per_token = hidden_size * torch.finfo(dtype).bits // 8 * (1 + n_aux) + 5
-    return max(1, SHARD_TARGET_BYTES // (bytes_per_token * max_length))
+    return max(1, shard_bytes // (bytes_per_token * max_length))
+
+
+def batch_window_shards(rows_per_shard: int, batch_tokens: int, max_length: int) -> int:
+    """Consecutive shards whose rows are batched together: enough rows for BATCH_WINDOW full batches
+    of max-length rows (one shard when a forward takes one conversation, as on CPU)."""
+    rows = -(-BATCH_WINDOW * batch_tokens // max_length)
+    return max(1, -(-rows // rows_per_shard))
 
 
 def chat_template_sha256(tokenizer) -> str:
@@ -180,7 +199,7 @@ def manifest_header(settings: GenerationSettings, tokenizer, config, device, ext
     hidden = text.hidden_size
     store_dtype = STORE_TORCH_DTYPES[settings.dtype]
     rps = settings.rows_per_shard or auto_rows_per_shard(hidden, settings.max_length, store_dtype,
-                                                         len(settings.aux_layers or []))
+                                                         len(settings.aux_layers or []), settings.shard_bytes)
     return {
         "format": FORMAT, "model": settings.model, "dataset": settings.dataset, "split": settings.split,
         "chat_template_sha256": chat_template_sha256(tokenizer), "vocab_size": len(tokenizer),
@@ -228,8 +247,12 @@ def generate_folder(model, tokenizer, rows, out_dir, settings: GenerationSetting
     by_block = {}
     for row_id, row in rows:
         by_block.setdefault((row_id - settings.start) // rps, []).append((row_id, row))
-    todo = [(k, a, b) for k, (a, b) in enumerate(blocks) if shard_name(a, b) not in done]
-    bar = tqdm(total=sum(b - a for _, a, b in todo), unit="row", desc=desc, disable=not progress, dynamic_ncols=True)
+    per_window = batch_window_shards(rps, batch_tokens, settings.max_length)
+    windows = [list(enumerate(blocks))[w:w + per_window] for w in range(0, len(blocks), per_window)]
+    # a window with a missing shard is computed whole (its batches mix its shards' rows)
+    todo = [win for win in windows if any(shard_name(a, b) not in done for _, (a, b) in win)]
+    bar = tqdm(total=sum(b - a for win in todo for _, (a, b) in win if shard_name(a, b) not in done), unit="row",
+               desc=desc, disable=not progress, dynamic_ncols=True)
     tokens_done, t0 = 0, time.perf_counter()
 
     def count_tokens(n):
@@ -237,31 +260,39 @@ def generate_folder(model, tokenizer, rows, out_dir, settings: GenerationSetting
         tokens_done += n
         bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - t0, 1e-9):.0f}")
 
-    def save(a, b, convs, skipped, truncated):
-        done[shard_name(a, b)] = write_shard(out_dir, a, b, convs, dict(skipped), store_dtype, truncated)
-        _write_progress_manifest(out_dir, manifest, done, complete=len(done) == len(blocks))
-        bar.update(b - a)
-        if SHARD_DELAY:
-            time.sleep(SHARD_DELAY)
+    def save(shards):
+        for a, b, convs, skipped, truncated in shards:
+            if shard_name(a, b) in done:
+                continue  # written before a kill; recomputed only as part of its window
+            done[shard_name(a, b)] = write_shard(out_dir, a, b, convs, dict(skipped), store_dtype, truncated)
+            _write_progress_manifest(out_dir, manifest, done, complete=len(done) == len(blocks))
+            bar.update(b - a)
+            if SHARD_DELAY:
+                time.sleep(SHARD_DELAY)
 
-    def encode(k):
-        return encode_rows(tokenizer, by_block.get(k, []), settings.max_length, settings.system_prompt)
+    def encode(win):
+        """Per block of the window: (examples, skipped, truncated)."""
+        return [encode_rows(tokenizer, by_block.get(k, []), settings.max_length, settings.system_prompt)
+                for k, _ in win]
 
-    # Two helper threads keep the target busy: one tokenises the next block while the target runs
-    # (matters on GPU with a small target), one writes the previous shard. At most one shard waits
-    # in memory, and shards land on disk in order.
+    # Two helper threads keep the target busy: one tokenises the next window while the target runs
+    # (matters on GPU with a small target), one writes the previous window's shards. At most one
+    # window waits in memory, and shards land on disk in order.
     with ThreadPoolExecutor(max_workers=1) as writer, ThreadPoolExecutor(max_workers=1) as encoder:
         pending = None
-        next_encoded = encoder.submit(encode, todo[0][0]) if todo else None
-        for i, (k, a, b) in enumerate(todo):
-            examples, skipped, truncated = next_encoded.result()
+        next_encoded = encoder.submit(encode, todo[0]) if todo else None
+        for i, win in enumerate(todo):
+            encoded = next_encoded.result()
             if i + 1 < len(todo):
-                next_encoded = encoder.submit(encode, todo[i + 1][0])
-            convs = features_for_examples(model, examples, tokenizer.pad_token_id, batch_tokens,
-                                          store_dtype, settings.aux_layers, on_batch=count_tokens)
+                next_encoded = encoder.submit(encode, todo[i + 1])
+            examples = [ex for block_examples, _, _ in encoded for ex in block_examples]
+            convs = iter(features_for_examples(model, examples, tokenizer.pad_token_id, batch_tokens,
+                                               store_dtype, settings.aux_layers, on_batch=count_tokens))
+            shards = [(a, b, [next(convs) for _ in block_examples], skipped, truncated)
+                      for (_, (a, b)), (block_examples, skipped, truncated) in zip(win, encoded)]
             if pending is not None:
                 pending.result()  # re-raises a write error (e.g. a full disk)
-            pending = writer.submit(save, a, b, convs, skipped, truncated)
+            pending = writer.submit(save, shards)
         if pending is not None:
             pending.result()
     bar.close()
@@ -306,7 +337,9 @@ def add_generation_args(parser, defaults: dict):
       help="spread the target over every visible GPU (device_map=auto; for targets too large for one GPU)")
     a("--threads", type=int, default=None, help="CPU threads for torch (allocation.py splits the cores)")
     a("--batch-tokens", type=int, default=defaults["BATCH_TOKENS"], help="padded tokens per forward (0: auto, 16384 on GPU, one conversation per forward on CPU)")
-    a("--rows-per-shard", type=int, default=0, help="rows per shard file (0: auto, shards <= ~256 MB)")
+    a("--rows-per-shard", type=int, default=0, help="rows per shard file (0: auto, shards <= --shard-bytes)")
+    a("--shard-bytes", type=int, default=defaults["SHARD_BYTES"],
+      help="auto rows per shard keeps a shard of max-length rows within this many bytes")
     a("--system-prompt", default=defaults["SYSTEM_PROMPT"], help="system prompt for rows without one")
     a("--chat-template", default=None, help="Jinja chat template file (for models without one)")
     a("--no-progress", action="store_true", help="no tqdm bar (logs of background workers)")
@@ -352,7 +385,7 @@ def run_from_args(args, aux_layers_fn=None, rows_fn=None, extra_manifest: dict |
         model=model_display_name(args.model), dataset=dataset_display_name(args.dataset), split=args.split,
         start=args.start, end=end, max_length=args.max_length, system_prompt=args.system_prompt,
         dtype=STORE_DTYPES[args.store_dtype], aux_layers=aux_layers_fn(n_layers) if aux_layers_fn else None,
-        rows_per_shard=args.rows_per_shard, batch_tokens=args.batch_tokens)
+        rows_per_shard=args.rows_per_shard, shard_bytes=args.shard_bytes, batch_tokens=args.batch_tokens)
     t0 = time.perf_counter()
     # A finished folder (e.g. allocation.py rerun after one worker failed) exits without loading weights.
     try:
