@@ -47,6 +47,12 @@ class EagleTrainingArguments(TrainingArguments):
     min_lr_ratio: float = field(default=0.1, metadata={"help": "lr decays linearly to lr * this"})
     sim_steps: int = field(default=5, metadata={"help": "draft chain length for the simulated tau"})
 
+    @property
+    def n_gpu(self) -> int:
+        """One device per process (modules/placement.py): a plain process trains on cuda:0 alone, never
+        nn.DataParallel over every visible GPU; several GPUs train under torchrun (DDP, one process each)."""
+        return min(super().n_gpu, 1)
+
 
 # ----------------------------------------------------------------------------- helpers
 

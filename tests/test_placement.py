@@ -128,3 +128,17 @@ def test_allocation_spreads_the_target_of_a_multi_gpu_worker_only(monkeypatch, t
     (cmd0, env0), (cmd1, env1) = calls
     assert "--spread-target" in cmd0 and "--spread-target" not in cmd1
     assert "LOCAL_RANK" not in env0 and "LOCAL_RANK" not in env1  # each worker is its own process group
+
+
+def test_a_plain_training_process_uses_one_gpu_not_data_parallel(tmp_path):
+    """HF's Trainer wraps the draft in nn.DataParallel over every visible GPU when a plain process sees
+    several (it sets n_gpu to the device count); placement says one device per process."""
+    from transformers import Trainer
+
+    from modules.trainer import EagleTrainingArguments
+
+    args = EagleTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = Trainer(model=torch.nn.Linear(4, 4), args=args)
+    args._n_gpu = 8  # what transformers sets on a machine with 8 visible GPUs and no launcher
+    assert args.n_gpu == 1 and args.train_batch_size == args.per_device_train_batch_size
+    assert not isinstance(trainer._wrap_model(trainer.model), torch.nn.DataParallel)
