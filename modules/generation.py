@@ -192,15 +192,18 @@ def _check_resume(out_dir: Path, manifest: dict, blocks) -> dict:
 STORE_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def manifest_header(settings: GenerationSettings, tokenizer, config, device, extra_manifest: dict | None = None) -> dict:
+def manifest_header(settings: GenerationSettings, tokenizer, config, device, extra_manifest: dict | None = None,
+                    out_dir: Path | None = None) -> dict:
     """The manifest fields fixed by the settings (everything a resumed run must match), from the
-    target's config alone: no weights needed, so a finished folder can be recognised cheaply."""
+    target's config alone: no weights needed, so a finished folder can be recognised cheaply.
+    With auto rows per shard, a folder begun with otherwise equal settings keeps its own rows per
+    shard (begun under another --shard-bytes or an older default), so its shards stay valid."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = text.hidden_size
     store_dtype = STORE_TORCH_DTYPES[settings.dtype]
     rps = settings.rows_per_shard or auto_rows_per_shard(hidden, settings.max_length, store_dtype,
                                                          len(settings.aux_layers or []), settings.shard_bytes)
-    return {
+    header = {
         "format": FORMAT, "model": settings.model, "dataset": settings.dataset, "split": settings.split,
         "chat_template_sha256": chat_template_sha256(tokenizer), "vocab_size": len(tokenizer),
         "start_row": settings.start, "end_row": settings.end, "hidden_size": hidden, "dtype": settings.dtype,
@@ -209,6 +212,14 @@ def manifest_header(settings: GenerationSettings, tokenizer, config, device, ext
         "batch_tokens": resolve_batch_tokens(settings.batch_tokens, device),
         **(extra_manifest or {}),
     }
+    if not settings.rows_per_shard and out_dir is not None and (Path(out_dir) / MANIFEST).is_file():
+        try:
+            old = read_manifest(out_dir)
+        except Exception:
+            return header  # _check_resume reports it
+        if old.get("rows_per_shard") and all(old.get(k) == header.get(k) for k in RESUME_KEYS if k != "rows_per_shard"):
+            header["rows_per_shard"] = old["rows_per_shard"]
+    return header
 
 
 def finished_manifest(out_dir: Path, header: dict) -> dict | None:
@@ -237,7 +248,7 @@ def generate_folder(model, tokenizer, rows, out_dir, settings: GenerationSetting
         raise GenerationError("the tokenizer has no chat template: pass --chat-template FILE (a Jinja template)")
     store_dtype = STORE_TORCH_DTYPES[settings.dtype]
     device = next(model.parameters()).device
-    manifest = manifest_header(settings, tokenizer, model.config, device, extra_manifest)
+    manifest = manifest_header(settings, tokenizer, model.config, device, extra_manifest, out_dir)
     manifest["target_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     batch_tokens, rps = manifest["batch_tokens"], manifest["rows_per_shard"]
     blocks = shard_blocks(settings.start, settings.end, rps)
@@ -392,7 +403,7 @@ def run_from_args(args, aux_layers_fn=None, rows_fn=None, extra_manifest: dict |
         device = pick_device(args.device, args.spread_target)
     except PlacementError as err:
         raise GenerationError(str(err)) from None
-    header = manifest_header(settings, tokenizer, config, device, extra_manifest)
+    header = manifest_header(settings, tokenizer, config, device, extra_manifest, out_dir)
     finished = finished_manifest(out_dir, header) if out_dir.is_dir() else None
     if finished is not None:
         print(f"{out_dir} is already complete for these settings: nothing to do")

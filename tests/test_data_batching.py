@@ -49,3 +49,26 @@ def test_shards_are_sized_by_bytes():
     # 8B fused at the GPU default of 16384 tokens: 5 shards of 15 rows are batched together
     assert batch_window_shards(15, 16384, 2048) == 5
     assert batch_window_shards(15, 1, 2048) == 1  # one conversation per forward (CPU): shard by shard
+
+
+def test_auto_rows_per_shard_resumes_a_folder_begun_with_another_size(tiny, tmp_path, capsys):  # noqa: F811
+    model, data = tiny
+    row_bytes = (64 * 2 + 5) * 384  # tiny target (hidden 64), bf16 features, max length 384
+
+    def argv(shard_bytes):
+        a = gen_cmd(model, data, tmp_path / "d")[2:]
+        a[a.index("--rows-per-shard") + 1] = "0"
+        return a + ["--shard-bytes", str(shard_bytes)]
+
+    assert main_in_process(generate_data, argv(3 * row_bytes), capsys)[0] == 0
+    shards = list_shards(tmp_path / "d")
+    assert len(shards) == 8 and read_manifest(tmp_path / "d")["rows_per_shard"] == 3
+    kept = {p.name: p.read_bytes() for p in shards}
+    for p in shards[-3:]:  # as if the run had been stopped after 5 shards
+        p.unlink()
+    # the rerun (here: with a new --shard-bytes; likewise after a change of the default) finishes the
+    # folder with its own 3 rows per shard instead of refusing it
+    code, _, err = main_in_process(generate_data, argv(5 * row_bytes), capsys)
+    assert code == 0, err
+    assert {p.name: p.read_bytes() for p in list_shards(tmp_path / "d")} == kept
+    assert read_manifest(tmp_path / "d")["complete"]
