@@ -201,9 +201,11 @@ class EagleDraft(nn.Module):
         if attention_mask is not None and attention_mask.ndim == 4:
             mask = _to_attention_format(attention_mask, impl, x.dtype)
         else:
+            # no position_ids: they only serve HF's packed-sequence detection (a host sync per
+            # call), and a draft's batch is never packed
             mask = create_causal_mask(
                 config=self.config, inputs_embeds=x, attention_mask=attention_mask,
-                past_key_values=past_key_values, position_ids=position_ids,
+                past_key_values=past_key_values, position_ids=None,
             )
         position_embeddings = self.rotary_emb(x, position_ids)
         out = self.layers[0](

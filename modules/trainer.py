@@ -23,7 +23,6 @@ import json
 import math
 import os
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -130,7 +129,14 @@ def simulated_acceptance(draft, batch, steps):
         ok = alive & (tok == g)
         accepted += ok.long()
         alive = ok & (d == g)
-    return accepted[mask].sum(), mask.sum()
+    return (accepted * mask).sum(), mask.sum()
+
+
+def add_sums(sums, metrics):
+    """sums[k] += metrics[k], on the device (no host sync): metrics are tensors or numbers."""
+    for k, v in metrics.items():
+        v = v.detach().float() if torch.is_tensor(v) else float(v)
+        sums[k] = sums[k] + v if k in sums else v
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -143,7 +149,11 @@ class EagleTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # our items carry loss_mask / target / next_ids that the model's forward does not name
         self.args.remove_unused_columns = False
-        self._sums = defaultdict(float)
+        # HF's NaN filter reads every micro-step's loss on the host (a device sync each time);
+        # a non-finite loss stops training here instead (_track_nonfinite / _raise_if_nonfinite)
+        self.args.logging_nan_inf_filter = False
+        self._sums = {}  # metric sums since the last log, as device tensors
+        self._first_nonfinite = None  # device tensor [step, loss] of the first non-finite loss
         self._last_log_time = None
         self._frozen_to_training_dtype()
 
@@ -164,7 +174,8 @@ class EagleTrainer(Trainer):
         pred = model(input_ids=inputs["input_ids"], hidden_states=hs)
         sel = inputs["loss_mask"].bool()
         n = sel.sum()
-        pred_sel, target_sel = pred[sel], target[sel]  # head only where it is trained: [N, H] not [B*T, H]
+        idx = sel.nonzero(as_tuple=True)  # the one host sync of a micro-step: the number of trained tokens
+        pred_sel, target_sel = pred[idx], target[idx]  # head only where it is trained: [N, H] not [B*T, H]
         reg = F.smooth_l1_loss(pred_sel.float(), target_sel.float(), reduction="none").mean(-1)
         with torch.no_grad():
             target_logits = draft.compute_logits(target_sel)
@@ -182,19 +193,37 @@ class EagleTrainer(Trainer):
         with self.accelerator.autocast():
             loss, metrics = self.eagle_loss(model, inputs)
         if model.training:
-            self._check_finite(loss)
-            for k, v in metrics.items():
-                self._sums[k] += float(v)
+            self._track_nonfinite(loss)
+            add_sums(self._sums, metrics)
         return (loss, metrics) if return_outputs else loss
 
-    def _check_finite(self, loss):
-        bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
-        if self.args.world_size > 1:  # every rank must stop together, or the others hang in all-reduce
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        if bad.item() > 0:
+    # ---- non-finite losses: noted on the device every micro-step, checked before logs and saves ----
+    def _track_nonfinite(self, loss):
+        loss = loss.detach().float().reshape(())
+        if self._first_nonfinite is None:
+            self._first_nonfinite = torch.full((2,), math.inf, device=loss.device)
+        here = torch.stack([torch.full((), float(self.state.global_step), device=loss.device), loss])
+        first = ~torch.isfinite(loss) & torch.isinf(self._first_nonfinite[0])
+        self._first_nonfinite = torch.where(first, here, self._first_nonfinite)
+
+    def _raise_if_nonfinite(self):
+        """Stop (on every rank together) when a loss since the start was NaN/inf. Called before each
+        training log, each checkpoint and at the end: a checkpoint never holds weights that such a
+        step updated."""
+        if self._first_nonfinite is None:
+            return
+        first = self._first_nonfinite[None]
+        if self.args.world_size > 1:
+            first = self.accelerator.gather(first)  # [ranks, 2]
+        step, value = first[first[:, 0].argmin()].tolist()
+        if math.isfinite(step):
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {self.state.global_step}: stopped before the optimizer "
-                f"step; checkpoints in {self.args.output_dir} are from before it")
+                f"loss is {value} at step {int(step)}: stopped at step {self.state.global_step}, before "
+                f"saving; checkpoints in {self.args.output_dir} are from before step {int(step)}")
+
+    def _save_checkpoint(self, model, trial):
+        self._raise_if_nonfinite()
+        return super()._save_checkpoint(model, trial)
 
     # ---- logging ------------------------------------------------------------------------
     @staticmethod
@@ -208,13 +237,18 @@ class EagleTrainer(Trainer):
         return out
 
     def _reduce_sums(self, sums):
+        """Device sums -> floats summed over ranks: one all-reduce and one host sync."""
         keys = sorted(sums)
-        vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.args.device)
+        if not keys:
+            return {}
+        vec = torch.stack([torch.as_tensor(sums[k], device=self.args.device).float() for k in keys])
         if self.args.world_size > 1:
             vec = self.accelerator.reduce(vec, reduction="sum")
         return dict(zip(keys, vec.tolist()))
 
     def log(self, logs, start_time=None):
+        if "loss" in logs:
+            self._raise_if_nonfinite()
         if "loss" in logs and self._sums:  # a training log: add the metrics since the last one
             sums = self._reduce_sums(self._sums)
             now = time.time()
@@ -222,13 +256,15 @@ class EagleTrainer(Trainer):
             logs.update({k: round(v, 5) for k, v in self.summarize(sums).items()})
             logs["tokens_per_s"] = round(sums["n_tokens"] / max(now - since, 1e-6), 1)
             self._last_log_time = now
-            self._sums = defaultdict(float)
+            self._sums = {}
         super().log(logs, start_time) if start_time is not None else super().log(logs)
 
     def train(self, *args, **kwargs):
         self._train_start_time = time.time()
         self._last_log_time = None
-        return super().train(*args, **kwargs)
+        result = super().train(*args, **kwargs)
+        self._raise_if_nonfinite()  # a last step after the last log
+        return result
 
     # ---- evaluation ---------------------------------------------------------------------
     @torch.no_grad()
@@ -243,13 +279,12 @@ class EagleTrainer(Trainer):
         model = self.draft_module()
         was_training = model.training
         model.eval()
-        sums = defaultdict(float)
+        sums = {}
         start = time.time()
         with self.accelerator.autocast():
             for inputs in dataloader:
                 inputs = self._prepare_inputs(inputs)
-                for k, v in self.eval_batch(model, inputs).items():
-                    sums[k] += float(v)
+                add_sums(sums, self.eval_batch(model, inputs))
         model.train(was_training)
         sums = self._reduce_sums(sums)
         metrics = self.summarize(sums, prefix=f"{metric_key_prefix}_")

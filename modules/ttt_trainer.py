@@ -17,12 +17,16 @@ distribution and the target's, both restricted to the DRAFT vocabulary (= forwar
 constant). Valid: x_{t+2+k} is a trained token (loss mask) and the target's argmax at f_{t+1+k}
 is inside the draft vocabulary. With arch="eagle2" the draft vocabulary is the full one and the
 EAGLE-1 feature regression (w_reg * SmoothL1) is added per step.
+
+The trainer's model is TTTUnroll(draft): the unroll and the draft head run inside its forward, so
+DDP (torchrun / accelerate) sees every trained weight used in the wrapped forward and all-reduces the
+gradients. Checkpoints and exports save the draft alone (draft_module()).
 """
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from modules.trainer import EagleTrainer, EagleTrainingArguments, add_uniform_noise, soft_cross_entropy
 from modules.ttt_attention import TTTCache, run_attention, step0_mask
@@ -115,18 +119,58 @@ def target_logprobs(features, head_weight, draft_ids=None, chunk=1024, argmax_he
     return torch.cat(logp), torch.cat(top)
 
 
+def is_eagle3(draft):
+    """EAGLE-3 draft (modules/eagle3_draft) or EAGLE-1/2 draft (modules/eagle_draft)."""
+    return hasattr(draft, "ttt_step")
+
+
+class TTTUnroll(nn.Module):
+    """What TTTTrainer trains, and what DDP / FSDP / DeepSpeed wrap: its forward runs the whole
+    unrolled draft and the draft's head, so every trained weight is used inside the wrapped
+    forward and its gradient is synchronised across ranks. The draft is `.draft`; checkpoints and
+    exports save the draft alone, in its own layout (TTTTrainer.draft_module)."""
+
+    def __init__(self, draft):
+        super().__init__()
+        self.draft = draft
+        self.is_eagle3 = is_eagle3(draft)
+
+    def forward(self, slot_ids, features, slot_am, steps, select):
+        """`steps` TTT steps over every slot (slot_ids [B,T], step-0 input features [B,T,*],
+        attention mask [B,T]). select: index tensors (k, b, t) [N] naming the (step, row, slot)
+        outputs wanted. Returns (draft outputs [N, h], draft logits [N, draft vocab])."""
+        draft = self.draft
+        mask0 = step0_mask(slot_am, slot_ids.shape[1], slot_ids.device)
+        cache, h, outs = TTTCache(), features, []
+        for k in range(steps):
+            step_ids = shift_left(slot_ids, k)
+            if self.is_eagle3:
+                h = draft.ttt_step(step_ids, h, cache, mask0, k)
+            else:
+                h = eagle2_ttt_step(draft, step_ids, h, cache, mask0, k)
+            outs.append(h)
+        k, b, t = select
+        h = torch.stack(outs)[k, b, t]
+        return h, draft.compute_logits(h)
+
+
 class TTTTrainer(EagleTrainer):
-    """EagleTrainer with the training-time-test loss.
+    """EagleTrainer with the training-time-test loss. The trainer's model is TTTUnroll(draft).
 
     target_head: the target's frozen lm_head weight [V, H] (EAGLE-3 drafts train their own head,
       so the target distribution needs the original); None = the draft's own head (EAGLE-1/2).
     target: the target model, needed for online=True (features computed in the loop).
+
+    Host syncs per micro-step: two (the number of trained slots and of scored (step, slot) pairs
+    set tensor shapes); metrics stay on the device until a logging step (EagleTrainer.log).
     """
 
-    def __init__(self, *args, target_head=None, target=None, online=False, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model=None, *args, target_head=None, target=None, online=False, **kwargs):
+        if model is not None and not isinstance(model, TTTUnroll):
+            model = TTTUnroll(model)
+        super().__init__(model, *args, **kwargs)
         draft = self.draft_module()
-        self.is_eagle3 = hasattr(draft, "ttt_step")
+        self.is_eagle3 = is_eagle3(draft)
         if target_head is None:
             if self.is_eagle3:
                 raise ValueError("an EAGLE-3 draft needs target_head (the target's frozen lm_head weight)")
@@ -138,6 +182,16 @@ class TTTTrainer(EagleTrainer):
         self.online = online
         if online and target is None:
             raise ValueError("online training needs the target model")
+
+    def draft_module(self, model=None):
+        """The draft itself (inside TTTUnroll, inside DDP & co.): what is saved, exported, evaluated."""
+        module = super().draft_module(model)
+        return module.draft if isinstance(module, TTTUnroll) else module
+
+    def unroller(self, model):
+        """The module whose forward runs the unroll: the trainer's model as given (DDP-wrapped in
+        distributed training), or a bare draft (evaluation, tests) wrapped on the spot."""
+        return model if isinstance(self.accelerator.unwrap_model(model), TTTUnroll) else TTTUnroll(model)
 
     # ---- features -------------------------------------------------------------------------
     def _features(self, draft, inputs):
@@ -159,66 +213,67 @@ class TTTTrainer(EagleTrainer):
             return draft.draft_ids, draft.t2d
         return None, torch.ones(self.target_head.shape[0], dtype=torch.bool, device=self.target_head.device)
 
-    # ---- the unrolled draft ---------------------------------------------------------------------
-    def unroll(self, model, inputs, steps):
-        """Run `steps` TTT steps. Returns a dict with per-step outputs and the shifted labels."""
-        draft = self.draft_module(model)
+    def slots(self, draft, inputs, noise):
+        """The batch per slot t (no gradient): step-0 input `feats` a_t / f_t [B,T,*] (noised when
+        `noise`), data token `ids` x_{t+1}, attention mask `am`, `mask` = x_{t+2} is trained, and
+        `last` = f_{t+1}, whose head gives the target distribution of x_{t+2}."""
         dtype = draft.fc.weight.dtype
         feats, last = self._features(draft, inputs)
         ids, lm, am = inputs["input_ids"], inputs["loss_mask"], inputs["attention_mask"]
-        feats, last = feats[:, :-1].to(dtype), last[:, 1:]         # slot t: a_t / f_t ; target f_{t+1}
-        slot_ids, slot_am = ids[:, 1:], am[:, 1:]                  # slot t reads x_{t+1}
-        slot_mask = shift_left(lm, 2)[:, :-1]                      # ... and predicts x_{t+2}
-        if model.training and self.args.noise_std > 0:
-            feats = add_uniform_noise(feats, slot_am, self.args.noise_std)
-        mask0 = step0_mask(slot_am, slot_ids.shape[1], slot_ids.device)
-        cache, h, outs = TTTCache(), feats, []
-        for k in range(steps):
-            step_ids = shift_left(slot_ids, k)
-            if self.is_eagle3:
-                h = draft.ttt_step(step_ids, h, cache, mask0, k)
-            else:
-                h = eagle2_ttt_step(draft, step_ids, h, cache, mask0, k)
-            outs.append(h)
-        return {"draft": draft, "outs": outs, "last": last, "slot_mask": slot_mask, "slot_ids": slot_ids,
-                "slot_am": slot_am}
+        s = {"feats": feats[:, :-1].to(dtype), "last": last[:, 1:], "ids": ids[:, 1:], "am": am[:, 1:],
+             "mask": shift_left(lm, 2)[:, :-1].bool()}
+        if noise and self.args.noise_std > 0:
+            s["feats"] = add_uniform_noise(s["feats"], s["am"], self.args.noise_std)
+        return s
 
+    # ---- the loss -------------------------------------------------------------------------------
     def eagle_loss(self, model, inputs):
+        return self.ttt_loss(model, self.slots(self.draft_module(model), inputs, noise=model.training),
+                             self.args.ttt_steps)
+
+    def ttt_loss(self, model, s, steps):
+        """(loss, metric sums as device tensors) of `steps` unrolled steps over the slots `s`."""
         args = self.args
-        u = self.unroll(model, inputs, args.ttt_steps)
-        draft, last, slot_mask = u["draft"], u["last"], u["slot_mask"]
+        draft = self.draft_module(model)
         draft_ids, t2d = self._draft_ids(draft)
-        # Target distributions once, only at trained positions (a slot's step k reads slot t+k).
-        sel_all = slot_mask.bool()
-        tgt_logp, tgt_top = target_logprobs(last[sel_all], self.target_head, draft_ids, argmax_head=self.argmax_head)
-        row = torch.full(slot_mask.shape, -1, dtype=torch.long, device=slot_mask.device)
-        row[sel_all] = torch.arange(int(sel_all.sum()), device=row.device)
-        in_vocab = t2d[tgt_top]
-        total = 0.0
-        metrics = defaultdict(float)
-        for k, h in enumerate(u["outs"]):
-            r = shift_left(row, k, fill=-1)
-            valid = r >= 0
-            valid[valid.clone()] = in_vocab[r[valid]]
-            rows = r[valid]
-            n = valid.sum()
-            logits = draft.compute_logits(h[valid])
-            ce = soft_cross_entropy(logits, tgt_logp[rows])
-            step_loss = args.w_cls * ce.sum()
-            if args.w_reg > 0:
-                reg = F.smooth_l1_loss(h[valid].float(), shift_left(last, k)[valid].float(), reduction="none").mean(-1)
-                step_loss = step_loss + args.w_reg * reg.sum()
-                metrics[f"s{k}_reg"] += float(reg.detach().sum())
-            total = total + (args.ttt_decay ** k) * step_loss / n.clamp(min=1)
-            with torch.no_grad():
-                hit = (logits.argmax(-1) == tgt_logp[rows].argmax(-1)).sum()
-            metrics[f"s{k}_loss"] += float(ce.detach().sum())
-            metrics[f"s{k}_hit"] += float(hit)
-            metrics[f"s{k}_n"] += float(n)
+        # Target distributions once, only at trained slots (host sync: their number).
+        b, t = s["mask"].nonzero(as_tuple=True)
+        tgt_logp, tgt_top = target_logprobs(s["last"][b, t], self.target_head, draft_ids, argmax_head=self.argmax_head)
+        row = torch.full(s["mask"].shape, -1, dtype=torch.long, device=b.device)
+        row[b, t] = torch.arange(len(b), device=b.device)
+        # Step k at slot t is scored against slot t+k's target distribution when slot t+k is trained
+        # and the target's top token there is in the draft vocabulary (row -1 reads the appended False).
+        rows = torch.stack([shift_left(row, k, fill=-1) for k in range(steps)])  # [steps, B, T]
+        in_vocab = torch.cat([t2d[tgt_top], t2d.new_zeros(1)])
+        valid = in_vocab[rows]
+        k, b, t = valid.nonzero(as_tuple=True)  # host sync: the number of scored (step, slot) pairs
+        h, logits = self.unroller(model)(s["ids"], s["feats"], s["am"], steps, (k, b, t))
+        r = rows[k, b, t]
+        ce = soft_cross_entropy(logits, tgt_logp[r])
+        per_row = args.w_cls * ce
+        if args.w_reg > 0:
+            reg = F.smooth_l1_loss(h.float(), s["last"][b, t + k].float(), reduction="none").mean(-1)
+            per_row = per_row + args.w_reg * reg
+        n = valid.sum((1, 2))
+        weight = args.ttt_decay ** torch.arange(steps, device=n.device) / n.clamp(min=1)
+        total = (weight[k] * per_row).sum()  # sum_k decay^k * mean over step k's scored slots
+
+        def per_step(x):
+            return torch.zeros(steps, device=x.device).index_add_(0, k, x.detach().float())
+
+        loss_k = per_step(ce)
+        hit_k = per_step(logits.detach().argmax(-1) == tgt_logp.argmax(-1)[r])
+        reg_k = per_step(reg) if args.w_reg > 0 else None
+        metrics = {}
+        for i in range(steps):
+            metrics.update({f"s{i}_loss": loss_k[i], f"s{i}_hit": hit_k[i], f"s{i}_n": n[i]})
+            if reg_k is not None:
+                metrics[f"s{i}_reg"] = reg_k[i]
         # the base trainer's keys: step 0 (cls/top1), token counts
-        metrics.update(cls_sum=metrics["s0_loss"], reg_sum=metrics.get("s0_reg", 0.0), top1=metrics["s0_hit"],
-                       n_trained=metrics["s0_n"], n_tokens=float(inputs["attention_mask"].sum()))
-        return total, dict(metrics)
+        metrics.update(cls_sum=loss_k[0], top1=hit_k[0], n_trained=n[0], n_tokens=s["am"].sum())
+        if reg_k is not None:
+            metrics["reg_sum"] = reg_k[0]
+        return total, metrics
 
     # ---- logging ------------------------------------------------------------------------------
     @staticmethod
@@ -243,24 +298,28 @@ class TTTTrainer(EagleTrainer):
         """Loss metrics plus a simulated chain acceptance (as modules/trainer.simulated_acceptance):
         while the chain is alive, the draft's tokens equal the data tokens, so the unrolled TTT
         steps (which read data tokens) are exactly the draft's chain at decoding time."""
-        _, metrics = self.eagle_loss(model, inputs)
-        steps = max(self.args.sim_steps, 1)
-        u = self.unroll(model, inputs, steps)
-        draft, last = u["draft"], u["last"]
-        mask = u["slot_mask"].bool()
-        nxt = shift_left(u["slot_ids"], 1, fill=-1)  # x_{t+2}: the data token slot t predicts
-        nxt = torch.where(shift_left(u["slot_am"], 1) > 0, nxt, torch.full_like(nxt, -1))
-        greedy = (last.to(self.target_head.dtype) @ self.target_head.T).argmax(-1)
+        draft = self.draft_module(model)
+        s = self.slots(draft, inputs, noise=False)
+        _, metrics = self.ttt_loss(model, s, self.args.ttt_steps)
+        steps, mask = max(self.args.sim_steps, 1), s["mask"]
+        # the draft's greedy token of step k at every trained origin t (the chain's k-th token)
+        k, b, t = mask.expand(steps, -1, -1).nonzero(as_tuple=True)
+        _, logits = self.unroller(model)(s["ids"], s["feats"], s["am"], steps, (k, b, t))
+        tok = logits.argmax(-1)
+        if self.is_eagle3:
+            tok = draft.to_target_ids(tok)
+        tokens = torch.full((steps, *mask.shape), -1, dtype=torch.long, device=mask.device)
+        tokens[k, b, t] = tok
+        nxt = shift_left(s["ids"], 1, fill=-1)  # x_{t+2}: the data token slot t predicts
+        nxt = torch.where(shift_left(s["am"], 1) > 0, nxt, torch.full_like(nxt, -1))
+        greedy = (s["last"].to(self.target_head.dtype) @ self.target_head.T).argmax(-1)
         greedy = torch.where(nxt >= 0, greedy, torch.full_like(greedy, -2))
         alive = torch.ones_like(mask)
         accepted = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
-        for k, h in enumerate(u["outs"]):
-            tok = draft.compute_logits(h).argmax(-1)
-            if self.is_eagle3:
-                tok = draft.to_target_ids(tok)
-            g, d = shift_left(greedy, k, -2), shift_left(nxt, k, -1)
-            ok = alive & (tok == g)
+        for i in range(steps):
+            g, d = shift_left(greedy, i, -2), shift_left(nxt, i, -1)
+            ok = alive & (tokens[i] == g)
             accepted += ok.long()
             alive = ok & (d == g)
-        metrics.update(sim_accepted=float(accepted[mask].sum()), sim_count=float(mask.sum()))
+        metrics.update(sim_accepted=(accepted * mask).sum(), sim_count=mask.sum())
         return metrics

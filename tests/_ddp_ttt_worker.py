@@ -1,0 +1,104 @@
+"""Worker of tests/test_ddp_ttt.py: TTTTrainer for 3 optimizer steps on 4 equal-length
+conversations, in three setups (EAGLE-3 with stored features, EAGLE-3 online, EAGLE-1/2 arch),
+then each rank writes its trained weights and how many all-reduces the trainer made.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/_ddp_ttt_worker.py OUT 1   # 2 ranks x batch 1
+    python tests/_ddp_ttt_worker.py OUT 2                                               # 1 process x batch 2
+
+Both see the same global batch: 4 conversations per optimizer step (batch x ranks x 2 accumulation
+micro-steps), i.e. the whole data set, so the sample order does not matter. Every conversation has
+the same length, loss mask and (full draft vocabulary) number of valid positions per step, so the
+per-micro-batch loss means average to the same gradient in both setups.
+"""
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SETUPS = ("eagle3", "eagle3_online", "eagle2")
+STEPS, GRAD_ACCUM, N_ITEMS, LENGTH = 3, 2, 4, 16
+
+
+def items(target):
+    from modules.features import target_features
+    from tests._helpers_eagle3 import AUX
+
+    out = []
+    for i in range(N_ITEMS):
+        ids = (torch.arange(LENGTH) * (i + 1) + 7 * i) % 40 + 3
+        mask = torch.zeros(LENGTH, dtype=torch.long)
+        mask[3:] = 1
+        last, aux = target_features(target, ids[None], None, AUX)
+        out.append({"input_ids": ids, "loss_mask": mask, "row_id": i,
+                    "hidden_states": last[0], "aux_hidden_states": aux[0]})
+    return out
+
+
+def make_draft(setup, target):
+    """The seeded initial draft; EAGLE-3 with the full vocabulary as draft vocabulary, so every
+    position is valid at every step."""
+    from modules.eagle3_draft import Eagle3Draft
+    from modules.eagle_draft import EagleDraft
+    from tests._helpers_eagle3 import AUX, VOCAB
+
+    torch.manual_seed(1)
+    if setup == "eagle2":
+        return EagleDraft.from_target(target)
+    return Eagle3Draft.from_target(target, draft_ids=torch.arange(VOCAB), aux_layers=AUX)
+
+
+def run(out_dir, batch_size, setup):
+    from safetensors.torch import save_file
+
+    from modules.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
+    from tests._helpers_eagle3 import tiny_target
+
+    target = tiny_target()
+    data = items(target)
+    online = setup == "eagle3_online"
+    if online:
+        data = [{k: v for k, v in it.items() if "hidden" not in k} for it in data]
+    draft = make_draft(setup, target)
+    eagle3 = setup != "eagle2"
+    args = TTTTrainingArguments(
+        output_dir=str(Path(out_dir) / setup), max_steps=STEPS, learning_rate=1e-2, warmup_steps=0,
+        per_device_train_batch_size=batch_size, gradient_accumulation_steps=GRAD_ACCUM,
+        logging_steps=STEPS, report_to=[], save_strategy="no", use_cpu=True,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_find_unused_parameters=False, noise_std=0.0, w_reg=0.0 if eagle3 else 1.0,
+        w_cls=1.0 if eagle3 else 0.1, ttt_steps=3, dataloader_num_workers=0, seed=0)
+    trainer = TTTTrainer(model=draft, args=args, train_dataset=data, data_collator=TTTCollator(64),
+                         target_head=target.lm_head.weight if eagle3 else None,
+                         target=target if online else None, online=online)
+    reduces = count_all_reduces()
+    trainer.train()
+    weights = {n: p.detach().contiguous() for n, p in trainer.draft_module().named_parameters() if p.requires_grad}
+    save_file(weights, str(Path(out_dir) / f"{setup}-rank{args.process_index}.safetensors"),
+              metadata={"world_size": str(args.world_size), "global_step": str(trainer.state.global_step),
+                        "all_reduce_calls": str(reduces.stop())})
+
+
+class count_all_reduces:
+    """Counts torch.distributed.all_reduce calls (the trainer's metric / NaN reductions; DDP's
+    gradient buckets are reduced in C++ and do not pass through here)."""
+
+    def __init__(self):
+        self.n, self.orig = 0, torch.distributed.all_reduce
+
+        def counted(*a, **kw):
+            self.n += 1
+            return self.orig(*a, **kw)
+        torch.distributed.all_reduce = counted
+
+    def stop(self):
+        torch.distributed.all_reduce = self.orig
+        return self.n
+
+
+if __name__ == "__main__":
+    out, batch = sys.argv[1], int(sys.argv[2])
+    for name in SETUPS:
+        run(out, batch, name)
