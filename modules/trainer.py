@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +83,27 @@ def _chain_mask(T, step, device, batch):
     return torch.cat([causal] + [eye] * step, dim=1)[None, None].expand(batch, 1, T, T * (step + 1))
 
 
+# Attention implementations that take a 2D padding mask only: a 4D mask means something else to them.
+PADDING_MASK_ONLY = ("flash_attention_2", "flash_attention_3")
+
+
+@contextmanager
+def attention_for_4d_masks(draft):
+    """Run `draft` through SDPA inside the block when its attention implementation reads only
+    padding masks (flash attention would take the chain mask of simulated_acceptance for a
+    padding mask). Same weights, same function; the configured implementation comes back after."""
+    config = getattr(draft, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in PADDING_MASK_ONLY:
+        yield
+        return
+    config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = impl
+
+
 @torch.no_grad()
 def simulated_acceptance(draft, batch, steps):
     """Run the draft autoregressively `steps` times from every slot, as at decoding time, and
@@ -95,7 +117,13 @@ def simulated_acceptance(draft, batch, steps):
     is cut there: on data the target did not write itself this is a lower bound.
     Returns (sum of accepted lengths over origins with loss_mask, number of origins);
     tau_sim = 1 + sum / count (the bonus token counts, as in real decoding).
+    The chain steps need a 4D mask: flash-attention drafts run through SDPA here.
     """
+    with attention_for_4d_masks(draft):
+        return _simulated_acceptance(draft, batch, steps)
+
+
+def _simulated_acceptance(draft, batch, steps):
     dtype = draft.fc.weight.dtype
     ids, hs, mask = batch["input_ids"], batch["hidden_states"].to(dtype), batch["loss_mask"].bool()
     nxt = batch["next_ids"]
