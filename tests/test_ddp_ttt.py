@@ -31,7 +31,7 @@ def _read(path):
 
 
 def test_ttt_ddp_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO_ROOT / "tests" / "_ddp_ttt_worker.py"), str(tmp_path / "ddp"), "1"]
     r = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
