@@ -73,7 +73,7 @@ def run(out_dir, batch_size, setup):
     trainer = TTTTrainer(model=draft, args=args, train_dataset=data, data_collator=TTTCollator(64),
                          target_head=target.lm_head.weight if eagle3 else None,
                          target=target if online else None, online=online)
-    reduces = count_all_reduces()
+    reduces = CountAllReduces()
     trainer.train()
     weights = {n: p.detach().contiguous() for n, p in trainer.draft_module().named_parameters() if p.requires_grad}
     save_file(weights, str(Path(out_dir) / f"{setup}-rank{args.process_index}.safetensors"),
@@ -81,7 +81,7 @@ def run(out_dir, batch_size, setup):
                         "all_reduce_calls": str(reduces.stop())})
 
 
-class count_all_reduces:
+class CountAllReduces:
     """Counts torch.distributed.all_reduce calls (the trainer's metric / NaN reductions; DDP's
     gradient buckets are reduced in C++ and do not pass through here)."""
 
