@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 
 class TTTCache:
-    """Per-step key/value lists: keys[j] / values[j] are [B, n_kv_heads, T, d] of step j."""
+    """Per-step key/value lists: keys[j] / values[j] are [B, n_heads, T, d] of step j (repeated for GQA)."""
 
     def __init__(self):
         self.keys, self.values = [], []
