@@ -3,13 +3,17 @@
     python benchmark/bench_ttt_attention.py                          # Llama-3.1-8B draft shapes, T=2048, 7 steps
     python benchmark/bench_ttt_attention.py --seq-len 2048 --steps 3  # the README's CPU run (~11 min, 2 cores)
     python benchmark/bench_ttt_attention.py --device cuda             # bf16 on a GPU
+    python benchmark/bench_ttt_attention.py --attention-only          # the TTT attention calls alone (seconds)
 
 One training step = TTTTrainer.compute_loss (the unrolled draft steps, the per-step soft
 cross-entropy against the target head, exactly as in training) + backward; the optimizer step
 is left out (its memory and time do not depend on the attention). The draft is an Eagle3Draft
 with the shapes of a Llama-3.1-8B draft (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336,
 32k draft vocabulary), random weights and random features; both variants get the same weights and
-inputs (same seed), so their losses must agree, and are printed side by side.
+inputs (same seed), so their losses must agree, and are printed side by side. --attention-only
+measures just the attention of the unrolled steps (modules/ttt_attention.py on random per-step
+q/k/v of [batch, heads, T, head_dim], forward + backward of a weighted sum of the outputs): what the
+attention itself adds, without the rest of the draft, at full T and step count in seconds.
 
 Each variant (--attn eager: the reference [heads, T, T] scores with an fp32 softmax; sdpa:
 modules/ttt_attention.ttt_sdpa_output) runs in its own fresh process. Peak memory of the step, two
@@ -80,6 +84,7 @@ def parse_args(argv=None):
     a("--dtype", choices=["auto", "fp32", "bf16"], default=DTYPE)
     a("--threads", type=int, default=THREADS)
     a("--seed", type=int, default=SEED)
+    a("--attention-only", action="store_true", help="only the TTT attention calls, random q/k/v")
     a("--out", default=OUT)
     a("--child", help=argparse.SUPPRESS)  # child process mode: VARIANT:RESULT_PATH
     return p.parse_args(argv)
@@ -148,6 +153,32 @@ def build(args, device):
     return trainer, draft, {k: v.to(device) for k, v in batch.items()}
 
 
+def attention_only_step(args, variant, device):
+    """(loss, callable for the step) of the TTT attention alone: step k attends over k+1 key sets."""
+    from modules.ttt_attention import step0_mask, ttt_scores_softmax_output, ttt_sdpa_output
+
+    torch.manual_seed(args.seed)
+    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else torch.float32
+    d = args.hidden // args.heads
+    shape = (args.batch, args.heads, args.seq_len, d)
+    qs, keys, values = ([torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+                         for _ in range(args.steps)] for _ in range(3))
+    weight = torch.randn(shape, device=device, dtype=dtype)
+    mask = step0_mask(None, args.seq_len, device)
+
+    def step():
+        loss = 0.0
+        for k in range(args.steps):
+            if variant == "eager":
+                out = ttt_scores_softmax_output(qs[k], keys[:k + 1], values[:k + 1], mask.dense, d ** -0.5)
+            else:
+                out = ttt_sdpa_output(qs[k], keys[:k + 1], values[:k + 1], d ** -0.5)
+            loss = loss + (out.float() * weight).sum()
+        loss.backward()
+        return loss, [t.grad for t in qs + keys + values]
+    return step
+
+
 def run_variant(args, variant, result_path):
     """Child process: one training step with TTT attention `variant`; writes its figures as JSON."""
     import gc
@@ -156,9 +187,19 @@ def run_variant(args, variant, result_path):
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    trainer, draft, batch = build(args, device)
-    draft.config._attn_implementation = variant
-    draft.train()
+    if args.attention_only:
+        step = attention_only_step(args, variant, device)
+        dtype = "bf16" if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else "fp32"
+    else:
+        trainer, draft, batch = build(args, device)
+        draft.config._attn_implementation = variant
+        draft.train()
+        dtype = "bf16 autocast" if trainer.args.bf16 else "fp32"
+
+        def step():
+            loss = trainer.compute_loss(draft, batch)
+            loss.backward()
+            return loss, [p.grad for p in draft.parameters() if p.grad is not None]
     gc.collect()
     cuda = device.type == "cuda"
     if cuda:
@@ -170,14 +211,12 @@ def run_variant(args, variant, result_path):
         before = proc_status_kb("VmRSS") * 1024
     t0 = time.perf_counter()
     with LiveTensorPeak() as tensors:
-        loss = trainer.compute_loss(draft, batch)
-        loss.backward()
+        loss, grads = step()
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if cuda else proc_status_kb("VmHWM") * 1024
-    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in draft.parameters()
-                                                      if p.grad is not None]))
+    grad_norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))
     result = {"variant": variant, "step_s": seconds,
               "step_peak_gb": ((peak - before) if cuda else tensors.peak) / 2**30,
               "memory_kind": "cuda max_memory_allocated" if cuda else "live tensors (TorchDispatchMode)",
@@ -185,14 +224,15 @@ def run_variant(args, variant, result_path):
               "process_before_gb": None if cuda else before / 2**30,
               "process_peak_gb": None if cuda else peak / 2**30,
               "loss": float(loss.detach()), "grad_norm": float(grad_norm), "device": str(device),
-              "dtype": "bf16 autocast" if trainer.args.bf16 else "fp32", "threads": torch.get_num_threads(),
+              "dtype": dtype, "threads": torch.get_num_threads(),
               "torch": torch.__version__}
     atomic_write_text(Path(result_path), json.dumps(result, indent=2))
 
 
 def print_table(result):
     s = result["settings"]
-    print(f"\none TTT training step (forward + backward), hidden {s['hidden']}, {s['heads']}/{s['kv_heads']} heads, "
+    what = "the TTT attention alone" if s["attention_only"] else "one TTT training step"
+    print(f"\n{what} (forward + backward), hidden {s['hidden']}, {s['heads']}/{s['kv_heads']} heads, "
           f"draft vocab {s['draft_vocab']:,}, batch {s['batch']} x T={s['seq_len']}, {s['steps']} steps")
     print(f"{'attention':>9} | {'time s':>8} | {'peak GB (tensors)':>17} | {'peak GB (process)':>17} | "
           f"{'loss':>10} | {'grad norm':>10}")
@@ -223,7 +263,8 @@ def plot(result, path):
         ax.set(ylabel=label, xlabel="TTT attention")
         ax.grid(alpha=0.3, axis="y")
     s = result["settings"]
-    fig.suptitle(f"EAGLE-3 TTT step, 8B draft shapes, T={s['seq_len']}, {s['steps']} steps ({rs[0]['device']})",
+    what = "TTT attention alone" if s["attention_only"] else "EAGLE-3 TTT training step"
+    fig.suptitle(f"{what}, 8B draft shapes, T={s['seq_len']}, {s['steps']} steps ({rs[0]['device']})",
                  fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
@@ -247,7 +288,8 @@ def main(argv=None):
                 return 1
             results[variant] = json.loads(path.read_text())
     settings = {k: getattr(args, k) for k in ("hidden", "intermediate", "heads", "kv_heads", "draft_vocab",
-                                              "target_vocab", "seq_len", "steps", "batch", "dtype", "seed")}
+                                              "target_vocab", "seq_len", "steps", "batch", "dtype", "seed",
+                                              "attention_only")}
     result = {"command": "python benchmark/bench_ttt_attention.py " + " ".join(argv), "settings": settings,
               "scores_gb_per_step": args.batch * args.heads * args.seq_len ** 2 * 4 / 2**30,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),

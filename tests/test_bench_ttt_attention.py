@@ -10,10 +10,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmark"))
 import bench_ttt_attention  # noqa: E402
 
 
-def test_tiny_run_writes_side_by_side_figures(tmp_path, capsys):
+@pytest.mark.parametrize("attention_only", [False, True])
+def test_tiny_run_writes_side_by_side_figures(tmp_path, capsys, attention_only):
     out = tmp_path / "ttt.json"
     argv = ["--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2", "--draft-vocab", "50",
             "--target-vocab", "100", "--seq-len", "48", "--steps", "3", "--threads", "1", "--out", str(out)]
+    argv += ["--attention-only"] if attention_only else []
     assert bench_ttt_attention.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["command"].endswith(" ".join(argv)) and result["settings"]["steps"] == 3
