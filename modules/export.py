@@ -50,11 +50,13 @@ def check_fits_target(state_dict, target_cfg, where):
         raise ExportError(f"{where}: draft does not fit the target: {shown}")
 
 
-def export_draft(draft, out_dir, target=None, dtype=torch.bfloat16, warn=print):
+def export_draft(draft, out_dir, target=None, dtype=torch.bfloat16, warn=print, portable=True):
     """Write a draft (an EagleDraft or a checkpoint folder) in both layouts to out_dir.
 
     target: the target model (name/path/module); None = the checkpoint's config.target_model.
     dtype: bf16 by default (what engines run); None keeps the training dtype.
+    portable: write `target_model` without the local path (a folder to share); False keeps it, for a
+    training run's own output that our scripts reload on the same machine.
     Returns the output folder; `warn` receives what an engine would not serve as trained.
     """
     from modules.target_weights import load_embed_and_head, target_config
@@ -91,7 +93,8 @@ def export_draft(draft, out_dir, target=None, dtype=torch.bfloat16, warn=print):
     sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
     cfg = draft_config_dict(cfg, dtype)
     cfg["fc_bias"] = True
-    cfg["target_model"] = engines.portable_name(cfg.get("target_model"))
+    if portable:
+        cfg["target_model"] = engines.portable_name(cfg.get("target_model"))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

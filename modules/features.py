@@ -8,12 +8,8 @@ gathered onto the target's output device (modules/placement.py), where the draft
 """
 import torch
 
+from modules.engines import default_aux_layers  # noqa: F401  (re-exported: the official choice)
 from modules.placement import output_device
-
-
-def default_aux_layers(num_layers: int) -> list[int]:
-    """The official EAGLE-3 choice: the inputs of layers 2, N//2 and N-3 (low, middle, high)."""
-    return [2, num_layers // 2, num_layers - 3]
 
 
 def base_model(model):

@@ -92,39 +92,80 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EAGLE_TRAIN_CACHE", Path.home() / ".cache" / "eagle-train"))
 
 
-def embedded_converted() -> Path:
-    """The embedded GGUF converted once to a plain HF folder (fp32 safetensors + tokenizer files).
+def write_hf_checkpoint(model, tokenizer, out_dir) -> Path:
+    """Write a loaded model + tokenizer as a standard HF checkpoint folder that any engine serves.
 
-    Parsing the GGUF costs ~20 s per load (the tokenizer alone ~10 s); the converted folder loads in
-    ~2 s and holds the same dequantized fp32 weights. Keyed by the GGUF's size and mtime; built
-    under a temporary name and renamed, so concurrent first loads are safe.
+    What engines need and GGUF-loaded models lack (vLLM 0.32 served `<|endoftext|>` forever from a
+    folder without them): `architectures` in config.json (else vLLM resolves a bare LlamaModel with
+    no LM head) and a tied embedding stored under its canonical name `model.embed_tokens.weight`
+    (not only as `lm_head.weight`). No machine paths: `_name_or_path` is not written. Written under
+    a temporary name and renamed, so an interrupted write leaves no half folder.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import shutil
+    from safetensors.torch import save_file
 
-    gguf = embedded_gguf()
-    st = gguf.stat()
-    target = cache_dir() / f"{EMBEDDED_MODEL_NAME}-{st.st_size}-{int(st.st_mtime)}"
-    if (target / "model.safetensors").is_file():
-        return target
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # transformers refuses save_pretrained on GGUF-loaded models: write the plain files ourselves.
-    from safetensors.torch import save_model
+    from modules.engines import clean_config, dtype_fields
 
-    tmp.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)  # the weights are plain fp32 now
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # drops the tied lm_head copy
+    out = Path(out_dir)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = clean_config(model.config.to_dict())
+    config.pop("quantization_config", None)  # GGUF weights are plain floats once loaded
+    config["architectures"] = [type(model).__name__]
+    weights = model.state_dict()
+    dtype = next(iter(weights.values())).dtype
+    config.update(dtype_fields(dtype))
+    if getattr(model.config, "tie_word_embeddings", False):
+        weights.pop("lm_head.weight", None)  # tied: the head IS model.embed_tokens.weight
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
     try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished first: keep its copy
-        import shutil
-
+        os.replace(tmp, out)  # fails if `out` is a non-empty folder: never replaced behind a reader's back
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        raise
+    return out
+
+
+def convert_to_hf(model: str | None, out_dir) -> Path:
+    """Load a target (GGUF, folder or hub id; None = the embedded GGUF) in fp32 and write it with
+    write_hf_checkpoint: the folder to give vLLM / SGLang as the target model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, gguf = resolve_model(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(gguf))
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **_hub_kwargs(gguf))
+    except Exception as err:
+        raise TargetLoadError(f"cannot load model '{model}': {_first_line(err)}") from None
+    return write_hf_checkpoint(loaded, tokenizer, out_dir)
+
+
+# Bump when write_hf_checkpoint's layout changes: old cached copies are then rebuilt.
+CONVERTED_LAYOUT = 2
+
+
+def embedded_converted() -> Path:
+    """The embedded GGUF converted once to a standard HF folder (fp32 safetensors + tokenizer files).
+
+    Parsing the GGUF costs ~20 s per load (the tokenizer alone ~10 s); the converted folder loads in
+    ~2 s and holds the same dequantized fp32 weights. Keyed by the GGUF's size and mtime and the
+    layout version; built under a temporary name and renamed, so concurrent first loads are safe.
+    """
+    gguf = embedded_gguf()
+    st = gguf.stat()
+    target = cache_dir() / f"{EMBEDDED_MODEL_NAME}-{st.st_size}-{int(st.st_mtime)}-v{CONVERTED_LAYOUT}"
+    if (target / "model.safetensors").is_file():
+        return target
+    try:
+        return convert_to_hf(None, target)
+    except OSError:
+        if (target / "model.safetensors").is_file():  # another process finished first: keep its copy
+            return target
+        raise
 
 
 def _source(model: str | None) -> tuple[str, str | None]:

@@ -36,7 +36,7 @@ SIM_STEPS = 5             # chain length of the simulated acceptance length
 W_REG, W_CLS = 1.0, 0.1   # SmoothL1 feature loss, soft cross-entropy weights
 NOISE_STD = 0.2           # uniform noise on input features (EAGLE)
 DETACH_CLS = False        # True = BaldEagle recipe (CE term gives no gradient)
-BIAS = True               # fc bias (official LLaMA-2 drafts and BaldEagle have it)
+BIAS = False              # fc bias: vLLM 0.32 builds fc without one (drops it), so none by default (modules/engines.py)
 GRAD_CLIP = 0.5
 PRECISION = "auto"        # auto: bf16 autocast on CUDA and on CPUs with bf16 units (~1.8x faster), else fp32
 ATTN = "auto"             # auto (flash_attention_2 on CUDA when installed, else sdpa) | sdpa | eager | flash_attention_2
@@ -227,7 +227,7 @@ def main(argv=None):
     out = Path(args.output_dir) / "draft"
     if not args.no_export:
         try:
-            export_draft(trainer.draft_module(), out, target=args.model)
+            export_draft(trainer.draft_module(), out, target=args.model, dtype=None, portable=False)
         except ExportError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

