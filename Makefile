@@ -18,10 +18,18 @@ $(STAMP): requirements.txt requirements-embedded.txt
 	$(PIP) install -q --no-deps -r requirements-embedded.txt
 	touch $@
 
-install: $(STAMP)
+# The repo itself, editable (pyproject.toml): every script imports `modules` without sys.path lines,
+# from any folder (docs/extending.md). A separate stamp: adding it reinstalls nothing else.
+REPO_STAMP := $(VENV)/.installed-repo
+$(REPO_STAMP): $(STAMP) pyproject.toml
+	$(PIP) install -q "setuptools>=64"
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(REPO_STAMP)
 
 # Independent loaders used only by the interop tests (never by the main path).
-$(TEST_STAMP): $(STAMP) requirements-test.txt
+$(TEST_STAMP): $(REPO_STAMP) requirements-test.txt
 	$(PIP) install -q --no-deps -r requirements-test.txt
 	touch $@
 
@@ -57,17 +65,22 @@ $(VLLM_STAMP): requirements.txt requirements-embedded.txt requirements-vllm.txt
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_PY) -m pip install -q --no-deps -r requirements-embedded.txt
 	touch $@
+VLLM_REPO_STAMP := $(VLLM_VENV)/.installed-repo
+$(VLLM_REPO_STAMP): $(VLLM_STAMP) pyproject.toml
+	$(VLLM_PY) -m pip install -q "setuptools>=64"
+	$(VLLM_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
 
-install-vllm: $(VLLM_STAMP)
+install-vllm: $(VLLM_REPO_STAMP)
 
-test-vllm: $(VLLM_STAMP)
+test-vllm: $(VLLM_REPO_STAMP)
 	$(VLLM_PY) -m pytest -q tests/test_vllm_serving.py
 
 DEMO_OUT ?= demo_out
 DEMO_ROWS ?= 600
 DEMO_STEPS ?= 360
 DEMO_QUESTIONS ?= 6
-demo: $(STAMP)
+demo: $(REPO_STAMP)
 	$(PY) demo.py --out $(DEMO_OUT) --rows $(DEMO_ROWS) --steps $(DEMO_STEPS) --questions $(DEMO_QUESTIONS)
 
 clean-demo:

@@ -30,30 +30,11 @@ SPREAD_TARGET = False     # spread the target over every visible GPU (targets to
 
 
 def main(argv=None) -> int:
-    from modules.generation import add_generation_args, run_from_args
+    from modules.generation import add_generation_args, run_from_args, run_with_clear_errors
 
     parser = add_generation_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), globals())
     args = parser.parse_args(argv)
     return run_with_clear_errors(lambda: run_from_args(args))
-
-
-def run_with_clear_errors(fn) -> int:
-    """Known failures (bad model, dataset, out dir, template) end with one line and exit code 2."""
-    from modules.chat_data import DatasetError
-    from modules.generation import GenerationError
-    from modules.loss_mask import TemplateError
-    from modules.storage import DataFormatError
-    from modules.target import TargetLoadError
-
-    try:
-        fn()
-    except (TargetLoadError, DatasetError, GenerationError, TemplateError, DataFormatError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # e.g. a full disk while writing a shard (its temporary file is removed)
-        print(f"error: {err.strerror or err}: {getattr(err, 'filename', '') or ''}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

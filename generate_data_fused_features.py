@@ -83,9 +83,8 @@ def regenerate_rows_fn(args):
 
 
 def main(argv=None) -> int:
-    from generate_data import run_with_clear_errors
     from modules.features import default_aux_layers
-    from modules.generation import add_generation_args, run_from_args
+    from modules.generation import add_generation_args, run_from_args, run_with_clear_errors
 
     parser = add_fused_args(add_generation_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), globals()))
     args = parser.parse_args(argv)

@@ -14,15 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from modules.chat_data import load_rows  # noqa: E402
-from modules.features import base_model  # noqa: E402
-from modules.generation import (GenerationSettings, encode_rows, generate_folder, make_batches,  # noqa: E402
+from modules.chat_data import load_rows
+from modules.features import base_model
+from modules.generation import (GenerationSettings, encode_rows, generate_folder, make_batches,
                                 pad_batch, resolve_batch_tokens)
-from modules.target import load_target_model, load_tokenizer, model_display_name, pick_dtype  # noqa: E402
+from modules.target import load_target_model, load_tokenizer, model_display_name, pick_dtype
 
 # ----------------------------------------------------------------------------- SETTINGS
 MODEL = None          # embedded SmolLM2-135M-Instruct

@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 # ---- SETTINGS ----------------------------------------------------------------------------
 DRAFT = None                 # None -> modules.paths.DEFAULT_TRAIN_DIR (outputs/eagle2)
 MODEL = None                 # None -> the embedded SmolLM2-135M-Instruct

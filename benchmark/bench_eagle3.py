@@ -25,9 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modules.paths import REPO_ROOT  # noqa: E402
+from modules.paths import REPO_ROOT
 
 # ----------------------------------------------------------------------------- SETTINGS
 ROWS = 80                 # ShareGPT rows 0..ROWS (the same for every variant)

@@ -4,12 +4,8 @@ own first answer), as EAGLE's evaluation does. Same flags as bench_sglang_eagle_
 
     python benchmark/bench_sglang_eagle_double_turn.py --port 30000
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmark.bench_sglang_eagle_single_turn import main  # noqa: E402
+from benchmark.bench_sglang_eagle_single_turn import main
 
 # ---- SETTINGS (the rest are the single-turn script's) ---------------------------------------
 TURNS = 2

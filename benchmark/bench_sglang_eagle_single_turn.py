@@ -21,8 +21,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 # ---- SETTINGS ----------------------------------------------------------------------------
 HOST = "http://127.0.0.1"
 PORT = 30000

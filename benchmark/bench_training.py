@@ -21,10 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modules.paths import DEFAULT_DATA_DIR, REPO_ROOT  # noqa: E402
-from modules.storage import atomic_write_text  # noqa: E402
+from modules.paths import DEFAULT_DATA_DIR, REPO_ROOT
+from modules.storage import atomic_write_text
 
 # ----------------------------------------------------------------------------- SETTINGS
 DATA = str(DEFAULT_DATA_DIR)

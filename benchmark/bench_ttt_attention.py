@@ -44,10 +44,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modules.paths import REPO_ROOT  # noqa: E402
-from modules.storage import atomic_write_text  # noqa: E402
+from modules.paths import REPO_ROOT
+from modules.storage import atomic_write_text
 
 # ----------------------------------------------------------------------------- SETTINGS
 HIDDEN = 4096             # Llama-3.1-8B

@@ -25,9 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modules.paths import DEFAULT_TTT_TRAIN_DIR, MT_BENCH_QUESTIONS  # noqa: E402
+from modules.paths import DEFAULT_TTT_TRAIN_DIR, MT_BENCH_QUESTIONS
 
 # ---- SETTINGS ----------------------------------------------------------------------------
 MODEL = None                 # target folder vLLM serves; None = the embedded SmolLM2 (convert_target.py layout)

@@ -13,8 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 # ----------------------------------------------------------------------------- SETTINGS
 GPU_TFLOPS = 989.0        # dense bf16 peak of one GPU (H100 SXM); the bounds scale with it
 GPU_MEMORY_GB = 80.0

@@ -15,6 +15,7 @@ import argparse
 import functools
 import hashlib
 import os
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -422,6 +423,23 @@ def run_from_args(args, aux_layers_fn=None, rows_fn=None, extra_manifest: dict |
                                desc=f"rows {args.start}-{end}", extra_manifest=extra_manifest)
     print_summary(out_dir, manifest, time.perf_counter() - t0)
     return manifest
+
+
+def run_with_clear_errors(fn) -> int:
+    """The scripts' known failures (bad model, dataset, out dir, template) end with one line and exit code 2."""
+    from modules.chat_data import DatasetError
+    from modules.storage import DataFormatError
+    from modules.target import TargetLoadError
+
+    try:
+        fn()
+    except (TargetLoadError, DatasetError, GenerationError, TemplateError, DataFormatError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. a full disk while writing a shard (its temporary file is removed)
+        print(f"error: {err.strerror or err}: {getattr(err, 'filename', '') or ''}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def print_summary(out_dir, m: dict, seconds: float) -> None:

@@ -10,11 +10,8 @@ or shapes do not fit the target, or that no engine could serve as trained.
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modules.paths import DEFAULT_TRAIN_DIR  # noqa: E402
+from modules.paths import DEFAULT_TRAIN_DIR
 
 # ----------------------------------------------------------------------------- SETTINGS
 CHECKPOINT = str(DEFAULT_TRAIN_DIR / "draft")   # a checkpoint-* folder or a previous export

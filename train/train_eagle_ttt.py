@@ -19,9 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modules.paths import DEFAULT_FUSED_DATA_DIR, DEFAULT_TTT_TRAIN_DIR  # noqa: E402
+from modules.paths import DEFAULT_FUSED_DATA_DIR, DEFAULT_TTT_TRAIN_DIR
+from modules.training_setup import UsageError, check_data_fits_target, pick_attention, split, training_arguments
 
 # ----------------------------------------------------------------------------- SETTINGS
 ARCH = "eagle3"           # eagle3 | eagle2 (EAGLE-1/2 draft with the TTT loss)
@@ -183,27 +182,13 @@ def draft_vocab_ids(args, ds, vocab_size):
     return ids, covered
 
 
-def train_py():
-    """train/train.py as a module, for its shared helpers. Loaded by path: when this file runs as a
-    script, `train` on sys.path is train/train.py itself, not the folder."""
-    import importlib.util
-
-    name = "_eagle_train_py"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("train.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def ttt_arguments(args, has_eval):
     """train.py's TrainingArguments, plus the TTT fields."""
     import dataclasses
 
     from modules.ttt_trainer import TTTTrainingArguments
 
-    base = train_py().training_arguments(args, has_eval)
+    base = training_arguments(args, has_eval)
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
     fields.update(ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay)
     return TTTTrainingArguments(**fields)
@@ -223,7 +208,6 @@ def main(argv=None):
     from modules.target_weights import load_embed_and_head, target_config
     from modules.trainer import NonFiniteLossError
     from modules.ttt_trainer import TTTCollator, TTTTrainer
-    UsageError, check_data_fits_target, split = (getattr(train_py(), n) for n in ("UsageError", "check_data_fits_target", "split"))
 
     t0 = time.time()
     display = model_display_name(args.model)
@@ -252,7 +236,7 @@ def main(argv=None):
             draft = EagleDraft.from_target(args.model, bias=args.bias)
             draft.config.target_model = display
             target_head, covered = None, 1.0
-        draft.config._attn_implementation = train_py().pick_attention(args.attn)
+        draft.config._attn_implementation = pick_attention(args.attn)
         targs = ttt_arguments(args, eval_ds is not None)
         resume = args.resume
         if resume == "auto":
