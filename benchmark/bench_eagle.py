@@ -238,10 +238,11 @@ def main(argv=None):
 
     from benchmark.mt_bench import QuestionFileError, conversation, load_questions, prompt_ids
     from modules import paths
+    from modules.draft_kinds import kind_of
     from modules.draft_loading import load_draft
     from modules.placement import output_device
     from modules.target import TargetLoadError, load_target, pick_dtype
-    from modules.tree_decoding import Eagle2Adapter, EagleDecoder
+    from modules.tree_decoding import EagleDecoder
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -272,12 +273,12 @@ def main(argv=None):
     eos = tokenizer.eos_token_id
     torch.manual_seed(args.seed)  # HF sampling draws from the global generator
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    adapter, vocab_source = draft, "the draft's own"
-    if isinstance(draft, torch.nn.Module) and not hasattr(draft, "tree_adapter"):  # EAGLE-1/2 draft
+    kind, vocab_ids, vocab_source = kind_of(draft), None, "the draft's own"
+    if not kind.own_vocab:  # EAGLE-1/2: a full-vocabulary head, restricted here (modules/draft_kinds.py)
         vocab_ids, vocab_source = draft_vocab_ids(args.draft_vocab, args.draft_vocab_data or paths.DEFAULT_DATA_DIR,
                                                   draft.lm_head.weight.shape[0], eos)
         print(f"draft proposes from: {vocab_source}")
-        adapter = Eagle2Adapter(draft, vocab_ids)
+    adapter = kind.tree_adapter(draft, vocab_ids)
 
     def decoder_for(total, depth, k):
         try:

@@ -34,8 +34,10 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from modules import engines, ttt_attention
+from modules.draft_kinds import DraftKind
 from modules.draft_vocab import build_mappings
 from modules.storage import save_draft_folder
+from modules.tree_decoding import DraftAdapter, TreeKVCache
 
 EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
 WEIGHTS_NAME = "model.safetensors"
@@ -327,52 +329,80 @@ class Eagle3Draft(nn.Module):
         return draft.to(dtype)
 
 
-
-
 # ---- tree decoding (modules/tree_decoding.py protocol) ---------------------------------------
 
-def _tree_adapter(draft):
-    from modules.tree_decoding import DraftAdapter, TreeKVCache
+class Eagle3Adapter(DraftAdapter):
+    """EAGLE-3 in the tree decoder: features = fc(cat of the aux-layer hidden states), the
+    draft's own norm + lm_head over the draft vocab, draft ids mapped back through d2t."""
 
-    class Eagle3Adapter(DraftAdapter):
-        """EAGLE-3 in the tree decoder: features = fc(cat of the aux-layer hidden states), the
-        draft's own norm + lm_head over the draft vocab, draft ids mapped back through d2t."""
+    def __init__(self, draft):
+        self.draft = draft
+        self.aux_layers = draft.aux_layers
 
-        def __init__(self, draft):
-            self.draft = draft
-            self.aux_layers = draft.aux_layers
+    def check_target(self, target):
+        tcfg = target.config.get_text_config()
+        problems = []
+        if self.draft.fused_size != 3 * tcfg.hidden_size:
+            problems.append(f"fc takes {self.draft.fused_size} features, target gives 3 x {tcfg.hidden_size}")
+        if self.draft.config.vocab_size != tcfg.vocab_size:
+            problems.append(f"vocab {self.draft.config.vocab_size} vs target {tcfg.vocab_size}")
+        if max(self.aux_layers) > tcfg.num_hidden_layers:  # hidden_states has layers + 1 entries
+            problems.append(f"aux layers {self.aux_layers} beyond the target's {tcfg.num_hidden_layers} layers")
+        if problems:
+            raise ValueError("EAGLE-3 draft does not fit the target: " + "; ".join(problems))
 
-        def check_target(self, target):
-            tcfg = target.config.get_text_config()
-            problems = []
-            if self.draft.fused_size != 3 * tcfg.hidden_size:
-                problems.append(f"fc takes {self.draft.fused_size} features, target gives 3 x {tcfg.hidden_size}")
-            if self.draft.config.vocab_size != tcfg.vocab_size:
-                problems.append(f"vocab {self.draft.config.vocab_size} vs target {tcfg.vocab_size}")
-            if max(self.aux_layers) > tcfg.num_hidden_layers:  # hidden_states has layers + 1 entries
-                problems.append(f"aux layers {self.aux_layers} beyond the target's {tcfg.num_hidden_layers} layers")
-            if problems:
-                raise ValueError("EAGLE-3 draft does not fit the target: " + "; ".join(problems))
+    def target_features(self, last_hidden, hidden_states):
+        fused = torch.cat([hidden_states[i] for i in self.aux_layers], dim=-1)
+        return self.draft.fc(fused.to(self.draft.fc.weight.dtype))
 
-        def target_features(self, last_hidden, hidden_states):
-            fused = torch.cat([hidden_states[i] for i in self.aux_layers], dim=-1)
-            return self.draft.fc(fused.to(self.draft.fc.weight.dtype))
+    def new_cache(self, capacity):
+        return TreeKVCache(1, capacity)
 
-        def new_cache(self, capacity):
-            return TreeKVCache(1, capacity)
+    def forward(self, input_ids, features, position_ids, attention_mask, cache):
+        out, _ = self.draft(input_ids, features, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=cache, use_cache=True, fused=False)
+        return out
 
-        def forward(self, input_ids, features, position_ids, attention_mask, cache):
-            out, _ = self.draft(input_ids, features, attention_mask=attention_mask, position_ids=position_ids,
-                                past_key_values=cache, use_cache=True, fused=False)
-            return out
+    def logprobs(self, hidden):
+        return torch.log_softmax(self.draft.compute_logits(hidden).float(), dim=-1)
 
-        def logprobs(self, hidden):
-            return torch.log_softmax(self.draft.compute_logits(hidden).float(), dim=-1)
-
-        def to_target_ids(self, draft_ids):
-            return self.draft.to_target_ids(draft_ids)
-
-    return Eagle3Adapter(draft)
+    def to_target_ids(self, draft_ids):
+        return self.draft.to_target_ids(draft_ids)
 
 
-Eagle3Draft.tree_adapter = _tree_adapter
+# ---- the registry entry (modules/draft_kinds.py) --------------------------------------------
+
+class Eagle3Kind(DraftKind):
+    """EAGLE-3: fused low/mid/high target features in, its own head over a draft vocabulary out."""
+
+    name = "eagle3"
+    draft_class = Eagle3Draft
+    fused_features = True
+    own_vocab = True
+    loss_weights = {"w_reg": 0.0, "w_cls": 1.0, "noise_std": 0.0}
+    export_files = ("config.json", "model.safetensors")
+
+    def owns_config(self, config):
+        return config.get("eagle_version") == 3 or any("Eagle3" in a for a in config.get("architectures") or [])
+
+    def build(self, target, draft_ids=None, aux_layers=None, weights=None, **_):
+        draft = Eagle3Draft.from_target(target, draft_ids=draft_ids, aux_layers=aux_layers, load_weights=weights is None)
+        if weights is not None:
+            draft.load_target_weights(*weights)
+        return draft
+
+    def tree_adapter(self, draft, vocab_ids=None):
+        if vocab_ids is not None:
+            raise ValueError("an EAGLE-3 draft proposes from its own draft vocabulary (d2t): no vocab_ids")
+        return Eagle3Adapter(draft)
+
+    def save_trained(self, draft, out_dir, target):
+        draft.save_pretrained(out_dir)  # the checkpoint layout, already the SGLang EAGLE-3 one
+        return Path(out_dir)
+
+    def export(self, draft, out_dir, target=None, dtype=torch.bfloat16):
+        from modules.export_eagle3 import export_eagle3
+        return export_eagle3(draft, out_dir, target=target, dtype=dtype)
+
+
+KIND = Eagle3Kind()

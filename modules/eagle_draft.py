@@ -26,7 +26,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from modules import engines
+from modules import engines, ttt_attention
+from modules.draft_kinds import DraftKind
 from modules.storage import save_draft_folder
 
 EAGLE_ARCHITECTURE = "LlamaForCausalLMEagle"  # checkpoints of families no engine serves (see engines.py)
@@ -216,6 +217,17 @@ class EagleDraft(nn.Module):
             out = out[0]
         return (out, past_key_values) if use_cache else out
 
+    def ttt_step(self, input_ids, hidden_states, cache, mask0, step):
+        """One training-time-test step (modules/ttt_attention.py): fc(cat(embed, feature)) then the decoder
+        layer with TTT attention (input_layernorm is Identity here); positions shift by `step`."""
+        x = self.fc(torch.cat((self.embed_tokens(input_ids).to(hidden_states.dtype), hidden_states), dim=-1))
+        layer = self.layers[0]
+        pos = torch.arange(step, step + x.shape[1], device=x.device).unsqueeze(0)
+        pos_emb = self.rotary_emb(x, pos)
+        impl = ttt_attention.implementation(self.config)
+        x = x + ttt_attention.run_attention(layer.self_attn, layer.input_layernorm(x), pos_emb, cache, mask0, impl)
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
     def compute_logits(self, h):
         return self.lm_head(h.to(self.lm_head.weight.dtype))
 
@@ -265,3 +277,38 @@ class EagleDraft(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{draft_dir / WEIGHTS_NAME}: missing keys {missing}, unexpected keys {unexpected}")
         return draft
+
+
+class Eagle2Kind(DraftKind):
+    """EAGLE-1/2: the target's last hidden state in, the target's frozen lm_head out (full vocabulary)."""
+
+    name = "eagle2"
+    draft_class = EagleDraft
+    loss_weights = {"w_reg": 1.0, "w_cls": 0.1, "noise_std": 0.2}
+    export_files = ("config.json", "model.safetensors", "pytorch_model.bin")
+
+    def owns_config(self, config):
+        # ours say eagle_version 2; official and engine checkpoints carry no version and are not EAGLE-3
+        return config.get("eagle_version", 2) == 2 and not any("Eagle3" in a for a in config.get("architectures") or [])
+
+    def build(self, target, bias=False, attn_implementation="sdpa", weights=None, **_):
+        draft = EagleDraft.from_target(target, bias=bias, attn_implementation=attn_implementation,
+                                       load_head=weights is None)
+        if weights is not None:
+            draft.load_frozen(*weights)
+        return draft
+
+    def tree_adapter(self, draft, vocab_ids=None):
+        from modules.tree_decoding import Eagle2Adapter
+        return Eagle2Adapter(draft, vocab_ids)
+
+    def save_trained(self, draft, out_dir, target):
+        from modules.export import export_draft
+        return export_draft(draft, out_dir, target=target, dtype=None, portable=False)
+
+    def export(self, draft, out_dir, target=None, dtype=torch.bfloat16):
+        from modules.export import export_draft
+        return export_draft(draft, out_dir, target=target, dtype=dtype)
+
+
+KIND = Eagle2Kind()

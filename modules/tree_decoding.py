@@ -23,8 +23,9 @@ DraftAdapter:
     outputs (which EAGLE-3 feeds back unprojected);
   - `logprobs(hidden)` applies the draft's final norm and its own lm_head over the DRAFT vocab;
   - `to_target_ids(draft_ids)` returns draft_ids + d2t[draft_ids].
-  Then either return the adapter from a `tree_adapter()` method on the draft class, or pass the
-  adapter instance itself to EagleDecoder: `make_adapter` accepts both.
+  Then return the adapter from the `tree_adapter()` of the draft's kind (modules/draft_kinds.py; EAGLE-3:
+  modules/eagle3_draft.Eagle3Adapter), or pass the adapter instance itself to EagleDecoder: `make_adapter`
+  accepts both.
 """
 import time
 from dataclasses import dataclass, field
@@ -202,13 +203,11 @@ class Eagle2Adapter(DraftAdapter):
 
 
 def make_adapter(draft):
-    """A DraftAdapter for `draft`: itself if it is one, draft.tree_adapter() if it has that
-    method (EAGLE-3), else Eagle2Adapter."""
+    """A DraftAdapter for `draft`: itself if it is one, else its kind's (modules/draft_kinds.py)."""
     if isinstance(draft, DraftAdapter):
         return draft
-    if hasattr(draft, "tree_adapter"):
-        return draft.tree_adapter()
-    return Eagle2Adapter(draft)
+    from modules.draft_kinds import kind_of
+    return kind_of(draft).tree_adapter(draft)
 
 
 # ---- the decoder --------------------------------------------------------------------------
@@ -249,7 +248,7 @@ class EagleDecoder:
     """EAGLE-2 dynamic-tree speculative decoding, batch size 1, CPU or CUDA.
 
     target: a HF causal LM (Llama-like: base model + lm_head; sdpa or eager attention).
-    draft: an EagleDraft, a DraftAdapter, or anything with tree_adapter().
+    draft: a draft of a registered kind (modules/draft_kinds.py) or a DraftAdapter.
     total_tokens: tree size verified per cycle, root included; depth: draft levels; top_k: nodes
     expanded per level and children per node. temperature 0 = greedy.
     timing: fill DecodeResult's prefill / draft / target / cycle times. On a GPU this synchronises

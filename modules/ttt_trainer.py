@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.draft_kinds import kind_of
 from modules.trainer import EagleTrainer, EagleTrainingArguments, add_uniform_noise, soft_cross_entropy
-from modules.ttt_attention import TTTCache, run_attention, step0_mask
-from modules.ttt_attention import implementation as ttt_attention_implementation
+from modules.ttt_attention import TTTCache, step0_mask
 
 
 @dataclass
@@ -81,18 +81,6 @@ def shift_left(x, k, fill=0):
     return torch.cat([x[:, k:], pad], dim=1)
 
 
-def eagle2_ttt_step(draft, input_ids, hidden_states, cache, mask0, step):
-    """One TTT step of an EAGLE-1/2 draft (modules/eagle_draft.EagleDraft): fc(cat(embed, feature))
-    then its Llama-like decoder layer with TTT attention (input_layernorm is Identity there)."""
-    x = draft.fc(torch.cat((draft.embed_tokens(input_ids).to(hidden_states.dtype), hidden_states), dim=-1))
-    layer = draft.layers[0]
-    pos = torch.arange(step, step + x.shape[1], device=x.device).unsqueeze(0)
-    pos_emb = draft.rotary_emb(x, pos)
-    impl = ttt_attention_implementation(draft.config)
-    x = x + run_attention(layer.self_attn, layer.input_layernorm(x), pos_emb, cache, mask0, impl)
-    return x + layer.mlp(layer.post_attention_layernorm(x))
-
-
 @torch.no_grad()
 def target_logprobs(features, head_weight, draft_ids=None, chunk=1024, argmax_head=None):
     """(log-probs over the draft vocab [N, Nd] float32, full-vocab argmax [N]) of head(features) [N, H].
@@ -119,11 +107,6 @@ def target_logprobs(features, head_weight, draft_ids=None, chunk=1024, argmax_he
     return torch.cat(logp), torch.cat(top)
 
 
-def is_eagle3(draft):
-    """EAGLE-3 draft (modules/eagle3_draft) or EAGLE-1/2 draft (modules/eagle_draft)."""
-    return hasattr(draft, "ttt_step")
-
-
 class TTTUnroll(nn.Module):
     """What TTTTrainer trains, and what DDP / FSDP / DeepSpeed wrap: its forward runs the whole
     unrolled draft and the draft's head, so every trained weight is used inside the wrapped
@@ -133,7 +116,6 @@ class TTTUnroll(nn.Module):
     def __init__(self, draft):
         super().__init__()
         self.draft = draft
-        self.is_eagle3 = is_eagle3(draft)
 
     def forward(self, slot_ids, features, slot_am, steps, select):
         """`steps` TTT steps over every slot (slot_ids [B,T], step-0 input features [B,T,*],
@@ -144,10 +126,7 @@ class TTTUnroll(nn.Module):
         cache, h, outs = TTTCache(), features, []
         for k in range(steps):
             step_ids = shift_left(slot_ids, k)
-            if self.is_eagle3:
-                h = draft.ttt_step(step_ids, h, cache, mask0, k)
-            else:
-                h = eagle2_ttt_step(draft, step_ids, h, cache, mask0, k)
+            h = draft.ttt_step(step_ids, h, cache, mask0, k)
             outs.append(h)
         k, b, t = select
         h = torch.stack(outs)[k, b, t]
@@ -170,14 +149,14 @@ class TTTTrainer(EagleTrainer):
             model = TTTUnroll(model)
         super().__init__(model, *args, **kwargs)
         draft = self.draft_module()
-        self.is_eagle3 = is_eagle3(draft)
+        self.kind = kind_of(draft)  # modules/draft_kinds.py: which features, which vocabulary
         if target_head is None:
-            if self.is_eagle3:
-                raise ValueError("an EAGLE-3 draft needs target_head (the target's frozen lm_head weight)")
+            if self.kind.own_vocab:
+                raise ValueError(f"an {self.kind.name} draft needs target_head (the target's frozen lm_head weight)")
             target_head = draft.lm_head.weight
         self.target_head = target_head.detach().to(self.args.device)
         # The full-vocab matmul only feeds an argmax: bf16 is enough, and much faster on bf16 hardware.
-        self.argmax_head = self.target_head.to(torch.bfloat16) if self.is_eagle3 else None
+        self.argmax_head = self.target_head.to(torch.bfloat16) if self.kind.own_vocab else None
         self.target = target
         self.online = online
         if online and target is None:
@@ -199,17 +178,17 @@ class TTTTrainer(EagleTrainer):
         if self.online:
             from modules.features import target_features
             last, aux = target_features(self.target, inputs["input_ids"], inputs["attention_mask"],
-                                        draft.aux_layers if self.is_eagle3 else None)
+                                        draft.aux_layers if self.kind.fused_features else None)
         else:
             last, aux = inputs["hidden_states"], inputs.get("aux_hidden_states")
-            if self.is_eagle3 and aux is None:
+            if self.kind.fused_features and aux is None:
                 raise ValueError("EAGLE-3 training needs fused features (aux_hidden_states): generate the data "
                                  "with generate_data_fused_features.py, or train with --online")
-        return (aux if self.is_eagle3 else last), last
+        return (aux if self.kind.fused_features else last), last
 
     def _draft_ids(self, draft):
         """(draft ids or None = full vocabulary, t2d mask)."""
-        if self.is_eagle3:
+        if self.kind.own_vocab:
             return draft.draft_ids, draft.t2d
         return None, torch.ones(self.target_head.shape[0], dtype=torch.bool, device=self.target_head.device)
 
@@ -306,7 +285,7 @@ class TTTTrainer(EagleTrainer):
         k, b, t = mask.expand(steps, -1, -1).nonzero(as_tuple=True)
         _, logits = self.unroller(model)(s["ids"], s["feats"], s["am"], steps, (k, b, t))
         tok = logits.argmax(-1)
-        if self.is_eagle3:
+        if self.kind.own_vocab:
             tok = draft.to_target_ids(tok)
         tokens = torch.full((steps, *mask.shape), -1, dtype=torch.long, device=mask.device)
         tokens[k, b, t] = tok

@@ -1,0 +1,89 @@
+"""The registry of draft architectures: the one place that decides which kind a draft is.
+
+    KINDS = {"eagle2": "modules.eagle_draft", "eagle3": "modules.eagle3_draft"}
+
+Each entry names the module that defines the draft model and, as `KIND`, its `DraftKind`. A kind knows
+  - how to build a fresh draft for a target:         build(target, **options)
+  - how to train it (the TTT trainer's hooks):       draft.ttt_step(...), fused_features, own_vocab, loss_weights
+  - how to decode with it (modules/tree_decoding):   tree_adapter(draft, vocab_ids=None)
+  - how to save a run's draft and export it for the engines (modules/engines.py rules):
+                                                     save_trained(...), export(...), export_files
+  - how to load a saved folder:                      load(folder, target, dtype, attn_implementation)
+and recognises its own drafts: instances of `draft_class`, folders whose config.json `owns_config` accepts.
+Adding a kind is one file (draft model + its DraftKind) and one line in KINDS (docs/extending.md).
+Kinds are imported on first use, so importing this module costs nothing.
+"""
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+KINDS = {"eagle2": "modules.eagle_draft", "eagle3": "modules.eagle3_draft"}  # name -> module defining KIND
+
+
+class DraftKind:
+    """What the scripts, the trainer, the decoder and the exporter need to know about one architecture."""
+
+    name = None
+    draft_class = None
+    fused_features = False  # step-0 input of training: fused aux-layer features (aux_hidden_states), not the last hidden state
+    own_vocab = False       # the draft's head covers its own draft vocabulary (ids mapped by to_target_ids)
+    loss_weights = {}       # TTT defaults of w_reg (feature loss), w_cls (cross-entropy) and noise_std
+    export_files = ()       # what export() writes
+
+    def owns_config(self, config: dict) -> bool:
+        """True when a saved draft's config.json describes a draft of this kind."""
+        raise NotImplementedError
+
+    def build(self, target, **options):
+        """A fresh draft for `target` (name/path/module). Options a kind does not use are ignored, so a
+        script passes what it knows: bias, attn_implementation, draft_ids, aux_layers, weights=(embed, head)."""
+        raise NotImplementedError
+
+    def load(self, folder, target=None, dtype=torch.float32, attn_implementation="sdpa"):
+        return self.draft_class.from_pretrained(folder, target=target, dtype=dtype,
+                                                attn_implementation=attn_implementation)
+
+    def tree_adapter(self, draft, vocab_ids=None):
+        """The draft in the tree decoder's protocol (modules/tree_decoding.DraftAdapter)."""
+        raise NotImplementedError
+
+    def save_trained(self, draft, out_dir, target):
+        """A training run's final draft, in the layout our scripts (bench_eagle.py, export.py) reload."""
+        raise NotImplementedError
+
+    def export(self, draft, out_dir, target=None, dtype=torch.bfloat16):
+        """Engine layouts (SGLang / vLLM / official EAGLE) of a draft or a checkpoint folder; returns the folder."""
+        raise NotImplementedError
+
+
+def get(name: str) -> DraftKind:
+    if name not in KINDS:
+        raise ValueError(f"unknown draft kind '{name}' (registered: {', '.join(KINDS)})")
+    return importlib.import_module(KINDS[name]).KIND
+
+
+def all_kinds() -> list[DraftKind]:
+    return [get(name) for name in KINDS]
+
+
+def kind_of(draft) -> DraftKind:
+    """The kind of a draft model (an instance of some kind's draft_class)."""
+    for kind in all_kinds():
+        if isinstance(draft, kind.draft_class):
+            return kind
+    raise ValueError(f"{type(draft).__name__} is not a registered draft kind ({', '.join(KINDS)})")
+
+
+def kind_of_folder(folder) -> DraftKind:
+    """The kind of a saved draft, from its config.json."""
+    cfg_file = Path(folder) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file}: no draft config (is {folder} a draft folder?)")
+    config = json.loads(cfg_file.read_text())
+    owners = [kind for kind in all_kinds() if kind.owns_config(config)]
+    if len(owners) != 1:
+        raise ValueError(f"{cfg_file}: {len(owners)} registered draft kinds read this config "
+                         f"({', '.join(k.name for k in owners) or 'none of ' + ', '.join(KINDS)}); exactly one must")
+    return owners[0]

@@ -1,0 +1,86 @@
+"""Every registered draft kind (modules/draft_kinds.py) round-trips: build from a target -> one TTT
+training step -> lossless tree decoding -> export for the engines -> load, through the registry alone."""
+import pytest
+import torch
+
+from modules import draft_kinds
+from modules.draft_loading import draft_kind, load_draft
+from modules.tree_decoding import EagleDecoder
+from modules.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
+from tests._helpers_decoding import plain_greedy
+from tests._helpers_eagle3 import AUX, VOCAB, tiny_target
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    """A tiny Llama target saved as a model folder (4 layers: the EAGLE-3 aux layers 1, 2, 3 exist)."""
+    path = tmp_path_factory.mktemp("target")
+    tiny_target(seed=0).save_pretrained(path)
+    return str(path)
+
+
+def conversations(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        ids = torch.randint(3, VOCAB, (16,), generator=g)
+        mask = torch.zeros(16, dtype=torch.long)
+        mask[4:] = 1
+        items.append({"input_ids": ids, "loss_mask": mask, "row_id": i})
+    return items
+
+
+def train_one_step(kind, draft, target, out_dir):
+    """One optimizer step of the TTT trainer (features computed by the target: online)."""
+    args = TTTTrainingArguments(
+        output_dir=str(out_dir), max_steps=1, learning_rate=1e-2, per_device_train_batch_size=4, report_to=[],
+        save_strategy="no", use_cpu=True, warmup_steps=0, ttt_steps=2, sim_steps=2, dataloader_num_workers=0,
+        seed=0, **kind.loss_weights)
+    trainer = TTTTrainer(model=draft, args=args, train_dataset=conversations(), data_collator=TTTCollator(64),
+                         target_head=target.lm_head.weight if kind.own_vocab else None, target=target, online=True)
+    result = trainer.train()
+    return trainer.draft_module(), result.training_loss
+
+
+@pytest.mark.parametrize("name", list(draft_kinds.KINDS))
+def test_kind_round_trips(name, target_dir, tmp_path):
+    torch.manual_seed(0)
+    kind = draft_kinds.get(name)
+    target = tiny_target(seed=0)  # the same weights as target_dir
+
+    draft = kind.build(target_dir, draft_ids=torch.arange(0, VOCAB, 2), aux_layers=AUX)
+    assert draft_kinds.kind_of(draft) is kind
+
+    before = {k: v.clone() for k, v in draft.named_parameters() if v.requires_grad}
+    draft, loss = train_one_step(kind, draft, target, tmp_path / "train")
+    assert torch.isfinite(torch.tensor(loss))
+    changed = [k for k, v in draft.named_parameters() if v.requires_grad and not torch.equal(v, before[k])]
+    assert changed, "one training step left every trained weight unchanged"
+
+    draft.eval()
+    prompt = torch.randint(3, VOCAB, (9,), generator=torch.Generator().manual_seed(1))
+    decoded = EagleDecoder(target, draft, total_tokens=8, depth=3, top_k=2).generate(prompt, 16)
+    assert decoded.tokens == plain_greedy(target, prompt, 16)  # lossless
+
+    out = kind.export(draft, tmp_path / "export", target=target_dir, dtype=torch.float32)
+    assert sorted(p.name for p in out.iterdir()) == sorted(kind.export_files)
+    assert draft_kind(out) == name
+
+    loaded = load_draft(out, target_model=target_dir).eval()
+    assert draft_kinds.kind_of(loaded) is kind
+    saved = loaded.state_dict()
+    for k in changed:  # the trained weights came back
+        torch.testing.assert_close(saved[k], draft.state_dict()[k], rtol=0, atol=0)
+    again = EagleDecoder(target, loaded, total_tokens=8, depth=3, top_k=2).generate(prompt, 16)
+    assert again.tokens == decoded.tokens
+    assert again.accept_lengths == decoded.accept_lengths  # the same proposals
+
+
+def test_a_folder_no_kind_reads_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"eagle_version": 7, "architectures": ["SomethingElse"]}')
+    with pytest.raises(ValueError, match="0 registered draft kinds read this config"):
+        draft_kinds.kind_of_folder(tmp_path)
+    with pytest.raises(ValueError, match="unknown draft kind 'medusa'"):
+        draft_kinds.get("medusa")
+    with pytest.raises(ValueError, match="not a registered draft kind"):
+        draft_kinds.kind_of(torch.nn.Linear(2, 2))
