@@ -30,20 +30,15 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import torch
-    from modules.draft_loading import draft_kind
-    from modules.export import ExportError, export_draft
+    from modules.draft_kinds import kind_of_folder
+    from modules.export import ExportError
     from modules.target import TargetLoadError
 
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
-        if draft_kind(args.checkpoint) == "eagle3":  # train_eagle_ttt.py checkpoints: SGLang EAGLE-3 layout
-            from modules.export_eagle3 import export_eagle3
-
-            out = export_eagle3(args.checkpoint, args.out, target=args.model, dtype=dtype)
-            files = "config.json, model.safetensors"
-        else:
-            out = export_draft(args.checkpoint, args.out, target=args.model, dtype=dtype)
-            files = "config.json, model.safetensors, pytorch_model.bin"
+        kind = kind_of_folder(args.checkpoint)  # EAGLE-1/2 or EAGLE-3 (modules/draft_kinds.py)
+        out = kind.export(args.checkpoint, args.out, target=args.model, dtype=dtype)
+        files = ", ".join(kind.export_files)
     except (ExportError, ValueError, TargetLoadError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from modules import draft_kinds
 from modules.paths import DEFAULT_DATA_DIR, DEFAULT_TRAIN_DIR
 from modules.training_setup import UsageError, check_data_fits_target, pick_attention, split, training_arguments
 
@@ -96,8 +97,7 @@ def main(argv=None):
     from transformers.trainer_utils import get_last_checkpoint
 
     from modules.collate import EagleCollator
-    from modules.eagle_draft import EagleDraft
-    from modules.export import ExportError, export_draft
+    from modules.export import ExportError
     from safetensors import SafetensorError
 
     from modules.storage import DataFormatError, EagleDataset
@@ -106,6 +106,7 @@ def main(argv=None):
     from modules.trainer import EagleTrainer, NonFiniteLossError
 
     t0 = time.time()
+    kind = draft_kinds.get("eagle2")  # EagleTrainer trains EAGLE-1/2; train_eagle_ttt.py trains every kind
     try:
         ds = EagleDataset(args.data, read_aux=False)
         display = model_display_name(args.model)
@@ -113,7 +114,7 @@ def main(argv=None):
         check_data_fits_target(ds, cfg, display, args.allow_other_model)
         train_ds, eval_ds = split(ds, args.eval_fraction, args.seed)
         set_seed(args.seed)  # the same initial draft for the same seed (DDP also broadcasts rank 0's)
-        draft = EagleDraft.from_target(args.model, bias=args.bias, attn_implementation=pick_attention(args.attn))
+        draft = kind.build(args.model, bias=args.bias, attn_implementation=pick_attention(args.attn))
         draft.config.target_model = display
         targs = training_arguments(args, eval_ds is not None)
         resume = args.resume
@@ -152,7 +153,7 @@ def main(argv=None):
     out = Path(args.output_dir) / "draft"
     if not args.no_export:
         try:
-            export_draft(trainer.draft_module(), out, target=args.model, dtype=None, portable=False)
+            kind.save_trained(trainer.draft_module(), out, target=args.model)
         except ExportError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

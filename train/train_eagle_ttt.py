@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from modules import draft_kinds
 from modules.paths import DEFAULT_FUSED_DATA_DIR, DEFAULT_TTT_TRAIN_DIR
 from modules.training_setup import UsageError, check_data_fits_target, pick_attention, split, training_arguments
 
@@ -66,14 +67,10 @@ TEMPERATURE = 0.8
 MAX_NEW_TOKENS = 512
 # ----------------------------------------------------------------------------- end of SETTINGS
 
-ARCH_DEFAULTS = {"eagle3": {"w_reg": 0.0, "w_cls": 1.0, "noise_std": 0.0},
-                 "eagle2": {"w_reg": 1.0, "w_cls": 0.1, "noise_std": 0.2}}
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     a = p.add_argument
-    a("--arch", choices=["eagle3", "eagle2"], default=ARCH)
+    a("--arch", choices=list(draft_kinds.KINDS), default=ARCH)
     a("--model", default=MODEL)
     a("--data", nargs="+", default=DATA)
     a("--output-dir", default=OUTPUT_DIR)
@@ -122,7 +119,7 @@ def parse_args(argv=None):
     o.add_argument("--temperature", type=float, default=TEMPERATURE)
     o.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     args = p.parse_args(argv)
-    for k, v in ARCH_DEFAULTS[args.arch].items():
+    for k, v in draft_kinds.get(args.arch).loss_weights.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.detach_cls = False
@@ -199,8 +196,6 @@ def main(argv=None):
     import torch
     from transformers.trainer_utils import get_last_checkpoint
 
-    from modules.eagle3_draft import Eagle3Draft
-    from modules.eagle_draft import EagleDraft
     from modules.features import default_aux_layers
     from modules.placement import output_device
     from modules.storage import DataFormatError, EagleDataset
@@ -210,6 +205,7 @@ def main(argv=None):
     from modules.ttt_trainer import TTTCollator, TTTTrainer
 
     t0 = time.time()
+    kind = draft_kinds.get(args.arch)
     display = model_display_name(args.model)
     try:
         cfg = target_config(args.model)
@@ -218,24 +214,18 @@ def main(argv=None):
             ds, target = online_data(args)
             aux_layers = args.aux_layers or default_aux_layers(cfg.num_hidden_layers)
         else:
-            ds = EagleDataset(args.data, read_aux=args.arch == "eagle3")
+            ds = EagleDataset(args.data, read_aux=kind.fused_features)
             check_data_fits_target(ds, cfg, display, args.allow_other_model)
             aux_layers = ds.aux_layers
-            if args.arch == "eagle3" and not ds.has_aux:
+            if kind.fused_features and not ds.has_aux:
                 raise UsageError(f"{ds.folders[0] / 'manifest.json'}: no fused features (aux_layers is null): "
                                  f"generate with generate_data_fused_features.py, or train with --online")
         train_ds, eval_ds = split(ds, args.eval_fraction, args.seed)
         embed, head = load_embed_and_head(args.model)
-        if args.arch == "eagle3":
-            ids, covered = draft_vocab_ids(args, ds, cfg.vocab_size)
-            draft = Eagle3Draft.from_target(cfg, draft_ids=ids, aux_layers=aux_layers, load_weights=False)
-            draft.load_target_weights(embed, head)
-            draft.config.target_model = display
-            target_head = head
-        else:
-            draft = EagleDraft.from_target(args.model, bias=args.bias)
-            draft.config.target_model = display
-            target_head, covered = None, 1.0
+        ids, covered = draft_vocab_ids(args, ds, cfg.vocab_size) if kind.own_vocab else (None, 1.0)
+        draft = kind.build(cfg, weights=(embed, head), draft_ids=ids, aux_layers=aux_layers, bias=args.bias)
+        draft.config.target_model = display
+        target_head = head if kind.own_vocab else None  # a draft vocabulary trains against the target's head
         draft.config._attn_implementation = pick_attention(args.attn)
         targs = ttt_arguments(args, eval_ds is not None)
         resume = args.resume
@@ -269,11 +259,7 @@ def main(argv=None):
         return 0
     out = Path(args.output_dir) / "draft"
     if not args.no_export:
-        if args.arch == "eagle3":
-            trainer.draft_module().save_pretrained(out)
-        else:
-            from modules.export import export_draft
-            export_draft(trainer.draft_module(), out, target=args.model, dtype=None, portable=False)
+        kind.save_trained(trainer.draft_module(), out, target=args.model)
     summary = {"arch": args.arch, "ttt_steps": args.ttt_steps, "online": args.online, "steps": result.global_step,
                "train_loss": round(result.training_loss, 5), "draft_vocab_coverage": round(covered, 4),
                "train_runtime_s": round(time.time() - t0, 1), **{k: round(v, 4) for k, v in metrics.items()},
