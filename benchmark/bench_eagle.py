@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 # ---- SETTINGS ----------------------------------------------------------------------------
@@ -86,39 +85,6 @@ def resolve_draft_dir(path):
     return ckpts[-1] if ckpts else None
 
 
-# ---- methods: each takes prompt ids, returns (new token ids, seconds, extra stats) ----------
-
-def run_plain(target, ids, max_new, eos, temperature=0.0, **_):
-    return _hf_generate(target, ids, max_new, eos, temperature)
-
-
-def run_lookup(target, ids, max_new, eos, temperature=0.0, lookup_tokens=10, **_):
-    return _hf_generate(target, ids, max_new, eos, temperature, prompt_lookup_num_tokens=lookup_tokens)
-
-
-def _hf_generate(target, ids, max_new, eos, temperature, **kw):
-    import torch
-
-    x = torch.tensor([ids], device=target.device)
-    # Same distribution as our sampler: plain temperature, no top-k / top-p filtering.
-    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False,
-                                                                                         temperature=None)
-    t = time.perf_counter()
-    out = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, eos_token_id=eos,
-                          pad_token_id=eos, top_p=None, top_k=None, repetition_penalty=None, **sampling, **kw)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-    return out[0, len(ids):].tolist(), time.perf_counter() - t, {}
-
-
-def run_eagle(target, ids, max_new, eos, decoder=None, generator=None, **_):
-    t = time.perf_counter()
-    res = decoder.generate(ids, max_new, eos_token_id=eos, generator=generator)
-    sec = time.perf_counter() - t
-    return res.tokens, sec, {"accept_lengths": res.accept_lengths, "draft_s": res.draft_s,
-                             "target_s": res.target_s, "cycles_s": res.cycles_s, "prefill_s": res.prefill_s}
-
-
 def draft_vocab_ids(n, data_dir, vocab_size, eos):
     """(token ids the draft may propose or None for all, where they came from)."""
     if not n or n >= vocab_size:
@@ -137,53 +103,6 @@ def draft_vocab_ids(n, data_dir, vocab_size, eos):
         source = f"{n} lowest token ids (no token counts in {data_dir})"
     ids = torch.cat([torch.tensor(special, dtype=torch.long), order[:n]]).unique()
     return ids, source
-
-
-# ---- summary -------------------------------------------------------------------------------
-
-def summarize(records, depth):
-    """Per-method totals from the per-run records."""
-    methods = []
-    for r in records:
-        if r["method"] not in methods:
-            methods.append(r["method"])
-    plain_tps = None
-    summary = {}
-    for m in methods:
-        rs = [r for r in records if r["method"] == m]
-        tokens = sum(r["new_tokens"] for r in rs)
-        seconds = sum(r["seconds"] for r in rs)
-        s = {"runs": len(rs), "new_tokens": tokens, "seconds": round(seconds, 4),
-             "tokens_per_s": round(tokens / seconds, 3) if seconds else None,
-             "matched_plain": (sum(bool(r["matches_plain"]) for r in rs)
-                               if all(r.get("matches_plain") is not None for r in rs) else None)}
-        acc = [a for r in rs for a in r.get("accept_lengths", [])]
-        if acc:
-            cyc = sum(r["cycles_s"] for r in rs)
-            draft = sum(r["draft_s"] for r in rs)
-            tgt = sum(r["target_s"] for r in rs)
-            hist = [acc.count(i) for i in range(1, max(max(acc), depth + 1) + 1)]
-            # Acceptance rate at depth d: P(accept >= d draft tokens | accepted >= d-1).
-            reach = [sum(a - 1 >= d for a in acc) for d in range(0, depth + 1)]
-            s.update({
-                "tau": round(sum(acc) / len(acc), 4), "cycles": len(acc),
-                "accept_length_histogram": hist,  # index i: cycles that produced i+1 tokens
-                "acceptance_rate_by_depth": [round(reach[d] / reach[d - 1], 4) if reach[d - 1] else None
-                                             for d in range(1, depth + 1)],
-                "ms_per_cycle": round(1000 * cyc / len(acc), 3),
-                "draft_ms_per_cycle": round(1000 * draft / len(acc), 3),
-                "target_ms_per_cycle": round(1000 * tgt / len(acc), 3),
-                "overhead_pct": round(100 * (cyc - draft - tgt) / cyc, 2) if cyc else None,
-            })
-        summary[m] = s
-        if m == "plain":
-            plain_tps = s["tokens_per_s"]
-    lookup_tps = next((s["tokens_per_s"] for m, s in summary.items() if m.startswith("prompt lookup")), None)
-    for m, s in summary.items():
-        s["speedup"] = round(s["tokens_per_s"] / plain_tps, 3) if plain_tps and s["tokens_per_s"] else None
-        if lookup_tps and s["tokens_per_s"]:
-            s["speedup_vs_prompt_lookup"] = round(s["tokens_per_s"] / lookup_tps, 3)
-    return summary
 
 
 def print_table(summary):
@@ -236,6 +155,7 @@ def main(argv=None):
     import torch
     from tqdm import tqdm
 
+    from benchmark.methods import run_eagle, run_lookup, run_plain, summarize
     from benchmark.mt_bench import QuestionFileError, conversation, load_questions, prompt_ids
     from modules import paths
     from modules.draft_kinds import kind_of

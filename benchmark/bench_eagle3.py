@@ -186,7 +186,7 @@ def stage_decode(args, out):
     import torch
     from tqdm import tqdm
 
-    from benchmark.bench_eagle import run_eagle, run_plain, summarize
+    from benchmark.methods import run_eagle, run_plain, summarize
     from benchmark.mt_bench import conversation, load_questions, prompt_ids
     from modules import paths
     from modules.draft_loading import load_draft
