@@ -42,7 +42,7 @@ GRAD_ACCUM = 4
 MAX_LENGTH = 2048
 EVAL_FRACTION = 0.02
 SIM_STEPS = 5
-W_REG, W_CLS, NOISE_STD = None, None, None  # None = per arch: eagle3 (0, 1, 0), eagle2 (1, 0.1, 0.2)
+W_REG, W_CLS, NOISE_STD = None, None, None  # None = the kind's loss_weights: eagle3 (0, 1, 0), eagle2 (1, 0.1, 0.2)
 GRAD_CLIP = 0.5
 PRECISION = "auto"
 ATTN = "auto"             # TTT attention: eager = the reference ([heads, T, T] scores per step); anything else
