@@ -27,7 +27,7 @@ class DraftKind:
 
     name = None
     draft_class = None
-    fused_features = False  # step-0 input of training: fused aux-layer features (aux_hidden_states), not the last hidden state
+    fused_features = False  # training's step-0 input: fused aux-layer features, not the last hidden state
     own_vocab = False       # the draft's head covers its own draft vocabulary (ids mapped by to_target_ids)
     loss_weights = {}       # TTT defaults of w_reg (feature loss), w_cls (cross-entropy) and noise_std
     export_files = ()       # what export() writes

@@ -386,7 +386,8 @@ class Eagle3Kind(DraftKind):
         return config.get("eagle_version") == 3 or any("Eagle3" in a for a in config.get("architectures") or [])
 
     def build(self, target, draft_ids=None, aux_layers=None, weights=None, **_):
-        draft = Eagle3Draft.from_target(target, draft_ids=draft_ids, aux_layers=aux_layers, load_weights=weights is None)
+        draft = Eagle3Draft.from_target(target, draft_ids=draft_ids, aux_layers=aux_layers,
+                                        load_weights=weights is None)
         if weights is not None:
             draft.load_target_weights(*weights)
         return draft
