@@ -13,7 +13,7 @@ Stages, each a plain script a user can run by hand (the demo prints every comman
   4. report     OUT/report.md + PNG plots, also printed
 
 EAGLE-3 is the default because it is the best draft type here: on the same data it reached a higher
-tau, trains faster (small draft-vocabulary head) and drafts ~5x cheaper (README, EAGLE-3 section).
+tau, trains faster (small draft-vocabulary head) and drafts ~5x cheaper (benchmark/README.md).
 
 Rerunning skips the stages that finished with the same settings; after Ctrl-C (or a crash) each
 stage resumes: data by shards, training from its last checkpoint, the benchmark from scratch.

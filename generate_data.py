@@ -3,7 +3,7 @@
     python generate_data.py                                  # embedded SmolLM2 on embedded ShareGPT
     python generate_data.py --model meta-llama/Llama-3.1-8B-Instruct --dataset ultrachat --end 20000
 
-Writes OUTDIR/manifest.json + shard-*.safetensors (format: README "Data" section). Rerunning the
+Writes OUTDIR/manifest.json + shard-*.safetensors (format: docs/data.md). Rerunning the
 same command after a kill resumes and ends with exactly the data of an uninterrupted run.
 """
 import argparse
@@ -20,7 +20,7 @@ MAX_LENGTH = 2048         # tokens per conversation (longer ones are truncated)
 DTYPE = "auto"            # target compute dtype: bf16 on GPU and on CPUs with bf16 units, else fp32
 STORE_DTYPE = "bf16"      # stored features: bf16 (default), fp16 or fp32
 BATCH_TOKENS = 0          # padded tokens per forward (length-sorted batches); 0 = auto: 16384 on GPU,
-                          # one conversation per forward on CPU (measured faster there, see README)
+                          # one conversation per forward on CPU (measured faster there: benchmark/README.md)
 SYSTEM_PROMPT = None      # prepended to rows without a system turn (the original used Llama-2's)
 SHARD_BYTES = 2**30       # auto rows per shard: a shard of max-length rows stays within this many bytes
 OUTDIR = str(DEFAULT_DATA_DIR)

@@ -1,7 +1,7 @@
 """EAGLE-3 quality benchmark: four drafts trained on the same conversations with the same budget,
 measured on MT-bench with the same tree decoder.
 
-    OMP_NUM_THREADS=1 python benchmark/bench_eagle3.py     # the README figures (~22 min on a shared 2-core CPU)
+    OMP_NUM_THREADS=1 python benchmark/bench_eagle3.py     # the benchmark/README.md figures (~22 min on a shared 2-core CPU)
     python benchmark/bench_eagle3.py --rows 2000 --max-length 2048 --epochs 4 --questions 80
 
   (a) EAGLE-2 draft of train/train.py            (feature regression + CE, no TTT)

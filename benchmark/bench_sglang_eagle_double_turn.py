@@ -1,6 +1,6 @@
 """Client of an SGLang server running EAGLE: both MT-bench turns (the second after the server's
 own first answer), as EAGLE's evaluation does. Same flags as bench_sglang_eagle_single_turn.py
-(server command there and in README); acceptance length = completion_tokens / spec_verify_ct.
+(server command there and in docs/gpu.md); acceptance length = completion_tokens / spec_verify_ct.
 
     python benchmark/bench_sglang_eagle_double_turn.py --port 30000
 """

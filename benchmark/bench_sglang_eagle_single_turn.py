@@ -1,6 +1,6 @@
 """Client of an SGLang server running EAGLE: acceptance length and throughput on MT-bench turn 1.
 
-Start the server with an exported draft (README, benchmark section), e.g.
+Start the server with an exported draft (docs/serving.md, docs/gpu.md), e.g.
 
     python -m sglang.launch_server --model meta-llama/Llama-3.1-8B-Instruct \
         --speculative-algorithm EAGLE --speculative-draft-model-path outputs/eagle2/export \

@@ -2,7 +2,7 @@
 
     python generate_data.py --end 240 --max-length 1024 --outdir /tmp/bench_data   # once
     python benchmark/bench_training.py --data /tmp/bench_data
-    # README figures: 1,000 conversations x 2048 tokens, 2 epochs, eval every half epoch (65 min, 2 CPU cores)
+    # benchmark/README.md figures: 1,000 conversations x 2048 tokens, 2 epochs, eval every half epoch (65 min, 2 CPU cores)
     python benchmark/bench_training.py --data DIR --train-conversations 1000 --eval-conversations 20 \
         --max-length 2048 --epochs 2 --evals-per-epoch 2
 

@@ -1,7 +1,7 @@
 """TTT attention benchmark: peak memory and time of one EAGLE-3 training step, eager vs SDPA.
 
     python benchmark/bench_ttt_attention.py                          # Llama-3.1-8B draft shapes, T=2048, 7 steps
-    python benchmark/bench_ttt_attention.py --seq-len 2048 --steps 3  # the README's CPU run (~11 min, 2 cores)
+    python benchmark/bench_ttt_attention.py --seq-len 2048 --steps 3  # the CPU run in benchmark/README.md (~11 min, 2 cores)
     python benchmark/bench_ttt_attention.py --device cuda             # bf16 on a GPU
     python benchmark/bench_ttt_attention.py --attention-only          # the TTT attention calls alone (seconds)
 

@@ -1,4 +1,4 @@
-"""Scale-out figures computed from the code (README "Scaling out"): parameter counts, memory per GPU,
+"""Scale-out figures computed from the code (docs/gpu.md "Scaling out"): parameter counts, memory per GPU,
 disk per token and compute bounds for Llama-3.1-8B and -70B targets. Nothing is downloaded and no GPU
 is needed: targets and drafts are built on the meta device from their configs, and the bytes per
 token are those of the tensors modules/storage.py packs into a shard.

@@ -105,7 +105,7 @@ def encode_rows(tokenizer, rows, max_length: int, system_prompt: str | None):
 # Padded tokens per forward when --batch-tokens is 0. On GPU, batching fills the device. On CPU it
 # does not pay: a padded batch needs an explicit attention mask, which moves SDPA off its fast causal
 # kernel, and padding is wasted work; benchmark/bench_data_generation.py measured one conversation
-# per forward ~3x faster than 8192-token batches (README). 1 = one conversation per forward.
+# per forward ~3x faster than 8192-token batches (benchmark/README.md). 1 = one conversation per forward.
 AUTO_BATCH_TOKENS = {"cuda": 16384, "cpu": 1}
 
 

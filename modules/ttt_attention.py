@@ -15,7 +15,7 @@ Two implementations of the same math, chosen by the draft config's attention imp
   - eager (`ttt_scores_softmax_output`): the reference. It materialises the [B, H, T, T] step-0
     scores with an fp32 softmax and autograd keeps the probabilities of every step: at Llama-3.1-8B
     draft shapes, T=2048, 7 steps, fp32, the attention alone peaks at 5.3 GB against 1.3 GB for
-    sdpa (benchmark/bench_ttt_attention.py --attention-only; README, EAGLE-3 section).
+    sdpa (benchmark/bench_ttt_attention.py --attention-only; benchmark/README.md).
   - sdpa, the default (`ttt_sdpa_output`): one torch.nn.functional.scaled_dot_product_attention call
     per step with plain causal masking, so flash / memory-efficient kernels (GPU) and the CPU flash
     kernel run it in blocks and no [T, T] matrix exists. The diagonal keys enter the same softmax as

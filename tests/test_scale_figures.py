@@ -1,4 +1,4 @@
-"""benchmark/scale_figures.py (README "Scaling out"): parameter counts equal the published ones, and
+"""benchmark/scale_figures.py (docs/gpu.md "Scaling out"): parameter counts equal the published ones, and
 its bytes per token are what a shard written by modules/storage.py really takes on disk."""
 import json
 import sys
