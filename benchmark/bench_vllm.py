@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from modules.paths import DEFAULT_TTT_TRAIN_DIR, MT_BENCH_QUESTIONS
+from modules.paths import DEFAULT_TTT_TRAIN_DIR, EMBEDDED_MODEL_NAME, MT_BENCH_QUESTIONS
 
 # ---- SETTINGS ----------------------------------------------------------------------------
 MODEL = None                 # target folder vLLM serves; None = the embedded SmolLM2 (convert_target.py layout)
@@ -205,6 +205,7 @@ def plot(results, path):
         ax.text(r["tokens_per_s"], i, note, va="center", fontsize=8)
     ax.set_xlabel("tokens/s (greedy, batch 1)")
     ax.set_xlim(0, max(r["tokens_per_s"] for r in results.values()) * 1.6)
+    fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
 
@@ -263,7 +264,8 @@ def main(argv=None):
     summarize(results)
     print_table(results, len(prompts))
     import vllm
-    report = {"engine": f"vllm {vllm.__version__}", "target": Path(target).name if args.model is None else args.model,
+    report = {"engine": f"vllm {vllm.__version__}",
+              "target": EMBEDDED_MODEL_NAME if args.model is None else engines_name(args.model),
               "draft": engines_name(args.draft) if "draft" in args.methods or "ours" in args.methods else None,
               "settings": {k_: (engines_name(v) if k_ in ("model", "draft", "reference_draft") and v else v)
                            for k_, v in vars(args).items() if k_ not in ("out", "one_method")},
