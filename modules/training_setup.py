@@ -72,3 +72,15 @@ def pick_attention(attn):
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def run_and_finish_distributed(main):
+    """main()'s exit code, after tearing the process group down (under torchrun / accelerate): left to
+    interpreter exit, gloo's threads can abort a rank that already finished its work."""
+    import torch.distributed as dist
+
+    try:
+        return main()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -102,3 +102,8 @@ if __name__ == "__main__":
     out, batch = sys.argv[1], int(sys.argv[2])
     for name in SETUPS:
         run(out, batch, name)
+    if torch.distributed.is_initialized():
+        # Tear gloo down before the interpreter does: left to exit, its threads can abort the process
+        # ("terminate called without an active exception", seen once in a clean-clone run).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -16,6 +16,7 @@ from pathlib import Path
 from modules import draft_kinds
 from modules.paths import DEFAULT_DATA_DIR, DEFAULT_TRAIN_DIR
 from modules.training_setup import UsageError, check_data_fits_target, pick_attention, split, training_arguments
+from modules.training_setup import run_and_finish_distributed
 
 # ----------------------------------------------------------------------------- SETTINGS
 MODEL = None              # target: hub id, local folder or .gguf; None = embedded SmolLM2-135M-Instruct
@@ -166,4 +167,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_and_finish_distributed(main))

@@ -22,6 +22,7 @@ from pathlib import Path
 from modules import draft_kinds
 from modules.paths import DEFAULT_FUSED_DATA_DIR, DEFAULT_TTT_TRAIN_DIR
 from modules.training_setup import UsageError, check_data_fits_target, pick_attention, split, training_arguments
+from modules.training_setup import run_and_finish_distributed
 
 # ----------------------------------------------------------------------------- SETTINGS
 ARCH = "eagle3"           # eagle3 | eagle2 (EAGLE-1/2 draft with the TTT loss)
@@ -271,4 +272,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_and_finish_distributed(main))
