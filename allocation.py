@@ -103,7 +103,7 @@ def launch(worker: dict, args, extra: list[str]) -> subprocess.Popen:
 
 def rows_done(outdir: str, worker: dict) -> int:
     """Rows covered by whole shards in a worker's folder (progress without talking to the worker)."""
-    from modules.storage import SHARD_RE
+    from modules.data.storage import SHARD_RE
 
     folder = Path(outdir) / f"part-{worker['index']:04d}"
     if not folder.is_dir():
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         print(f"error: generator script not found: {args.script}", file=sys.stderr)
         return 2
     if args.end is None:
-        from modules.chat_data import DatasetError, count_rows
+        from modules.data.chat import DatasetError, count_rows
 
         try:
             args.end = count_rows(args.dataset, args.split)

@@ -30,7 +30,7 @@ SPREAD_TARGET = False     # spread the target over every visible GPU (targets to
 
 
 def main(argv=None) -> int:
-    from modules.generation import add_generation_args, run_from_args, run_with_clear_errors
+    from modules.data.generation import add_generation_args, run_from_args, run_with_clear_errors
 
     parser = add_generation_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), globals())
     args = parser.parse_args(argv)

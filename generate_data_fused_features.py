@@ -8,7 +8,7 @@ the fused low/middle/high-layer hidden states (`aux_hidden_states`, [tokens, 3 x
     python generate_data_fused_features.py --regenerate --server-url http://localhost:30000/v1  # server stopped
     python allocation.py --script generate_data_fused_features.py --outdir data_out/eagle3
 
-Same storage, manifest, resume and allocation.py sharding as generate_data.py (modules/generation.py);
+Same storage, manifest, resume and allocation.py sharding as generate_data.py (modules/data/generation.py);
 only the aux layers (default: the official EAGLE-3 choice, inputs of layers 2, N//2, N-3) and the
 optional regeneration are added. Regenerated conversations are kept in OUTDIR/regenerated-*.jsonl,
 so a killed run resumes with the same replies. With --server-url the target is loaded only after the
@@ -62,11 +62,11 @@ def add_fused_args(parser):
 
 
 def regenerate_rows_fn(args):
-    """rows_fn for modules.generation.run_from_args: regenerate (cached) before the features are computed.
+    """rows_fn for modules.data.generation.run_from_args: regenerate (cached) before the features are computed.
     With --server-url the target is not loaded until the server has written every reply."""
     from pathlib import Path
 
-    from modules.regenerate import LocalGenerator, OpenAIGenerator, regenerate_cached
+    from modules.data.regenerate import LocalGenerator, OpenAIGenerator, regenerate_cached
 
     def rows_fn(rows, get_model, tokenizer, out_dir):
         if args.server_url:
@@ -83,8 +83,8 @@ def regenerate_rows_fn(args):
 
 
 def main(argv=None) -> int:
-    from modules.features import default_aux_layers
-    from modules.generation import add_generation_args, run_from_args, run_with_clear_errors
+    from modules.data.features import default_aux_layers
+    from modules.data.generation import add_generation_args, run_from_args, run_with_clear_errors
 
     parser = add_fused_args(add_generation_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), globals()))
     args = parser.parse_args(argv)
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
             "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
             "server_url": args.server_url, "server_model": args.server_model if args.server_url else None}}
         kwargs["rows_only"] = args.regenerate_only
-    from modules.regenerate import RegenerationError
+    from modules.data.regenerate import RegenerationError
     try:
         return run_with_clear_errors(lambda: run_from_args(args, **kwargs))
     except RegenerationError as err:

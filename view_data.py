@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--html", default=None, help="also write the view as an HTML page")
     args = parser.parse_args(argv)
 
-    from modules.storage import DataFormatError, EagleDataset
+    from modules.data.storage import DataFormatError, EagleDataset
     from modules.target import TargetLoadError, load_tokenizer
 
     try:
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     print(to_terminal(runs))
     print(f"\n{counts}   ({GREEN}trained{RESET} / {RED}not trained{RESET})")
     if args.html:
-        from modules.storage import atomic_write_text
+        from modules.data.storage import atomic_write_text
         from pathlib import Path
 
         atomic_write_text(Path(args.html), to_html(runs, f"{args.data} #{args.index}", counts))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from modules.chat_data import load_rows
-from modules.features import base_model
-from modules.generation import (GenerationSettings, encode_rows, generate_folder, make_batches,
+from modules.data.chat import load_rows
+from modules.data.features import base_model
+from modules.data.generation import (GenerationSettings, encode_rows, generate_folder, make_batches,
                                 pad_batch, resolve_batch_tokens)
 from modules.target import load_target_model, load_tokenizer, model_display_name, pick_dtype
 

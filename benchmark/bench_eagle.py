@@ -91,7 +91,7 @@ def draft_vocab_ids(n, data_dir, vocab_size, eos):
         return None, "full vocabulary"
     import torch
 
-    from modules.draft_vocab import count_tokens, shard_token_pairs
+    from modules.draft.vocab import count_tokens, shard_token_pairs
 
     special = [eos] if eos is not None else []
     try:
@@ -121,7 +121,7 @@ def plot(summary, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from modules.training_curves import save_figure
+    from modules.training.curves import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     names = list(summary)
@@ -158,11 +158,11 @@ def main(argv=None):
     from benchmark.methods import run_eagle, run_lookup, run_plain, summarize
     from benchmark.mt_bench import QuestionFileError, conversation, load_questions, prompt_ids
     from modules import paths
-    from modules.draft_kinds import kind_of
-    from modules.draft_loading import load_draft
+    from modules.draft.kinds import kind_of
+    from modules.draft.loading import load_draft
     from modules.placement import output_device
     from modules.target import TargetLoadError, load_target, pick_dtype
-    from modules.tree_decoding import EagleDecoder
+    from modules.decode.tree_decoding import EagleDecoder
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,7 +194,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # HF sampling draws from the global generator
     generator = torch.Generator(device=device).manual_seed(args.seed)
     kind, vocab_ids, vocab_source = kind_of(draft), None, "the draft's own"
-    if not kind.own_vocab:  # EAGLE-1/2: a full-vocabulary head, restricted here (modules/draft_kinds.py)
+    if not kind.own_vocab:  # EAGLE-1/2: a full-vocabulary head, restricted here (modules/draft/kinds.py)
         vocab_ids, vocab_source = draft_vocab_ids(args.draft_vocab, args.draft_vocab_data or paths.DEFAULT_DATA_DIR,
                                                   draft.lm_head.weight.shape[0], eos)
         print(f"draft proposes from: {vocab_source}")

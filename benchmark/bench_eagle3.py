@@ -146,14 +146,14 @@ def stage_speed(args, fused, batches=4, repeats=3):
 
     import torch
 
-    from modules.collate import EagleCollator
-    from modules.draft_vocab import count_tokens, select_draft_vocab, shard_token_pairs
-    from modules.eagle3_draft import Eagle3Draft
-    from modules.eagle_draft import EagleDraft
-    from modules.storage import EagleDataset
+    from modules.data.collate import EagleCollator
+    from modules.draft.vocab import count_tokens, select_draft_vocab, shard_token_pairs
+    from modules.draft.eagle3_draft import Eagle3Draft
+    from modules.draft.eagle_draft import EagleDraft
+    from modules.data.storage import EagleDataset
     from modules.target_weights import load_embed_and_head, target_config
-    from modules.trainer import EagleTrainer, EagleTrainingArguments
-    from modules.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
+    from modules.training.eagle_trainer import EagleTrainer, EagleTrainingArguments
+    from modules.training.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
 
     ds = EagleDataset(fused)
     items = [ds[i] for i in range(min(batches, len(ds)))]
@@ -189,10 +189,10 @@ def stage_decode(args, out):
     from benchmark.methods import run_eagle, run_plain, summarize
     from benchmark.mt_bench import conversation, load_questions, prompt_ids
     from modules import paths
-    from modules.draft_loading import load_draft
+    from modules.draft.loading import load_draft
     from modules.placement import output_device
     from modules.target import load_target
-    from modules.tree_decoding import EagleDecoder
+    from modules.decode.tree_decoding import EagleDecoder
 
     questions, _ = load_questions(paths.MT_BENCH_QUESTIONS, args.questions)
     target, tokenizer = load_target(None, dtype=args.dtype, device="cpu")
@@ -222,7 +222,7 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from modules.training_curves import save_figure
+    from modules.training.curves import save_figure
 
     vs = [v for v in result["variants"] if v in result["decode"]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from modules.paths import DEFAULT_DATA_DIR, REPO_ROOT
-from modules.storage import atomic_write_text
+from modules.data.storage import atomic_write_text
 
 # ----------------------------------------------------------------------------- SETTINGS
 DATA = str(DEFAULT_DATA_DIR)
@@ -81,10 +81,10 @@ def run_recipe(args):
     import torch
     from transformers import set_seed
 
-    from modules.collate import EagleCollator
-    from modules.eagle_draft import EagleDraft
-    from modules.storage import EagleDataset
-    from modules.trainer import EagleTrainer, EagleTrainingArguments
+    from modules.data.collate import EagleCollator
+    from modules.draft.eagle_draft import EagleDraft
+    from modules.data.storage import EagleDataset
+    from modules.training.eagle_trainer import EagleTrainer, EagleTrainingArguments
 
     ds = EagleDataset(args.data, read_aux=False)
     idx = list(range(len(ds)))
@@ -120,7 +120,7 @@ def run_recipe(args):
     if not last_eval or last_eval[0]["step"] != trainer.state.global_step:
         trainer.evaluate()  # the step schedule can stop short of the last step; always end with an eval
     wall = time.time() - t0
-    trainer.save_model(str(Path(args.out) / args.recipe / "final"))  # loadable with modules.draft_loading.load_draft
+    trainer.save_model(str(Path(args.out) / args.recipe / "final"))  # loadable with modules.draft.loading.load_draft
     evals = [l for l in trainer.state.log_history if "eval_tau_sim" in l]
     eval_time = sum(l["eval_runtime"] for l in evals)
     peak = (torch.cuda.max_memory_allocated() if cuda
@@ -158,7 +158,7 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from modules.training_curves import save_figure
+    from modules.training.curves import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for name, r in results.items():
@@ -179,7 +179,7 @@ def main(argv=None):
     if args.recipe:
         run_recipe(args)
         return 0
-    from modules.storage import DataFormatError, EagleDataset
+    from modules.data.storage import DataFormatError, EagleDataset
     try:
         EagleDataset(args.data)  # fail early, with one line, on missing / bad data
     except DataFormatError as err:

@@ -11,7 +11,7 @@ is left out (its memory and time do not depend on the attention). The draft is a
 with the shapes of a Llama-3.1-8B draft (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336,
 32k draft vocabulary), random weights and random features; both variants get the same weights and
 inputs (same seed), so their losses must agree, and are printed side by side. --attention-only
-measures just the attention of the unrolled steps (modules/ttt_attention.py on random per-step
+measures just the attention of the unrolled steps (modules/draft/ttt_attention.py on random per-step
 q/k/v of [batch, heads, T, head_dim], forward + backward of a weighted sum of the outputs): what the
 attention itself adds, without the rest of the draft, at full T and step count in seconds.
 
@@ -45,7 +45,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modules.paths import REPO_ROOT
-from modules.storage import atomic_write_text
+from modules.data.storage import atomic_write_text
 
 # ----------------------------------------------------------------------------- SETTINGS
 HIDDEN = 4096             # Llama-3.1-8B
@@ -128,8 +128,8 @@ def build(args, device):
     """(trainer, draft, batch) for one step at the configured shapes; same seed -> same everything."""
     from transformers import LlamaConfig
 
-    from modules.eagle3_draft import Eagle3Draft, make_eagle3_config
-    from modules.ttt_trainer import TTTTrainer, TTTTrainingArguments
+    from modules.draft.eagle3_draft import Eagle3Draft, make_eagle3_config
+    from modules.training.ttt_trainer import TTTTrainer, TTTTrainingArguments
 
     torch.manual_seed(args.seed)
     target_cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=32,
@@ -153,7 +153,7 @@ def build(args, device):
 
 def attention_only_step(args, variant, device):
     """(loss, callable for the step) of the TTT attention alone: step k attends over k+1 key sets."""
-    from modules.ttt_attention import step0_mask, ttt_scores_softmax_output, ttt_sdpa_output
+    from modules.draft.ttt_attention import step0_mask, ttt_scores_softmax_output, ttt_sdpa_output
 
     torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else torch.float32
@@ -249,7 +249,7 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from modules.training_curves import save_figure
+    from modules.training.curves import save_figure
 
     rs = list(result["variants"].values())
     names = [r["variant"] for r in rs]

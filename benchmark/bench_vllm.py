@@ -8,7 +8,7 @@ On MT-bench first turns (greedy, one sequence at a time) each method generates t
   plain   vLLM without speculation (the baseline and the reference output)
   draft   vLLM with our exported draft (method eagle or eagle3, from the draft's config)
   ngram   vLLM's training-free prompt-lookup speculation
-  ours    our EAGLE decoder (modules/tree_decoding.py) run as a CHAIN of the same length on the same
+  ours    our EAGLE decoder (modules/decode/tree_decoding.py) run as a CHAIN of the same length on the same
           target folder, with --reference-draft (default: the same draft): what vLLM's acceptance
           should match. Give the training checkpoint as reference to check the export itself.
 Reports tokens/s, speedup over vLLM plain, mean acceptance length (tokens per draft-verify cycle,
@@ -82,7 +82,7 @@ def mt_bench_prompts(target, n):
 
 
 def draft_method(draft):
-    from modules.draft_loading import draft_kind
+    from modules.draft.loading import draft_kind
     return "eagle3" if draft_kind(draft) == "eagle3" else "eagle"
 
 
@@ -142,8 +142,8 @@ def run_ours(target, draft, prompts, max_new_tokens, dtype, k):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from modules.draft_loading import load_draft
-    from modules.tree_decoding import EagleDecoder
+    from modules.draft.loading import load_draft
+    from modules.decode.tree_decoding import EagleDecoder
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, attn_implementation="sdpa").eval()
@@ -191,7 +191,7 @@ def print_table(results, n_prompts):
 
 
 def plot(results, path):
-    from modules.training_curves import save_figure
+    from modules.training.curves import save_figure
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -248,7 +248,7 @@ def run_methods(argv, methods):
 
 
 def engines_name(path):
-    from modules.engines import portable_name
+    from modules.export.engines import portable_name
     return portable_name(str(path))
 
 
@@ -272,7 +272,7 @@ def main(argv=None):
               "prompts": len(prompts), "threads": os.cpu_count(), "results": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from modules.storage import atomic_write_text
+    from modules.data.storage import atomic_write_text
     atomic_write_text(out, json.dumps(report, indent=1))
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -1,7 +1,7 @@
 """Scale-out figures computed from the code (docs/gpu.md "Scaling out"): parameter counts, memory per GPU,
 disk per token and compute bounds for Llama-3.1-8B and -70B targets. Nothing is downloaded and no GPU
 is needed: targets and drafts are built on the meta device from their configs, and the bytes per
-token are those of the tensors modules/storage.py packs into a shard.
+token are those of the tensors modules/data/storage.py packs into a shard.
 
     python benchmark/scale_figures.py                      # H100-class GPU: 989 bf16 TFLOP/s, 80 GB
     python benchmark/scale_figures.py --gpu-tflops 989 --gpu-memory-gb 141 --max-length 4096
@@ -40,7 +40,7 @@ def bytes_per_token(hidden: int, fused: bool, tokens: int = 64) -> float:
     the 16 bytes per conversation (offset + row id) and the shard's header are left out."""
     import torch
 
-    from modules.storage import pack_conversations
+    from modules.data.storage import pack_conversations
 
     conv = {"input_ids": torch.zeros(tokens, dtype=torch.long), "loss_mask": torch.zeros(tokens, dtype=torch.long),
             "hidden_states": torch.zeros(tokens, hidden), "row_id": 0}
@@ -56,8 +56,8 @@ def figures(name: str, shape: dict, args) -> dict:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from modules.eagle3_draft import Eagle3Draft
-    from modules.eagle_draft import EagleDraft
+    from modules.draft.eagle3_draft import Eagle3Draft
+    from modules.draft.eagle_draft import EagleDraft
 
     cfg = LlamaConfig(**shape)
     h, layers, T = cfg.hidden_size, cfg.num_hidden_layers, args.max_length

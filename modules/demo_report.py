@@ -112,7 +112,7 @@ def write_report(out: Path, stage_seconds: dict[str, float]) -> str:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     png = out / "train" / "training_curves.png"  # drawn by train/train.py
     if not png.is_file() and history:
-        from modules.training_curves import plot_training_curves
+        from modules.training.curves import plot_training_curves
 
         plot_training_curves(history, png)
     png = png if png.is_file() else None

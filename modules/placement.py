@@ -7,7 +7,7 @@
   (`--spread-target`), and never by several ranks at once (they would all share the same GPUs).
 - The draft, the features handed to it and the tree decoder live on the target's OUTPUT device, its
   LM head's device (`output_device`): for a one-device target that is the process device; for a
-  spread target the features of layers on other GPUs are gathered there (modules/features.py).
+  spread target the features of layers on other GPUs are gathered there (modules/data/features.py).
 - GPU ids given by users (`allocation.py --gpus`, `--gpu_index`) are indexes into the GPUs this
   process sees: with CUDA_VISIBLE_DEVICES=4,5 already set, 0 and 1 mean physical 4 and 5.
 """

@@ -104,7 +104,7 @@ def write_hf_checkpoint(model, tokenizer, out_dir) -> Path:
     import shutil
     from safetensors.torch import save_file
 
-    from modules.engines import clean_config, dtype_fields
+    from modules.export.engines import clean_config, dtype_fields
 
     out = Path(out_dir)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")

@@ -23,7 +23,7 @@ STEPS, GRAD_ACCUM, N_ITEMS, LENGTH = 3, 2, 4, 16
 
 
 def items(target):
-    from modules.features import target_features
+    from modules.data.features import target_features
     from tests._helpers_eagle3 import AUX
 
     out = []
@@ -40,8 +40,8 @@ def items(target):
 def make_draft(setup, target):
     """The seeded initial draft; EAGLE-3 with the full vocabulary as draft vocabulary, so every
     position is valid at every step."""
-    from modules.eagle3_draft import Eagle3Draft
-    from modules.eagle_draft import EagleDraft
+    from modules.draft.eagle3_draft import Eagle3Draft
+    from modules.draft.eagle_draft import EagleDraft
     from tests._helpers_eagle3 import AUX, VOCAB
 
     torch.manual_seed(1)
@@ -53,7 +53,7 @@ def make_draft(setup, target):
 def run(out_dir, batch_size, setup):
     from safetensors.torch import save_file
 
-    from modules.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
+    from modules.training.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
     from tests._helpers_eagle3 import tiny_target
 
     target = tiny_target()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from modules.tree_decoding import DraftAdapter, TreeKVCache
+from modules.decode.tree_decoding import DraftAdapter, TreeKVCache
 
 
 @pytest.fixture(autouse=True)

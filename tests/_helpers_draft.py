@@ -49,8 +49,8 @@ def fake_items(target, n=6, min_len=10, max_len=24, seed=0):
 
 
 def write_fake_data(folder, target, model_name, n=6, seed=0, **kw):
-    """A data folder in the on-disk format of modules/storage.py (manifest + one shard)."""
-    from modules import storage
+    """A data folder in the on-disk format of modules/data/storage.py (manifest + one shard)."""
+    from modules.data import storage
 
     folder.mkdir(parents=True, exist_ok=True)
     items = fake_items(target, n=n, seed=seed, **kw)

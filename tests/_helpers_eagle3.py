@@ -2,7 +2,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modules.eagle3_draft import Eagle3Draft, make_eagle3_config
+from modules.draft.eagle3_draft import Eagle3Draft, make_eagle3_config
 
 VOCAB = 300
 AUX = [1, 2, 3]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import allocation
-from modules.features import target_features
-from modules.storage import EagleDataset
+from modules.data.features import target_features
+from modules.data.storage import EagleDataset
 
 REPO = Path(__file__).resolve().parents[1]
 

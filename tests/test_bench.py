@@ -36,7 +36,7 @@ def tiny_bench_dirs(tmp_path_factory, smollm2):
     """A tiny random Llama with SmolLM2's vocabulary and tokenizer, plus a random draft."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from modules.eagle_draft import EagleDraft
+    from modules.draft.eagle_draft import EagleDraft
 
     _, tokenizer = smollm2
     root = tmp_path_factory.mktemp("bench")

@@ -6,11 +6,11 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from modules.collate import EagleCollator
-from modules.eagle3_draft import Eagle3Draft
-from modules.eagle_draft import EagleDraft
-from modules.trainer import EagleTrainer, EagleTrainingArguments
-from modules.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
+from modules.data.collate import EagleCollator
+from modules.draft.eagle3_draft import Eagle3Draft
+from modules.draft.eagle_draft import EagleDraft
+from modules.training.eagle_trainer import EagleTrainer, EagleTrainingArguments
+from modules.training.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
 from tests import _helpers_eagle3
 from tests._helpers_draft import ListDataset, fake_items, tiny_target
 from tests.test_ttt_trainer import make_items

@@ -3,9 +3,9 @@ reach the token budget; shards are sized by bytes."""
 import torch
 
 import generate_data
-import modules.generation as generation
-from modules.generation import auto_rows_per_shard, batch_window_shards
-from modules.storage import EagleDataset, list_shards, read_manifest
+import modules.data.generation as generation
+from modules.data.generation import auto_rows_per_shard, batch_window_shards
+from modules.data.storage import EagleDataset, list_shards, read_manifest
 from test_data_generate import gen_cmd, main_in_process, tiny  # noqa: F401  (tiny is a fixture)
 
 

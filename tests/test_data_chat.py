@@ -4,7 +4,7 @@ import json
 import pytest
 
 from _helpers_data import write_jsonl
-from modules.chat_data import BadRow, DatasetError, load_rows, row_to_messages
+from modules.data.chat import BadRow, DatasetError, load_rows, row_to_messages
 
 
 def sg(*turns):
@@ -60,7 +60,7 @@ def test_embedded_sharegpt_head():
 
 def test_dataset_folder_through_datasets(tmp_path):
     # A local folder of json files goes through `datasets`, the same code path as hub ids (ultrachat, ...).
-    from modules.chat_data import count_rows
+    from modules.data.chat import count_rows
 
     folder = tmp_path / "ultrachat_like"
     folder.mkdir()

@@ -12,7 +12,7 @@ import torch
 from _helpers_data import chat_rows, tiny_target_dir, write_jsonl
 import generate_data
 import view_data
-from modules.storage import EagleDataset, list_shards, read_manifest
+from modules.data.storage import EagleDataset, list_shards, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def test_resume_after_kill_is_bit_identical(tiny, tmp_path, capsys):
 
 
 def test_stored_feature_equals_forward_and_no_padding(tiny, tmp_path, capsys):
-    from modules.features import target_features
+    from modules.data.features import target_features
     from modules.target import load_target
 
     model_dir, data = tiny

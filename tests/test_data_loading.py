@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modules.storage import EagleDataset, list_shards, write_shard
+from modules.data.storage import EagleDataset, list_shards, write_shard
 from tests._helpers_draft import REPO_ROOT, fake_items, tiny_target
 from tests.test_data_storage import _conv, _manifest
 
@@ -56,9 +56,9 @@ def test_open_maps_stay_within_the_bound_and_reads_equal_the_files(many_shards):
 
 
 def _trainer(data, workers, tmp_path):
-    from modules.collate import EagleCollator
-    from modules.eagle_draft import EagleDraft
-    from modules.trainer import EagleTrainer
+    from modules.data.collate import EagleCollator
+    from modules.draft.eagle_draft import EagleDraft
+    from modules.training.eagle_trainer import EagleTrainer
     from train.train import parse_args, training_arguments
 
     args = parse_args(["--data", str(data), "--output-dir", str(tmp_path / f"w{workers}"), "--batch-size", "3",

@@ -2,7 +2,7 @@
 import pytest
 
 from _helpers_data import tiny_tokenizer
-from modules.loss_mask import TemplateError, tokenize_conversation
+from modules.data.loss_mask import TemplateError, tokenize_conversation
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -65,7 +65,7 @@ def test_truncation_and_missing_template():
 
 
 def test_encode_rows_counts_every_skip():
-    from modules.generation import encode_rows
+    from modules.data.generation import encode_rows
 
     tok = tiny_tokenizer("llama2")
     good = {"messages": MESSAGES[1:3]}

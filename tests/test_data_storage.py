@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modules.storage import (FORMAT, DataFormatError, EagleDataset, list_shards, summarize_shards,
+from modules.data.storage import (FORMAT, DataFormatError, EagleDataset, list_shards, summarize_shards,
                              write_manifest, write_shard)
 
 

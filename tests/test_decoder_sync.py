@@ -1,9 +1,9 @@
 """The tree decoder waits for the device (torch.cuda.synchronize) only when timing is asked for."""
 import torch
 
-from modules import tree_decoding
-from modules.eagle_draft import EagleDraft
-from modules.tree_decoding import EagleDecoder
+from modules.decode import tree_decoding
+from modules.draft.eagle_draft import EagleDraft
+from modules.decode.tree_decoding import EagleDecoder
 from tests._helpers_draft import tiny_target
 
 

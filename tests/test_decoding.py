@@ -4,8 +4,8 @@ import torch
 from _helpers_decoding import OracleAdapter, SelfDraftAdapter, one_thread, plain_greedy  # noqa: F401
 from _helpers_draft import tiny_target
 
-from modules.eagle_draft import EagleDraft
-from modules.tree_decoding import EagleDecoder
+from modules.draft.eagle_draft import EagleDraft
+from modules.decode.tree_decoding import EagleDecoder
 
 
 def tiny_pair(family="llama", seed=0, **overrides):
@@ -89,7 +89,7 @@ def test_mismatched_draft_is_a_clear_error(tmp_path):
     draft = EagleDraft.from_target(other)
     with pytest.raises(ValueError, match="hidden size 32 vs target 64.*vocab 200 vs target 300"):
         EagleDecoder(target, draft)
-    from modules.draft_loading import load_draft
+    from modules.draft.loading import load_draft
     with pytest.raises(FileNotFoundError, match="no draft config"):
         load_draft(tmp_path, target)
 
@@ -134,7 +134,7 @@ def test_sampling_keeps_the_target_distribution():
 
 
 def test_draft_vocab_subset_is_still_lossless():
-    from modules.tree_decoding import Eagle2Adapter
+    from modules.decode.tree_decoding import Eagle2Adapter
 
     target, draft = tiny_pair("qwen2")
     prompt = torch.arange(100, 120)
@@ -151,7 +151,7 @@ def test_smollm2_greedy_is_lossless(smollm2):
     """The embedded SmolLM2 (fp32) with a draft: the trained one in outputs/eagle2 when present,
     else a random EagleDraft. Output == HF greedy; a trained draft must also be accepted."""
     from benchmark.bench_eagle import resolve_draft_dir
-    from modules.draft_loading import load_draft
+    from modules.draft.loading import load_draft
     from modules.paths import DEFAULT_TRAIN_DIR
 
     target, tokenizer = smollm2
@@ -174,7 +174,7 @@ def test_smollm2_greedy_is_lossless(smollm2):
 
 def test_adapter_asking_for_aux_layers_gets_the_target_hidden_states():
     """The EAGLE-3 path of the protocol: aux_layers makes the decoder hand over all hidden states."""
-    from modules.tree_decoding import Eagle2Adapter
+    from modules.decode.tree_decoding import Eagle2Adapter
 
     target, draft = tiny_pair("llama")
     seen = []

@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 from transformers.cache_utils import DynamicCache
 
-from modules.draft_loading import load_draft
-from modules.eagle_draft import EagleDraft
+from modules.draft.loading import load_draft
+from modules.draft.eagle_draft import EagleDraft
 from modules.target_weights import load_embed_and_head
 from tests._helpers_draft import save_tiny_target
 

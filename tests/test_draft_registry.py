@@ -1,12 +1,12 @@
-"""Every registered draft kind (modules/draft_kinds.py) round-trips: build from a target -> one TTT
+"""Every registered draft kind (modules/draft/kinds.py) round-trips: build from a target -> one TTT
 training step -> lossless tree decoding -> export for the engines -> load, through the registry alone."""
 import pytest
 import torch
 
-from modules import draft_kinds
-from modules.draft_loading import draft_kind, load_draft
-from modules.tree_decoding import EagleDecoder
-from modules.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
+from modules.draft import kinds as draft_kinds
+from modules.draft.loading import draft_kind, load_draft
+from modules.decode.tree_decoding import EagleDecoder
+from modules.training.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
 from tests._helpers_decoding import plain_greedy
 from tests._helpers_eagle3 import AUX, VOCAB, tiny_target
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modules.draft_vocab import (
+from modules.draft.vocab import (
     build_draft_vocab, build_mappings, count_tokens, draft_to_target, select_draft_vocab,
     shard_token_pairs, target_to_draft_index,
 )

@@ -3,8 +3,8 @@ import json
 
 import torch
 
-from modules import draft_loading
-from modules.eagle3_draft import Eagle3Draft
+from modules.draft import loading as draft_loading
+from modules.draft.eagle3_draft import Eagle3Draft
 from tests._helpers_eagle3 import AUX, VOCAB, tiny_eagle3, tiny_target
 
 

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("specforge", reason="interop test needs `pip install --no-deps specforge==0.2.0`")
 
-from modules.ttt_attention import TTTCache, step0_mask  # noqa: E402
+from modules.draft.ttt_attention import TTTCache, step0_mask  # noqa: E402
 from tests._helpers_eagle3 import VOCAB, tiny_eagle3, tiny_target  # noqa: E402
 
 

@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _helpers_data import chat_rows, tiny_target_dir, write_jsonl  # noqa: E402
 
 import generate_data_fused_features  # noqa: E402
-from modules.draft_loading import load_draft  # noqa: E402
-from modules.eagle3_draft import Eagle3Draft  # noqa: E402
+from modules.draft.loading import load_draft  # noqa: E402
+from modules.draft.eagle3_draft import Eagle3Draft  # noqa: E402
 from train import train_eagle_ttt  # noqa: E402
 
 
@@ -113,7 +113,7 @@ def test_regenerated_data(tiny, tmp_path):
 
 @pytest.mark.parametrize("attn, expected", [("eager", "eager"), ("auto", "sdpa")])
 def test_attn_flag_chooses_the_ttt_attention(tiny, tmp_path, monkeypatch, attn, expected):
-    from modules import ttt_attention
+    from modules.draft import ttt_attention
     calls = {"eager": 0, "sdpa": 0}
     for impl, name in (("eager", "ttt_scores_softmax_output"), ("sdpa", "ttt_sdpa_output")):
         def counted(*a, _f=getattr(ttt_attention, name), _impl=impl, **kw):

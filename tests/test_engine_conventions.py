@@ -1,4 +1,4 @@
-"""What our exports tell each engine (modules/engines.py), checked against the engines' own code where it
+"""What our exports tell each engine (modules/export/engines.py), checked against the engines' own code where it
 runs here: SpecForge's resolution and capture of EAGLE-3 layer ids, vLLM's reading order of the field,
 the standard target folder. The real vLLM engine runs in tests/test_vllm_serving.py (`make test-vllm`)."""
 import json
@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from modules import engines
-from modules.eagle3_draft import Eagle3Draft
-from modules.export_eagle3 import Eagle3ExportError, export_eagle3
-from modules.features import target_features
+from modules.export import engines
+from modules.draft.eagle3_draft import Eagle3Draft
+from modules.export.eagle3_export import Eagle3ExportError, export_eagle3
+from modules.data.features import target_features
 from tests._helpers_eagle3 import VOCAB, tiny_target
 
 

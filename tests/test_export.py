@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modules.eagle_draft import EagleDraft
-from modules.export import ExportError, export_draft
+from modules.draft.eagle_draft import EagleDraft
+from modules.export.eagle_export import ExportError, export_draft
 from tests._helpers_draft import REPO_ROOT, save_tiny_target
 
 
@@ -35,7 +35,7 @@ def test_export_writes_both_layouts_with_the_same_tensors(tmp_path):
 
 
 def test_export_of_a_family_no_engine_serves_is_refused(tmp_path):
-    from modules.engines import EngineConventionError, eagle_architectures
+    from modules.export.engines import EngineConventionError, eagle_architectures
 
     assert eagle_architectures("qwen2") == (["Qwen2ForCausalLMEagle"], ("sglang",))
     with pytest.raises(EngineConventionError, match="no serving engine has an EAGLE-1/2 draft class for model_type 'qwen3'"):

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from modules.collate import EagleCollator
-from modules.eagle3_draft import Eagle3Draft
-from modules.eagle_draft import EagleDraft
-from modules.trainer import EagleTrainer, EagleTrainingArguments
-from modules.ttt_trainer import TTTCollator
+from modules.data.collate import EagleCollator
+from modules.draft.eagle3_draft import Eagle3Draft
+from modules.draft.eagle_draft import EagleDraft
+from modules.training.eagle_trainer import EagleTrainer, EagleTrainingArguments
+from modules.training.ttt_trainer import TTTCollator
 from tests._helpers_draft import ListDataset, fake_items
 from tests._helpers_draft import tiny_target as tiny_llama
 from tests._helpers_eagle3 import AUX, tiny_target

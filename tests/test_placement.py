@@ -13,7 +13,7 @@ from _helpers_draft import tiny_target  # noqa: E402
 
 import allocation  # noqa: E402
 from modules import placement  # noqa: E402
-from modules.features import gather_layers, target_features  # noqa: E402
+from modules.data.features import gather_layers, target_features  # noqa: E402
 from modules.placement import PlacementError, physical_gpus, plan_device  # noqa: E402
 from modules.target import TargetLoadError, load_target_model  # noqa: E402
 
@@ -135,7 +135,7 @@ def test_a_plain_training_process_uses_one_gpu_not_data_parallel(tmp_path):
     several (it sets n_gpu to the device count); placement says one device per process."""
     from transformers import Trainer
 
-    from modules.trainer import EagleTrainingArguments
+    from modules.training.eagle_trainer import EagleTrainingArguments
 
     args = EagleTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     trainer = Trainer(model=torch.nn.Linear(4, 4), args=args)

@@ -16,7 +16,7 @@ from _helpers_data import chat_rows, tiny_target_dir, write_jsonl  # noqa: E402
 
 import generate_data_fused_features  # noqa: E402
 from modules import target as target_module  # noqa: E402
-from modules.regenerate import (RegenerationError, rank_cache_file, read_cache, regenerate_rows,  # noqa: E402
+from modules.data.regenerate import (RegenerationError, rank_cache_file, read_cache, regenerate_rows,  # noqa: E402
                                 regenerate_sharded)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
 """benchmark/scale_figures.py (docs/gpu.md "Scaling out"): parameter counts equal the published ones, and
-its bytes per token are what a shard written by modules/storage.py really takes on disk."""
+its bytes per token are what a shard written by modules/data/storage.py really takes on disk."""
 import json
 import sys
 from pathlib import Path
@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark import scale_figures  # noqa: E402
-from modules.storage import write_shard  # noqa: E402
+from modules.data.storage import write_shard  # noqa: E402
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -5,9 +5,9 @@ result. On CPU (no flash_attn) the flash path cannot run at all, so reaching it 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from modules.collate import EagleCollator
-from modules.eagle_draft import EagleDraft
-from modules.trainer import attention_for_4d_masks, simulated_acceptance
+from modules.data.collate import EagleCollator
+from modules.draft.eagle_draft import EagleDraft
+from modules.training.eagle_trainer import attention_for_4d_masks, simulated_acceptance
 from tests._helpers_draft import fake_items, tiny_target
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
-from modules.collate import EagleCollator
-from modules.eagle_draft import EagleDraft
-from modules.trainer import (EagleTrainer, EagleTrainingArguments, NonFiniteLossError,
+from modules.data.collate import EagleCollator
+from modules.draft.eagle_draft import EagleDraft
+from modules.training.eagle_trainer import (EagleTrainer, EagleTrainingArguments, NonFiniteLossError,
                              simulated_acceptance)
 from tests._helpers_draft import ListDataset, fake_items, tiny_target
 

@@ -54,7 +54,7 @@ def test_train_script_from_train_dir_exports_a_loadable_draft(setup):
     history = json.loads((out / "log_history.json").read_text())
     assert any("eval_tau_sim" in h for h in history) and any("top1_acc" in h for h in history)
     assert (out / "training_curves.png").stat().st_size > 10_000
-    from modules.draft_loading import load_draft
+    from modules.draft.loading import load_draft
     draft = load_draft(out / "draft")  # finds the target through config.target_model
     assert torch.equal(draft.lm_head.weight, target.lm_head.weight)
 
@@ -117,7 +117,7 @@ def test_ddp_two_cpu_processes_end_with_equal_weights(setup, tmp_path):
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
     # and training moved them away from the (seeded, identical) initialisation
-    from modules.eagle_draft import EagleDraft
+    from modules.draft.eagle_draft import EagleDraft
     torch.manual_seed(0)
     init = EagleDraft.from_target(root / "target").trainable_state_dict(with_embed=False)
     assert not torch.equal(init["fc.weight"], w0["fc.weight"])
@@ -125,7 +125,7 @@ def test_ddp_two_cpu_processes_end_with_equal_weights(setup, tmp_path):
 
 def test_nan_loss_exits_with_one_line_and_no_checkpoint(setup, tmp_path, capsys):
     root, target = setup
-    from modules import storage
+    from modules.data import storage
     from tests._helpers_draft import fake_items
 
     items = fake_items(target, n=4)

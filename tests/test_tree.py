@@ -4,9 +4,9 @@ import torch
 from _helpers_decoding import one_thread  # noqa: F401 (autouse fixture)
 from _helpers_draft import tiny_target
 
-from modules.sampling import sample_accept
-from modules.tree import CandidatePool, MaskBuffer, Tree, ancestor_matrix, chain_tree, greedy_accept
-from modules.tree_decoding import TreeKVCache
+from modules.decode.sampling import sample_accept
+from modules.decode.tree import CandidatePool, MaskBuffer, Tree, ancestor_matrix, chain_tree, greedy_accept
+from modules.decode.tree_decoding import TreeKVCache
 
 
 def naive_anc(parents):

@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from modules.eagle3_draft import Eagle3Draft
-from modules.eagle_draft import EagleDraft
-from modules.ttt_attention import (
+from modules.draft.eagle3_draft import Eagle3Draft
+from modules.draft.eagle_draft import EagleDraft
+from modules.draft.ttt_attention import (
     TTTCache, implementation, run_attention, step0_mask, ttt_scores_softmax_output, ttt_sdpa_output,
 )
-from modules.ttt_trainer import TTTCollator
+from modules.training.ttt_trainer import TTTCollator
 from tests._helpers_eagle3 import AUX, VOCAB, tiny_eagle3, tiny_target
 from tests.test_ttt_trainer import make_items, make_trainer
 

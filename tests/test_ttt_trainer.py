@@ -2,10 +2,10 @@
 EAGLE-2 + TTT), per-step metrics and the simulated acceptance are logged."""
 import torch
 
-from modules.eagle_draft import EagleDraft
-from modules.eagle3_draft import Eagle3Draft
-from modules.features import target_features
-from modules.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
+from modules.draft.eagle_draft import EagleDraft
+from modules.draft.eagle3_draft import Eagle3Draft
+from modules.data.features import target_features
+from modules.training.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
 from tests._helpers_eagle3 import AUX, VOCAB, tiny_target
 
 

@@ -5,7 +5,7 @@
 EAGLE-1/2: config.json + model.safetensors (SGLang `LlamaForCausalLMEagle`, vLLM `EagleLlamaForCausalLM`)
 and pytorch_model.bin (official `eagle-llm` EaModel). EAGLE-3: config.json + model.safetensors (SGLang
 `LlamaForCausalLMEagle3`, vLLM `Eagle3LlamaForCausalLM`). bf16 weights by default. Each engine's reading
-of the files is in modules/engines.py; docs/serving.md has the serve commands. Refuses a draft whose keys
+of the files is in modules/export/engines.py; docs/serving.md has the serve commands. Refuses a draft whose keys
 or shapes do not fit the target, or that no engine could serve as trained.
 """
 import argparse
@@ -30,13 +30,13 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import torch
-    from modules.draft_kinds import kind_of_folder
-    from modules.export import ExportError
+    from modules.draft.kinds import kind_of_folder
+    from modules.export.eagle_export import ExportError
     from modules.target import TargetLoadError
 
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
-        kind = kind_of_folder(args.checkpoint)  # EAGLE-1/2 or EAGLE-3 (modules/draft_kinds.py)
+        kind = kind_of_folder(args.checkpoint)  # EAGLE-1/2 or EAGLE-3 (modules/draft/kinds.py)
         out = kind.export(args.checkpoint, args.out, target=args.model, dtype=dtype)
         files = ", ".join(kind.export_files)
     except (ExportError, ValueError, TargetLoadError, FileNotFoundError, OSError) as err:

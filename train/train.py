@@ -13,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from modules import draft_kinds
+from modules.draft import kinds as draft_kinds
 from modules.paths import DEFAULT_DATA_DIR, DEFAULT_TRAIN_DIR
-from modules.training_setup import UsageError, check_data_fits_target, pick_attention, split, training_arguments
-from modules.training_setup import run_and_finish_distributed
+from modules.training.setup import UsageError, check_data_fits_target, pick_attention, split, training_arguments
+from modules.training.setup import run_and_finish_distributed
 
 # ----------------------------------------------------------------------------- SETTINGS
 MODEL = None              # target: hub id, local folder or .gguf; None = embedded SmolLM2-135M-Instruct
@@ -35,7 +35,7 @@ SIM_STEPS = 5             # chain length of the simulated acceptance length
 W_REG, W_CLS = 1.0, 0.1   # SmoothL1 feature loss, soft cross-entropy weights
 NOISE_STD = 0.2           # uniform noise on input features (EAGLE)
 DETACH_CLS = False        # True = BaldEagle recipe (CE term gives no gradient)
-BIAS = False              # fc bias: vLLM 0.32 builds fc without one (drops it), so none by default (modules/engines.py)
+BIAS = False              # fc bias: vLLM 0.32 builds fc without one (drops it), so none by default (modules/export/engines.py)
 GRAD_CLIP = 0.5
 PRECISION = "auto"        # auto: bf16 autocast on CUDA and on CPUs with bf16 units (~1.8x faster), else fp32
 ATTN = "auto"             # auto (flash_attention_2 on CUDA when installed, else sdpa) | sdpa | eager | flash_attention_2
@@ -97,14 +97,14 @@ def main(argv=None):
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from modules.collate import EagleCollator
-    from modules.export import ExportError
+    from modules.data.collate import EagleCollator
+    from modules.export.eagle_export import ExportError
     from safetensors import SafetensorError
 
-    from modules.storage import DataFormatError, EagleDataset
+    from modules.data.storage import DataFormatError, EagleDataset
     from modules.target import TargetLoadError, model_display_name
     from modules.target_weights import target_config
-    from modules.trainer import EagleTrainer, NonFiniteLossError
+    from modules.training.eagle_trainer import EagleTrainer, NonFiniteLossError
 
     t0 = time.time()
     kind = draft_kinds.get("eagle2")  # EagleTrainer trains EAGLE-1/2; train_eagle_ttt.py trains every kind
@@ -158,7 +158,7 @@ def main(argv=None):
         except ExportError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    from modules.training_curves import save_run_outputs
+    from modules.training.curves import save_run_outputs
     summary = {"steps": result.global_step, "train_loss": round(result.training_loss, 5),
                "train_runtime_s": round(time.time() - t0, 1), **{k: round(v, 4) for k, v in metrics.items()},
                "draft": None if args.no_export else str(out)}

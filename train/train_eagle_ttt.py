@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from modules import draft_kinds
+from modules.draft import kinds as draft_kinds
 from modules.paths import DEFAULT_FUSED_DATA_DIR, DEFAULT_TTT_TRAIN_DIR
-from modules.training_setup import UsageError, check_data_fits_target, pick_attention, split, training_arguments
-from modules.training_setup import run_and_finish_distributed
+from modules.training.setup import UsageError, check_data_fits_target, pick_attention, split, training_arguments
+from modules.training.setup import run_and_finish_distributed
 
 # ----------------------------------------------------------------------------- SETTINGS
 ARCH = "eagle3"           # eagle3 | eagle2 (EAGLE-1/2 draft with the TTT loss)
@@ -47,7 +47,7 @@ W_REG, W_CLS, NOISE_STD = None, None, None  # None = the kind's loss_weights: ea
 GRAD_CLIP = 0.5
 PRECISION = "auto"
 ATTN = "auto"             # TTT attention: eager = the reference ([heads, T, T] scores per step); anything else
-                          # (auto, sdpa, flash_attention_2) = SDPA kernels, no T x T matrix (modules/ttt_attention.py)
+                          # (auto, sdpa, flash_attention_2) = SDPA kernels, no T x T matrix (modules/draft/ttt_attention.py)
 LOGGING_STEPS = 10
 SAVE_STEPS = 200
 SAVE_TOTAL_LIMIT = 2      # checkpoints kept (older ones deleted); 0 = keep all
@@ -63,7 +63,7 @@ START, END = 0, 2000
 AUX_LAYERS = None         # None = official [2, N//2, N-3]
 TARGET_DTYPE = "auto"     # dtype the target runs in (auto: bf16 on GPU / bf16-capable CPUs)
 SYSTEM_PROMPT = None
-REGENERATE = False        # replace assistant replies by the target's own first (modules/regenerate.py)
+REGENERATE = False        # replace assistant replies by the target's own first (modules/data/regenerate.py)
 TEMPERATURE = 0.8
 MAX_NEW_TOKENS = 512
 # ----------------------------------------------------------------------------- end of SETTINGS
@@ -145,15 +145,15 @@ class ListDataset:
 def online_data(args):
     """(dataset of token ids + loss masks, target model) for --online. The target is whole on this
     rank's device (cuda:LOCAL_RANK under torchrun, modules/placement.py), where the trainer puts the draft."""
-    from modules.chat_data import load_rows
-    from modules.generation import encode_rows
+    from modules.data.chat import load_rows
+    from modules.data.generation import encode_rows
     from modules.placement import process_ranks
     from modules.target import load_target
 
     target, tokenizer = load_target(args.model, dtype=args.target_dtype)
     rows = load_rows(args.dataset, args.start, args.end)
     if args.regenerate:  # each rank regenerates its share into its own file, then reads all of them
-        from modules.regenerate import LocalGenerator, regenerate_sharded
+        from modules.data.regenerate import LocalGenerator, regenerate_sharded
         rank, world = process_ranks()
         gen = LocalGenerator(target, tokenizer, args.temperature, args.max_new_tokens, args.max_length, args.seed)
         rows = regenerate_sharded(rows, gen, args.output_dir, f"regenerated-{args.start}-{args.end}", rank, world,
@@ -167,7 +167,7 @@ def online_data(args):
 
 def draft_vocab_ids(args, ds, vocab_size):
     """Target ids of the draft vocabulary, counted over the training conversations' trained tokens."""
-    from modules.draft_vocab import count_tokens, select_draft_vocab, shard_token_pairs
+    from modules.draft.vocab import count_tokens, select_draft_vocab, shard_token_pairs
 
     if args.online:
         pairs = ((it["input_ids"], it["loss_mask"]) for it in ds.items)
@@ -184,7 +184,7 @@ def ttt_arguments(args, has_eval):
     """train.py's TrainingArguments, plus the TTT fields."""
     import dataclasses
 
-    from modules.ttt_trainer import TTTTrainingArguments
+    from modules.training.ttt_trainer import TTTTrainingArguments
 
     base = training_arguments(args, has_eval)
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
@@ -197,13 +197,13 @@ def main(argv=None):
     import torch
     from transformers.trainer_utils import get_last_checkpoint
 
-    from modules.features import default_aux_layers
+    from modules.data.features import default_aux_layers
     from modules.placement import output_device
-    from modules.storage import DataFormatError, EagleDataset
+    from modules.data.storage import DataFormatError, EagleDataset
     from modules.target import TargetLoadError, model_display_name
     from modules.target_weights import load_embed_and_head, target_config
-    from modules.trainer import NonFiniteLossError
-    from modules.ttt_trainer import TTTCollator, TTTTrainer
+    from modules.training.eagle_trainer import NonFiniteLossError
+    from modules.training.ttt_trainer import TTTCollator, TTTTrainer
 
     t0 = time.time()
     kind = draft_kinds.get(args.arch)
@@ -265,7 +265,7 @@ def main(argv=None):
                "train_loss": round(result.training_loss, 5), "draft_vocab_coverage": round(covered, 4),
                "train_runtime_s": round(time.time() - t0, 1), **{k: round(v, 4) for k, v in metrics.items()},
                "draft": None if args.no_export else str(out)}
-    from modules.training_curves import save_run_outputs
+    from modules.training.curves import save_run_outputs
     save_run_outputs(args.output_dir, trainer.state.log_history, summary,
                      title=f"{args.arch} + TTT ({args.ttt_steps} steps): loss, step-0 accuracy, simulated tau")
     return 0

@@ -1,6 +1,6 @@
 """Export an EAGLE-1/2 draft for the serving engines and the official EAGLE code.
 
-One output folder serves all of them (the rules and the engine versions: modules/engines.py):
+One output folder serves all of them (the rules and the engine versions: modules/export/engines.py):
   config.json          the target family's config with one layer; architectures
                        ["LlamaForCausalLMEagle", "LlamaForCausalLM"] (SGLang takes the first, vLLM
                        the second as EagleLlamaForCausalLM); rope_theta / rope_scaling beside
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from modules import engines
-from modules.eagle_draft import WEIGHTS_NAME, EagleDraft, draft_config_dict, make_draft_config
-from modules.storage import atomic_write
+from modules.export import engines
+from modules.draft.eagle_draft import WEIGHTS_NAME, EagleDraft, draft_config_dict, make_draft_config
+from modules.data.storage import atomic_write
 
 OFFICIAL_WEIGHTS_NAME = "pytorch_model.bin"
 
@@ -62,7 +62,7 @@ def export_draft(draft, out_dir, target=None, dtype=torch.bfloat16, warn=print, 
     from modules.target_weights import load_embed_and_head, target_config
 
     if isinstance(draft, EagleDraft):
-        # Training keeps the frozen embedding in its compute dtype (modules/trainer.py): a bf16 copy
+        # Training keeps the frozen embedding in its compute dtype (modules/training/eagle_trainer.py): a bf16 copy
         # of an fp32 target's embedding is not the target's, so take that one from the target.
         exact = draft.embed_tokens.weight.dtype == draft.fc.weight.dtype
         sd, cfg, where = draft.trainable_state_dict(with_embed=exact), draft.config.to_dict(), "draft"

@@ -7,10 +7,10 @@ Batches hold UNSHIFTED conversations (`TTTCollator`): tokens x_0..x_L, the targe
 `online=True` the features are computed here by the target (modules/features.target_features),
 so training needs no feature storage.
 
-Slots t = 0..L-1 as in modules/collate.py: slot t sees token x_{t+1} and feature f_t / a_t.
+Slots t = 0..L-1 as in modules/data/collate.py: slot t sees token x_{t+1} and feature f_t / a_t.
 Step k (k = 0..n-1) at slot t reads token x_{t+1+k} and, for k > 0, the draft's own step-(k-1)
 output at slot t; it predicts x_{t+2+k}, whose target distribution is softmax(head(f_{t+1+k})).
-Attention per step: modules/ttt_attention.py (the paper's scheme). Positions shift by k.
+Attention per step: modules/draft/ttt_attention.py (the paper's scheme). Positions shift by k.
 
 Loss = sum_k decay^k * mean over valid slots of the soft cross-entropy between the draft's
 distribution and the target's, both restricted to the DRAFT vocabulary (= forward KL up to a
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.draft_kinds import kind_of
-from modules.trainer import EagleTrainer, EagleTrainingArguments, add_uniform_noise, soft_cross_entropy
-from modules.ttt_attention import TTTCache, step0_mask
+from modules.draft.kinds import kind_of
+from modules.training.eagle_trainer import EagleTrainer, EagleTrainingArguments, add_uniform_noise, soft_cross_entropy
+from modules.draft.ttt_attention import TTTCache, step0_mask
 
 
 @dataclass
@@ -149,7 +149,7 @@ class TTTTrainer(EagleTrainer):
             model = TTTUnroll(model)
         super().__init__(model, *args, **kwargs)
         draft = self.draft_module()
-        self.kind = kind_of(draft)  # modules/draft_kinds.py: which features, which vocabulary
+        self.kind = kind_of(draft)  # modules/draft/kinds.py: which features, which vocabulary
         if target_head is None:
             if self.kind.own_vocab:
                 raise ValueError(f"an {self.kind.name} draft needs target_head (the target's frozen lm_head weight)")
@@ -176,7 +176,7 @@ class TTTTrainer(EagleTrainer):
     def _features(self, draft, inputs):
         """(step-0 input features [B,L,*], last hidden [B,L,H]) from the batch or the target."""
         if self.online:
-            from modules.features import target_features
+            from modules.data.features import target_features
             last, aux = target_features(self.target, inputs["input_ids"], inputs["attention_mask"],
                                         draft.aux_layers if self.kind.fused_features else None)
         else:

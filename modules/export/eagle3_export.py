@@ -3,13 +3,13 @@
 The training checkpoints already use that layout (Eagle3Draft.save_pretrained); exporting re-checks
 the draft against the target (hidden size, vocabulary, aux layer ids, d2t/t2d consistency),
 casts the weights (bf16 by default; d2t/t2d keep their int64/bool types), writes the capture
-layers in each engine's convention (modules/engines.py) and a clean folder without trainer files. `train/export.py` handles EAGLE-1/2.
+layers in each engine's convention (modules/export/engines.py) and a clean folder without trainer files. `train/export.py` handles EAGLE-1/2.
 """
 from pathlib import Path
 
 import torch
 
-from modules import engines
+from modules.export import engines
 
 
 class Eagle3ExportError(ValueError):
@@ -37,7 +37,7 @@ def check_fits_target(draft, target_config, where="draft"):
 def engine_layout(draft, num_target_layers, where="draft"):
     """(state dict, config) in the engines' layout: capture ids sorted (fc's input blocks permuted to
     match, since engines hand over the layers in layer order), validated, and written in each
-    engine's convention (modules/engines.py)."""
+    engine's convention (modules/export/engines.py)."""
     ids = draft.aux_layers
     try:
         sorted_ids = engines.check_aux_layers(ids, num_target_layers, f"{where}: capture layers")
@@ -58,8 +58,8 @@ def engine_layout(draft, num_target_layers, where="draft"):
 def export_eagle3(draft, out_dir, target=None, dtype=torch.bfloat16):
     """draft: an Eagle3Draft or a folder holding one. target: name/path/module (None = the config's
     target_model). dtype: bf16 by default (None keeps the training dtype). Returns the output folder."""
-    from modules.eagle3_draft import Eagle3Draft, cast_floats
-    from modules.storage import save_draft_folder
+    from modules.draft.eagle3_draft import Eagle3Draft, cast_floats
+    from modules.data.storage import save_draft_folder
     from modules.target_weights import target_config
 
     where = "draft"

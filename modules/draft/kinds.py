@@ -1,12 +1,12 @@
 """The registry of draft architectures: the one place that decides which kind a draft is.
 
-    KINDS = {"eagle2": "modules.eagle_draft", "eagle3": "modules.eagle3_draft"}
+    KINDS = {"eagle2": "modules.draft.eagle_draft", "eagle3": "modules.draft.eagle3_draft"}
 
 Each entry names the module that defines the draft model and, as `KIND`, its `DraftKind`. A kind knows
   - how to build a fresh draft for a target:         build(target, **options)
   - how to train it (the TTT trainer's hooks):       draft.ttt_step(...), fused_features, own_vocab, loss_weights
   - how to decode with it (modules/tree_decoding):   tree_adapter(draft, vocab_ids=None)
-  - how to save a run's draft and export it for the engines (modules/engines.py rules):
+  - how to save a run's draft and export it for the engines (modules/export/engines.py rules):
                                                      save_trained(...), export(...), export_files
   - how to load a saved folder:                      load(folder, target, dtype, attn_implementation)
 and recognises its own drafts: instances of `draft_class`, folders whose config.json `owns_config` accepts.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-KINDS = {"eagle2": "modules.eagle_draft", "eagle3": "modules.eagle3_draft"}  # name -> module defining KIND
+KINDS = {"eagle2": "modules.draft.eagle_draft", "eagle3": "modules.draft.eagle3_draft"}  # name -> module defining KIND
 
 
 class DraftKind:

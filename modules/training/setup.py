@@ -38,7 +38,7 @@ def split(ds, eval_fraction, seed):
 
 def training_arguments(args, has_eval):
     import torch
-    from modules.trainer import EagleTrainingArguments
+    from modules.training.eagle_trainer import EagleTrainingArguments
 
     cuda = torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun / accelerate launch

@@ -1,6 +1,6 @@
 """How each serving engine reads a draft checkpoint: the one place that decides what an export writes.
 
-Every export (modules/export.py for EAGLE-1/2, modules/export_eagle3.py for EAGLE-3) builds its
+Every export (modules/export/eagle_export.py for EAGLE-1/2, modules/export/eagle3_export.py for EAGLE-3) builds its
 config.json and weight names through the functions below. Each rule names the engine version and
 the file it was read from; `make test-vllm` runs the real vLLM engine against our exports.
 

@@ -26,9 +26,11 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from modules import engines, ttt_attention
-from modules.draft_kinds import DraftKind
-from modules.storage import save_draft_folder
+from modules.export import engines
+
+from modules.draft import ttt_attention
+from modules.draft.kinds import DraftKind
+from modules.data.storage import save_draft_folder
 
 EAGLE_ARCHITECTURE = "LlamaForCausalLMEagle"  # checkpoints of families no engine serves (see engines.py)
 WEIGHTS_NAME = "model.safetensors"
@@ -66,7 +68,7 @@ def make_draft_config(target_config, bias=False, target_model=None, attn_impleme
     if hasattr(cfg, "use_sliding_window"):
         cfg.use_sliding_window = False
     cfg.architectures = checkpoint_architectures(cfg.model_type)
-    # Not "bias": SGLang reads that key as attention bias (modules/engines.py).
+    # Not "bias": SGLang reads that key as attention bias (modules/export/engines.py).
     cfg.fc_bias = bool(bias)
     cfg.eagle_version = 2
     if target_model is not None:
@@ -77,7 +79,7 @@ def make_draft_config(target_config, bias=False, target_model=None, attn_impleme
 
 def checkpoint_architectures(model_type: str) -> list[str]:
     """The engines' names for families they serve; other families still train and decode here
-    (export refuses them with the reason, modules/export.py)."""
+    (export refuses them with the reason, modules/export/eagle_export.py)."""
     if model_type in engines.EAGLE_ARCHITECTURES:
         return engines.eagle_architectures(model_type)[0]
     return [EAGLE_ARCHITECTURE]
@@ -90,7 +92,7 @@ def fc_bias(config) -> bool:
 
 def draft_config_dict(cfg: dict, dtype: torch.dtype) -> dict:
     """The config.json of a saved or exported EAGLE-1/2 draft, in the layout every engine reads
-    (modules/engines.py): architectures per family, one layer, RoPE fields old loaders read, both dtype
+    (modules/export/engines.py): architectures per family, one layer, RoPE fields old loaders read, both dtype
     keys, no "bias" key and no machine paths."""
     cfg = engines.clean_config(cfg)
     cfg["fc_bias"] = bool(cfg.pop("bias", cfg.get("fc_bias", False)))
@@ -218,7 +220,7 @@ class EagleDraft(nn.Module):
         return (out, past_key_values) if use_cache else out
 
     def ttt_step(self, input_ids, hidden_states, cache, mask0, step):
-        """One training-time-test step (modules/ttt_attention.py): fc(cat(embed, feature)) then the decoder
+        """One training-time-test step (modules/draft/ttt_attention.py): fc(cat(embed, feature)) then the decoder
         layer with TTT attention (input_layernorm is Identity here); positions shift by `step`."""
         x = self.fc(torch.cat((self.embed_tokens(input_ids).to(hidden_states.dtype), hidden_states), dim=-1))
         layer = self.layers[0]
@@ -299,15 +301,15 @@ class Eagle2Kind(DraftKind):
         return draft
 
     def tree_adapter(self, draft, vocab_ids=None):
-        from modules.tree_decoding import Eagle2Adapter
+        from modules.decode.tree_decoding import Eagle2Adapter
         return Eagle2Adapter(draft, vocab_ids)
 
     def save_trained(self, draft, out_dir, target):
-        from modules.export import export_draft
+        from modules.export.eagle_export import export_draft
         return export_draft(draft, out_dir, target=target, dtype=None, portable=False)
 
     def export(self, draft, out_dir, target=None, dtype=torch.bfloat16):
-        from modules.export import export_draft
+        from modules.export.eagle_export import export_draft
         return export_draft(draft, out_dir, target=target, dtype=dtype)
 
 

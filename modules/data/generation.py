@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from modules.chat_data import BadRow, row_to_messages
-from modules.features import target_features
-from modules.loss_mask import TemplateError, tokenize_conversation
-from modules.storage import (FORMAT, MANIFEST, SHARD_RE, list_shards, read_manifest, read_shard_stats,
+from modules.data.chat import BadRow, row_to_messages
+from modules.data.features import target_features
+from modules.data.loss_mask import TemplateError, tokenize_conversation
+from modules.data.storage import (FORMAT, MANIFEST, SHARD_RE, list_shards, read_manifest, read_shard_stats,
                              shard_name, write_manifest, write_shard)
 
 SHARD_BYTES = 2**30  # default shard size bound: few files (and memory maps) for large targets, still easy to copy
@@ -372,7 +372,7 @@ def run_from_args(args, aux_layers_fn=None, rows_fn=None, extra_manifest: dict |
     rows_fn (no target loaded unless rows_fn needed it, no features, returns None); extra_manifest adds manifest fields
     (they must match on resume, like every other setting).
     """
-    from modules.chat_data import dataset_display_name, load_rows
+    from modules.data.chat import dataset_display_name, load_rows
     from modules.placement import PlacementError, physical_gpus, pick_device
     from modules.target import load_target_config, load_target_model, load_tokenizer, model_display_name
 
@@ -427,8 +427,8 @@ def run_from_args(args, aux_layers_fn=None, rows_fn=None, extra_manifest: dict |
 
 def run_with_clear_errors(fn) -> int:
     """The scripts' known failures (bad model, dataset, out dir, template) end with one line and exit code 2."""
-    from modules.chat_data import DatasetError
-    from modules.storage import DataFormatError
+    from modules.data.chat import DatasetError
+    from modules.data.storage import DataFormatError
     from modules.target import TargetLoadError
 
     try:

@@ -22,7 +22,7 @@ from urllib import error, request
 import torch
 from tqdm.auto import tqdm
 
-from modules.chat_data import BadRow, row_to_messages
+from modules.data.chat import BadRow, row_to_messages
 
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_MAX_NEW_TOKENS = 512

@@ -1,12 +1,12 @@
 """Lossless EAGLE-2 tree speculative decoding over a Hugging Face causal LM (batch size 1).
 
 One cycle, with n tokens already in the target's KV cache and the root token x_n chosen:
-  1. draft: grow a dynamic tree after x_n (modules/tree.py), `depth - 1` batched draft forwards
+  1. draft: grow a dynamic tree after x_n (modules/decode/tree.py), `depth - 1` batched draft forwards
      over a tree attention mask, on top of the draft's own KV cache of the accepted context;
   2. verify: ONE target forward over the tree tokens, with a 4D tree mask and tree position ids
      (n + depth) on top of the target's KV cache;
   3. accept the longest path the target agrees with (greedy) or walk the tree with speculative
-     sampling (temperature > 0, modules/sampling.py); the target's choice after the path is the
+     sampling (temperature > 0, modules/decode/sampling.py); the target's choice after the path is the
      bonus token, the next root;
   4. compact: keep the KV entries of the accepted path in the target cache (gather), drop the rest;
      drop the draft's tree entries and feed it the accepted tokens with the target's real features
@@ -23,7 +23,7 @@ DraftAdapter:
     outputs (which EAGLE-3 feeds back unprojected);
   - `logprobs(hidden)` applies the draft's final norm and its own lm_head over the DRAFT vocab;
   - `to_target_ids(draft_ids)` returns draft_ids + d2t[draft_ids].
-  Then return the adapter from the `tree_adapter()` of the draft's kind (modules/draft_kinds.py; EAGLE-3:
+  Then return the adapter from the `tree_adapter()` of the draft's kind (modules/draft/kinds.py; EAGLE-3:
   modules/eagle3_draft.Eagle3Adapter), or pass the adapter instance itself to EagleDecoder: `make_adapter`
   accepts both.
 """
@@ -34,8 +34,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from modules.placement import output_device
-from modules.sampling import probs_from_logits, sample_accept
-from modules.tree import CandidatePool, MaskBuffer, greedy_accept
+from modules.decode.sampling import probs_from_logits, sample_accept
+from modules.decode.tree import CandidatePool, MaskBuffer, greedy_accept
 
 
 # ---- KV cache with preallocated buffers and in-place compaction ----------------------------
@@ -203,10 +203,10 @@ class Eagle2Adapter(DraftAdapter):
 
 
 def make_adapter(draft):
-    """A DraftAdapter for `draft`: itself if it is one, else its kind's (modules/draft_kinds.py)."""
+    """A DraftAdapter for `draft`: itself if it is one, else its kind's (modules/draft/kinds.py)."""
     if isinstance(draft, DraftAdapter):
         return draft
-    from modules.draft_kinds import kind_of
+    from modules.draft.kinds import kind_of
     return kind_of(draft).tree_adapter(draft)
 
 
@@ -248,7 +248,7 @@ class EagleDecoder:
     """EAGLE-2 dynamic-tree speculative decoding, batch size 1, CPU or CUDA.
 
     target: a HF causal LM (Llama-like: base model + lm_head; sdpa or eager attention).
-    draft: a draft of a registered kind (modules/draft_kinds.py) or a DraftAdapter.
+    draft: a draft of a registered kind (modules/draft/kinds.py) or a DraftAdapter.
     total_tokens: tree size verified per cycle, root included; depth: draft levels; top_k: nodes
     expanded per level and children per node. temperature 0 = greedy.
     timing: fill DecodeResult's prefill / draft / target / cycle times. On a GPU this synchronises

@@ -16,7 +16,7 @@ the draft's own previous output [B,T,h] (chosen by width, or forced with `fused=
 
 Saved layout (SGLang `LlamaForCausalLMEagle3`, vLLM `Eagle3LlamaForCausalLM`, specforge):
 config.json (LlamaConfig, architectures ["LlamaForCausalLMEagle3"], draft_vocab_size,
-target_hidden_size, capture layer fields per engine: modules/engines.py) + model.safetensors with
+target_hidden_size, capture layer fields per engine: modules/export/engines.py) + model.safetensors with
 fc.weight, midlayer.*, norm.weight, lm_head.weight, d2t, t2d (+ embed_tokens.weight).
 """
 import json
@@ -33,11 +33,13 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb, repeat_kv,
 )
 
-from modules import engines, ttt_attention
-from modules.draft_kinds import DraftKind
-from modules.draft_vocab import build_mappings
-from modules.storage import save_draft_folder
-from modules.tree_decoding import DraftAdapter, TreeKVCache
+from modules.export import engines
+
+from modules.draft import ttt_attention
+from modules.draft.kinds import DraftKind
+from modules.draft.vocab import build_mappings
+from modules.data.storage import save_draft_folder
+from modules.decode.tree_decoding import DraftAdapter, TreeKVCache
 
 EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
 WEIGHTS_NAME = "model.safetensors"
@@ -70,7 +72,7 @@ def make_eagle3_config(target_config, draft_vocab_size, aux_layers, target_model
     cfg.target_hidden_size = t.hidden_size
     cfg.target_num_hidden_layers = t.num_hidden_layers
     # In memory and in checkpoints: our ids (HF hidden_states index, = vLLM's convention) in the
-    # order the data fused them. Exports write each engine's convention (modules/engines.py).
+    # order the data fused them. Exports write each engine's convention (modules/export/engines.py).
     cfg.eagle_aux_hidden_state_layer_ids = [int(i) for i in aux_layers]
     cfg.eagle_version = 3
     if target_model is not None:
@@ -194,7 +196,7 @@ class Eagle3Draft(nn.Module):
         config: then embed/head stay random). draft_ids: sorted target ids of the draft vocab
         (None = the full vocabulary); aux_layers: None = the official default."""
         from modules import target_weights
-        from modules.engines import default_aux_layers
+        from modules.export.engines import default_aux_layers
 
         config = target_weights.target_config(target)
         if aux_layers is None:
@@ -255,7 +257,7 @@ class Eagle3Draft(nn.Module):
         return (out, past_key_values) if use_cache else out
 
     def ttt_step(self, input_ids, hidden_states, cache, mask0, step):
-        """One training-time-test step over the whole sequence (see modules/ttt_attention.py):
+        """One training-time-test step over the whole sequence (see modules/draft/ttt_attention.py):
         step 0 takes fused features, step k the step-(k-1) output; positions shift by k."""
         g = self.fc(hidden_states.to(self.fc.weight.dtype)) if step == 0 else hidden_states
         embeds = self.embed_tokens(input_ids).to(g.dtype)
@@ -329,7 +331,7 @@ class Eagle3Draft(nn.Module):
         return draft.to(dtype)
 
 
-# ---- tree decoding (modules/tree_decoding.py protocol) ---------------------------------------
+# ---- tree decoding (modules/decode/tree_decoding.py protocol) ---------------------------------------
 
 class Eagle3Adapter(DraftAdapter):
     """EAGLE-3 in the tree decoder: features = fc(cat of the aux-layer hidden states), the
@@ -370,7 +372,7 @@ class Eagle3Adapter(DraftAdapter):
         return self.draft.to_target_ids(draft_ids)
 
 
-# ---- the registry entry (modules/draft_kinds.py) --------------------------------------------
+# ---- the registry entry (modules/draft/kinds.py) --------------------------------------------
 
 class Eagle3Kind(DraftKind):
     """EAGLE-3: fused low/mid/high target features in, its own head over a draft vocabulary out."""
@@ -402,7 +404,7 @@ class Eagle3Kind(DraftKind):
         return Path(out_dir)
 
     def export(self, draft, out_dir, target=None, dtype=torch.bfloat16):
-        from modules.export_eagle3 import export_eagle3
+        from modules.export.eagle3_export import export_eagle3
         return export_eagle3(draft, out_dir, target=target, dtype=dtype)
 
 

@@ -1,11 +1,11 @@
-"""Load any saved draft; its kind (EAGLE-1/2, EAGLE-3, ...) is decided by the registry, modules/draft_kinds.py.
+"""Load any saved draft; its kind (EAGLE-1/2, EAGLE-3, ...) is decided by the registry, modules/draft/kinds.py.
 
 `load_draft(dir, target_model=None)`: target_model is a model name/path, a loaded nn.Module,
 or None (= the `target_model` recorded in the draft's config.json).
 """
 import torch
 
-from modules.draft_kinds import kind_of_folder
+from modules.draft.kinds import kind_of_folder
 
 
 def draft_kind(draft_dir):

@@ -1,0 +1,10 @@
+"""Stage 2, the draft models: one file per architecture, one registry that decides the kind.
+
+    kinds.py          the registry (KINDS) and DraftKind, the interface every architecture implements
+    eagle_draft.py    EAGLE-1/2: fc(cat(embedding, feature)) -> one decoder layer -> the target's LM head
+    eagle3_draft.py   EAGLE-3: fused aux-layer features, own draft vocabulary, training-time test
+    ttt_attention.py  the training-time-test attention both drafts use when trained with TTT
+    vocab.py          EAGLE-3 draft vocabulary (most frequent trained tokens) and its id maps
+    loading.py        load any saved draft folder; the registry decides its kind
+Add an architecture: docs/extending.md.
+"""

@@ -1,0 +1,7 @@
+"""Stage 2, training: HF Trainer subclasses with a config dataclass each (TRL style).
+
+    eagle_trainer.py  EagleTrainer + EagleTrainingArguments: EAGLE-1/2 on stored features (train/train.py)
+    ttt_trainer.py    TTTTrainer + TTTTrainingArguments: training-time test, EAGLE-3 (train/train_eagle_ttt.py)
+    setup.py          what both scripts share: data checks, split, attention choice, TrainingArguments
+    curves.py         loss / accuracy / simulated-tau curves from a Trainer's log history -> PNG
+"""
