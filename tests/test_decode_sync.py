@@ -4,7 +4,7 @@ import torch
 from modules.decode import tree_decoding
 from modules.draft.eagle_draft import EagleDraft
 from modules.decode.tree_decoding import EagleDecoder
-from tests._helpers_draft import tiny_target
+from tests._helpers_eagle import tiny_target
 
 
 def decode(timing, monkeypatch):

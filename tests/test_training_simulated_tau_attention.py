@@ -8,7 +8,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from modules.data.collate import EagleCollator
 from modules.draft.eagle_draft import EagleDraft
 from modules.training.eagle_trainer import attention_for_4d_masks, simulated_acceptance
-from tests._helpers_draft import fake_items, tiny_target
+from tests._helpers_eagle import fake_items, tiny_target
 
 
 def _draft(target, attn):

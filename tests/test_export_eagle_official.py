@@ -7,7 +7,7 @@ pytest.importorskip("eagle", reason="interop test needs `pip install --no-deps e
 
 from modules.draft.eagle_draft import EagleDraft  # noqa: E402
 from modules.export.eagle_export import export_draft  # noqa: E402
-from tests._helpers_draft import save_tiny_target  # noqa: E402
+from tests._helpers_eagle import save_tiny_target  # noqa: E402
 
 
 def _patch_eagle_llm_for_transformers5(monkeypatch):

@@ -7,7 +7,7 @@ from modules.draft import kinds as draft_kinds
 from modules.draft.loading import draft_kind, load_draft
 from modules.decode.tree_decoding import EagleDecoder
 from modules.training.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
-from tests._helpers_decoding import plain_greedy
+from tests._helpers_decode import plain_greedy
 from tests._helpers_eagle3 import AUX, VOCAB, tiny_target
 
 

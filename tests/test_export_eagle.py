@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from modules.draft.eagle_draft import EagleDraft
 from modules.export.eagle_export import ExportError, export_draft
-from tests._helpers_draft import REPO_ROOT, save_tiny_target
+from tests._helpers_eagle import REPO_ROOT, save_tiny_target
 
 
 def test_export_writes_both_layouts_with_the_same_tensors(tmp_path):

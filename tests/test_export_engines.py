@@ -1,6 +1,6 @@
 """What our exports tell each engine (modules/export/engines.py), checked against the engines' own code where it
 runs here: SpecForge's resolution and capture of EAGLE-3 layer ids, vLLM's reading order of the field,
-the standard target folder. The real vLLM engine runs in tests/test_vllm_serving.py (`make test-vllm`)."""
+the standard target folder. The real vLLM engine runs in tests/test_export_vllm_serving.py (`make test-vllm`)."""
 import json
 import warnings
 

@@ -12,8 +12,8 @@ from modules.draft.eagle_draft import EagleDraft
 from modules.training.eagle_trainer import EagleTrainer, EagleTrainingArguments
 from modules.training.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
 from tests import _helpers_eagle3
-from tests._helpers_draft import ListDataset, fake_items, tiny_target
-from tests.test_ttt_trainer import make_items
+from tests._helpers_eagle import ListDataset, fake_items, tiny_target
+from tests.test_training_ttt_trainer import make_items
 
 
 def _args(cls, out, **kw):

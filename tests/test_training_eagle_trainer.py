@@ -11,7 +11,7 @@ from modules.data.collate import EagleCollator
 from modules.draft.eagle_draft import EagleDraft
 from modules.training.eagle_trainer import (EagleTrainer, EagleTrainingArguments, NonFiniteLossError,
                              simulated_acceptance)
-from tests._helpers_draft import ListDataset, fake_items, tiny_target
+from tests._helpers_eagle import ListDataset, fake_items, tiny_target
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
-"""Worker of tests/test_ddp_ttt.py: TTTTrainer for 3 optimizer steps on 4 equal-length
+"""Worker of tests/test_training_ttt_ddp.py: TTTTrainer for 3 optimizer steps on 4 equal-length
 conversations, in three setups (EAGLE-3 with stored features, EAGLE-3 online, EAGLE-1/2 arch),
 then each rank writes its trained weights and how many all-reduces the trainer made.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/_ddp_ttt_worker.py OUT 1   # 2 ranks x batch 1
-    python tests/_ddp_ttt_worker.py OUT 2                                               # 1 process x batch 2
+    python -m torch.distributed.run --nproc_per_node 2 tests/_worker_ttt_ddp.py OUT 1   # 2 ranks x batch 1
+    python tests/_worker_ttt_ddp.py OUT 2                                               # 1 process x batch 2
 
 Both see the same global batch: 4 conversations per optimizer step (batch x ranks x 2 accumulation
 micro-steps), i.e. the whole data set, so the sample order does not matter. Every conversation has

@@ -12,7 +12,7 @@ from modules.draft.ttt_attention import (
 )
 from modules.training.ttt_trainer import TTTCollator
 from tests._helpers_eagle3 import AUX, VOCAB, tiny_eagle3, tiny_target
-from tests.test_ttt_trainer import make_items, make_trainer
+from tests.test_training_ttt_trainer import make_items, make_trainer
 
 # fp32, SDPA vs the eager reference: both softmaxes run in fp32, so only summation order differs
 TOL = dict(atol=2e-5, rtol=2e-5)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from modules.data.storage import EagleDataset, list_shards, write_shard
-from tests._helpers_draft import REPO_ROOT, fake_items, tiny_target
+from tests._helpers_eagle import REPO_ROOT, fake_items, tiny_target
 from tests.test_data_storage import _conv, _manifest
 
 

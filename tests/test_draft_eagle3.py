@@ -52,7 +52,7 @@ def test_save_load_roundtrip_in_sglang_layout(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"]
     assert cfg["draft_vocab_size"] == VOCAB // 3 and cfg["num_hidden_layers"] == 1
-    # a checkpoint holds our ids (hidden_states index); exports write each engine's field (test_engine_conventions)
+    # a checkpoint holds our ids (hidden_states index); exports write each engine's field (test_export_engines)
     assert cfg["eagle_aux_hidden_state_layer_ids"] == AUX and "eagle_config" not in cfg
     from safetensors import safe_open
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:

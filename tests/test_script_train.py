@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests._helpers_draft import REPO_ROOT, save_tiny_target, write_fake_data
+from tests._helpers_eagle import REPO_ROOT, save_tiny_target, write_fake_data
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_ddp_two_cpu_processes_end_with_equal_weights(setup, tmp_path):
 def test_nan_loss_exits_with_one_line_and_no_checkpoint(setup, tmp_path, capsys):
     root, target = setup
     from modules.data import storage
-    from tests._helpers_draft import fake_items
+    from tests._helpers_eagle import fake_items
 
     items = fake_items(target, n=4)
     for it in items:

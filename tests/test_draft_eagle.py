@@ -10,7 +10,7 @@ from transformers.cache_utils import DynamicCache
 from modules.draft.loading import load_draft
 from modules.draft.eagle_draft import EagleDraft
 from modules.target_weights import load_embed_and_head
-from tests._helpers_draft import save_tiny_target
+from tests._helpers_eagle import save_tiny_target
 
 FAMILIES = ["llama", "qwen2", "mistral"]
 
@@ -40,7 +40,7 @@ def test_draft_builds_from_target_files_with_frozen_head(tmp_path, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cache_masks_and_attention_backends_agree(family):
-    from tests._helpers_draft import tiny_target
+    from tests._helpers_eagle import tiny_target
     draft = EagleDraft.from_target(tiny_target(family)).eval()
     ids, hs = _inputs(draft)
     with torch.no_grad():

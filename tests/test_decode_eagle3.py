@@ -3,7 +3,7 @@ EAGLE-3 draft that copies the target's own head accepts whole trees."""
 import torch
 
 from modules.decode.tree_decoding import EagleDecoder
-from tests._helpers_decoding import plain_greedy
+from tests._helpers_decode import plain_greedy
 from tests._helpers_eagle3 import VOCAB, tiny_eagle3, tiny_target
 
 

@@ -12,10 +12,10 @@ from modules.draft.eagle3_draft import Eagle3Draft
 from modules.draft.eagle_draft import EagleDraft
 from modules.training.eagle_trainer import EagleTrainer, EagleTrainingArguments
 from modules.training.ttt_trainer import TTTCollator
-from tests._helpers_draft import ListDataset, fake_items
-from tests._helpers_draft import tiny_target as tiny_llama
+from tests._helpers_eagle import ListDataset, fake_items
+from tests._helpers_eagle import tiny_target as tiny_llama
 from tests._helpers_eagle3 import AUX, tiny_target
-from tests.test_ttt_trainer import make_items, make_trainer
+from tests.test_training_ttt_trainer import make_items, make_trainer
 
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
