@@ -1,4 +1,5 @@
-"""Shared pytest setup: tests import `modules` from the repo root and never touch the network."""
+"""Shared pytest setup: tests import `modules` from the repo root and never touch the network.
+Where a new test goes and how tests import their helpers: tests/README.md."""
 import os
 import sys
 from pathlib import Path

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from _helpers_data import write_jsonl
+from tests._helpers_data import write_jsonl
 from modules.data.chat import BadRow, DatasetError, load_rows, row_to_messages
 
 

@@ -6,7 +6,7 @@ import generate_data
 import modules.data.generation as generation
 from modules.data.generation import auto_rows_per_shard, batch_window_shards
 from modules.data.storage import EagleDataset, list_shards, read_manifest
-from test_script_generate_data import gen_cmd, main_in_process, tiny  # noqa: F401  (tiny is a fixture)
+from tests.test_script_generate_data import gen_cmd, main_in_process, tiny  # noqa: F401  (tiny is a fixture)
 
 
 def test_batches_fill_the_token_budget_across_one_row_shards(tiny, tmp_path, capsys, monkeypatch):  # noqa: F811

@@ -1,7 +1,7 @@
 """Loss mask from the tokenizer's own chat template: exactly the assistant replies + end-of-turn token."""
 import pytest
 
-from _helpers_data import tiny_tokenizer
+from tests._helpers_data import tiny_tokenizer
 from modules.data.loss_mask import TemplateError, tokenize_conversation
 
 MESSAGES = [

@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _helpers_data import chat_rows, tiny_target_dir, write_jsonl  # noqa: E402
-
-import generate_data_fused_features  # noqa: E402
-from modules import target as target_module  # noqa: E402
-from modules.data.regenerate import (RegenerationError, rank_cache_file, read_cache, regenerate_rows,  # noqa: E402
+import generate_data_fused_features
+from modules import target as target_module
+from modules.data.regenerate import (RegenerationError, rank_cache_file, read_cache, regenerate_rows,
                                 regenerate_sharded)
+from tests._helpers_data import chat_rows, tiny_target_dir, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [(r, {"messages": [{"role": "user", "content": f"question {r}"}, {"role": "assistant", "content": "old"}]})

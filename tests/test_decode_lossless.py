@@ -1,8 +1,8 @@
 """The tree decoder is lossless: greedy output == plain greedy, sampling keeps the distribution."""
 import pytest
 import torch
-from _helpers_decode import OracleAdapter, SelfDraftAdapter, one_thread, plain_greedy  # noqa: F401
-from _helpers_eagle import tiny_target
+from tests._helpers_decode import OracleAdapter, SelfDraftAdapter, one_thread, plain_greedy  # noqa: F401
+from tests._helpers_eagle import tiny_target
 
 from modules.draft.eagle_draft import EagleDraft
 from modules.decode.tree_decoding import EagleDecoder
@@ -121,7 +121,7 @@ def test_sampling_keeps_the_target_distribution():
         cycles += res.cycles
     samples = torch.tensor(samples)
     assert cycles < 1.5 * N  # 2 tokens after the prefill one: mostly one cycle, so drafts were accepted
-    from test_decode_tree import chi2_pvalue
+    from tests.test_decode_tree import chi2_pvalue
     for i, p in enumerate([p1, p2, p3]):
         counts = torch.bincount(samples[:, i], minlength=V).float()
         assert chi2_pvalue(counts, p.float()) > 1e-3, (i, counts / N, p)

@@ -1,8 +1,8 @@
 """Tree building, tree attention masks over the KV cache, compaction, acceptance rules."""
 import pytest
 import torch
-from _helpers_decode import one_thread  # noqa: F401 (autouse fixture)
-from _helpers_eagle import tiny_target
+from tests._helpers_decode import one_thread  # noqa: F401 (autouse fixture)
+from tests._helpers_eagle import tiny_target
 
 from modules.decode.sampling import sample_accept
 from modules.decode.tree import CandidatePool, MaskBuffer, Tree, ancestor_matrix, chain_tree, greedy_accept

@@ -2,20 +2,16 @@
 a target spread over GPUs only when asked, features of layers on other devices gathered onto the
 target's output device, and GPU indexes mapped through CUDA_VISIBLE_DEVICES (allocation.py)."""
 import argparse
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _helpers_eagle import tiny_target  # noqa: E402
-
-import allocation  # noqa: E402
-from modules import placement  # noqa: E402
-from modules.data.features import gather_layers, target_features  # noqa: E402
-from modules.placement import PlacementError, physical_gpus, plan_device  # noqa: E402
-from modules.target import TargetLoadError, load_target_model  # noqa: E402
+import allocation
+from modules import placement
+from modules.data.features import gather_layers, target_features
+from modules.placement import PlacementError, physical_gpus, plan_device
+from modules.target import TargetLoadError, load_target_model
+from tests._helpers_eagle import tiny_target
 
 CUDA = torch.device
 

@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 import torch
 
-from _helpers_decode import one_thread  # noqa: F401 (autouse: restores torch threads)
+from tests._helpers_decode import one_thread  # noqa: F401 (autouse: restores torch threads)
 
 from benchmark import mt_bench
 

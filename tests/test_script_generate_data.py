@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers_data import chat_rows, tiny_target_dir, write_jsonl
+from tests._helpers_data import chat_rows, tiny_target_dir, write_jsonl
 import generate_data
 import view_data
 from modules.data.storage import EagleDataset, list_shards, read_manifest

@@ -8,13 +8,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _helpers_data import chat_rows, tiny_target_dir, write_jsonl  # noqa: E402
-
-import generate_data_fused_features  # noqa: E402
-from modules.draft.loading import load_draft  # noqa: E402
-from modules.draft.eagle3_draft import Eagle3Draft  # noqa: E402
-from train import train_eagle_ttt  # noqa: E402
+import generate_data_fused_features
+from modules.draft.loading import load_draft
+from modules.draft.eagle3_draft import Eagle3Draft
+from train import train_eagle_ttt
+from tests._helpers_data import chat_rows, tiny_target_dir, write_jsonl
 
 
 @pytest.fixture(scope="module")
