@@ -14,117 +14,56 @@ Checkpoints: OUTPUT_DIR/checkpoint-*; final draft: OUTPUT_DIR/draft (SGLang EAGL
 the EAGLE layouts of train/export.py for --arch eagle2); summary.json, log_history.json (per-step
 losses/accuracies) and training_curves.png describe the run.
 """
-import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from modules.draft import kinds as draft_kinds
 from modules.paths import DEFAULT_FUSED_DATA_DIR, DEFAULT_TTT_TRAIN_DIR
-from modules.training.setup import UsageError, check_data_fits_target, pick_attention, split, training_arguments
-from modules.training.setup import run_and_finish_distributed
+from modules.training.settings import TrainingSettings, parse_settings, save_run_config, setting, with_kind_defaults
+from modules.training.setup import UsageError, check_data_fits_target, pick_attention, resume_checkpoint, split
+from modules.training.setup import run_and_finish_distributed, training_arguments
+
+ONLINE = "online training (features computed by the target inside the loop)"  # a --help section
+
 
 # ----------------------------------------------------------------------------- SETTINGS
-ARCH = "eagle3"           # eagle3 | eagle2 (EAGLE-1/2 draft with the TTT loss)
-MODEL = None              # target: hub id, local folder or .gguf; None = embedded SmolLM2-135M-Instruct
-DATA = [str(DEFAULT_FUSED_DATA_DIR)]   # offline data folders (ignored with --online)
-OUTPUT_DIR = str(DEFAULT_TTT_TRAIN_DIR)
-TTT_STEPS = 7             # unrolled draft steps (official EAGLE-3: 7)
-TTT_DECAY = 0.8           # step k's loss weight: TTT_DECAY ** k
-DRAFT_VOCAB_SIZE = None   # None = smallest N covering DRAFT_VOCAB_COVERAGE of the trained tokens
-DRAFT_VOCAB_COVERAGE = 0.95
-EPOCHS = 4
-MAX_STEPS = -1            # > 0 overrides EPOCHS
-LR = 3e-4                 # as train/train.py (small data)
-MIN_LR_RATIO = 0.1
-WARMUP = 0.05
-BATCH_SIZE = 1
-GRAD_ACCUM = 4
-MAX_LENGTH = 2048
-EVAL_FRACTION = 0.02
-SIM_STEPS = 5
-W_REG, W_CLS, NOISE_STD = None, None, None  # None = the kind's loss_weights: eagle3 (0, 1, 0), eagle2 (1, 0.1, 0.2)
-GRAD_CLIP = 0.5
-PRECISION = "auto"
-ATTN = "auto"             # TTT attention: eager = the reference ([heads, T, T] scores per step); anything else
-                          # (auto, sdpa, flash_attention_2) = SDPA kernels, no T x T matrix (modules/draft/ttt_attention.py)
-LOGGING_STEPS = 10
-SAVE_STEPS = 200
-SAVE_TOTAL_LIMIT = 2      # checkpoints kept (older ones deleted); 0 = keep all
-EVAL_STEPS = None
-DATALOADER_WORKERS = None  # processes reading the shards per rank; None = 2 on GPU, 0 on CPU
-PREFETCH_FACTOR = 2       # batches each worker prepares ahead (with workers > 0)
-REPORT_TO = "none"
-SEED = 0
-# online training only
-ONLINE = False
-DATASET = "sharegpt"      # as generate_data.py: sharegpt (embedded), ultrachat, a .json/.jsonl file, hub id
-START, END = 0, 2000
-AUX_LAYERS = None         # None = official [2, N//2, N-3]
-TARGET_DTYPE = "auto"     # dtype the target runs in (auto: bf16 on GPU / bf16-capable CPUs)
-SYSTEM_PROMPT = None
-REGENERATE = False        # replace assistant replies by the target's own first (modules/data/regenerate.py)
-TEMPERATURE = 0.8
-MAX_NEW_TOKENS = 512
+# Edit a default here or pass the flag (--ttt-steps 3). The settings shared with train.py (--lr,
+# --max-steps, --grad-accum, ...) are TrainingSettings in modules/training/settings.py; --w-reg, --w-cls
+# and --noise-std default to the draft kind's loss weights.
+@dataclass
+class Settings(TrainingSettings):
+    arch: str = setting("eagle3", "eagle3 | eagle2 (EAGLE-1/2 draft with the TTT loss)", choices=list(draft_kinds.KINDS))
+    data: list[str] = setting([str(DEFAULT_FUSED_DATA_DIR)], "offline data folders (ignored with --online)")
+    output_dir: str = setting(str(DEFAULT_TTT_TRAIN_DIR), "checkpoints, the exported draft and the run's json files",
+                              hf="output_dir")
+    ttt_steps: int = setting(7, "unrolled draft steps (official EAGLE-3: 7)", hf="ttt_steps")
+    ttt_decay: float = setting(0.8, "step k's loss weight: TTT_DECAY ** k", hf="ttt_decay")
+    draft_vocab_size: int | None = setting(None, "N most frequent trained tokens (eagle3); None = smallest N "
+                                                 "covering --draft-vocab-coverage of the trained tokens")
+    draft_vocab_coverage: float = setting(0.95, "share of the trained tokens the draft vocabulary covers (used "
+                                                "when no size is given)")
+    online: bool = setting(False, "no stored features: the target runs in the loop", group=ONLINE)
+    dataset: str = setting("sharegpt", "as generate_data.py: sharegpt (embedded), ultrachat, a .json/.jsonl file, "
+                                       "hub id", group=ONLINE)
+    start: int = setting(0, "first dataset row", group=ONLINE)
+    end: int = setting(2000, "end row (exclusive)", group=ONLINE)
+    aux_layers: list[int] | None = setting(None, "hidden_states ids (low mid high); None = official [2, N//2, N-3]",
+                                           nargs=3, group=ONLINE)
+    target_dtype: str = setting("auto", "dtype the target runs in (auto: bf16 on GPU / bf16-capable CPUs)",
+                                group=ONLINE)
+    system_prompt: str | None = setting(None, "system prompt for rows without one", group=ONLINE)
+    regenerate: bool = setting(False, "replace assistant replies by the target's own first "
+                                      "(modules/data/regenerate.py)", group=ONLINE)
+    temperature: float = setting(0.8, "regeneration sampling temperature", group=ONLINE)
+    max_new_tokens: int = setting(512, "regeneration: tokens per reply", group=ONLINE)
 # ----------------------------------------------------------------------------- end of SETTINGS
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    a = p.add_argument
-    a("--arch", choices=list(draft_kinds.KINDS), default=ARCH)
-    a("--model", default=MODEL)
-    a("--data", nargs="+", default=DATA)
-    a("--output-dir", default=OUTPUT_DIR)
-    a("--ttt-steps", type=int, default=TTT_STEPS)
-    a("--ttt-decay", type=float, default=TTT_DECAY)
-    a("--draft-vocab-size", type=int, default=DRAFT_VOCAB_SIZE, help="N most frequent trained tokens (eagle3)")
-    a("--draft-vocab-coverage", type=float, default=DRAFT_VOCAB_COVERAGE, help="used when no size is given")
-    a("--epochs", type=float, default=EPOCHS)
-    a("--max-steps", type=int, default=MAX_STEPS)
-    a("--lr", type=float, default=LR)
-    a("--min-lr-ratio", type=float, default=MIN_LR_RATIO)
-    a("--warmup", type=float, default=WARMUP)
-    a("--batch-size", type=int, default=BATCH_SIZE)
-    a("--grad-accum", type=int, default=GRAD_ACCUM)
-    a("--max-length", type=int, default=MAX_LENGTH)
-    a("--eval-fraction", type=float, default=EVAL_FRACTION)
-    a("--sim-steps", type=int, default=SIM_STEPS)
-    a("--w-reg", type=float, default=W_REG, help="SmoothL1 feature loss weight (default per arch)")
-    a("--w-cls", type=float, default=W_CLS, help="cross-entropy weight (default per arch)")
-    a("--noise-std", type=float, default=NOISE_STD, help="input feature noise (default per arch)")
-    a("--bias", action=argparse.BooleanOptionalAction, default=False, help="fc bias (eagle2 arch; vLLM serves none)")
-    a("--grad-clip", type=float, default=GRAD_CLIP)
-    a("--precision", choices=["auto", "bf16", "fp32"], default=PRECISION)
-    a("--attn", default=ATTN, help="auto | sdpa | eager | flash_attention_2 (TTT attention: eager or SDPA)")
-    a("--logging-steps", type=int, default=LOGGING_STEPS)
-    a("--save-steps", type=int, default=SAVE_STEPS)
-    a("--save-total-limit", type=int, default=SAVE_TOTAL_LIMIT, help="checkpoints kept; 0 = all")
-    a("--eval-steps", type=int, default=EVAL_STEPS)
-    a("--dataloader-workers", type=int, default=DATALOADER_WORKERS,
-      help="data reading processes per rank (default: 2 on GPU, 0 on CPU)")
-    a("--prefetch-factor", type=int, default=PREFETCH_FACTOR, help="batches per worker read ahead")
-    a("--report-to", default=REPORT_TO)
-    a("--seed", type=int, default=SEED)
-    a("--resume", default=None, help="checkpoint folder, or 'auto' = the last one in --output-dir")
-    a("--allow-other-model", action="store_true", help="train even if the data manifest names another target")
-    a("--no-export", action="store_true")
-    o = p.add_argument_group("online training (features computed by the target inside the loop)")
-    o.add_argument("--online", action=argparse.BooleanOptionalAction, default=ONLINE)
-    o.add_argument("--dataset", default=DATASET)
-    o.add_argument("--start", type=int, default=START)
-    o.add_argument("--end", type=int, default=END)
-    o.add_argument("--aux-layers", type=int, nargs=3, default=AUX_LAYERS, help="hidden_states ids (low mid high)")
-    o.add_argument("--target-dtype", default=TARGET_DTYPE)
-    o.add_argument("--system-prompt", default=SYSTEM_PROMPT)
-    o.add_argument("--regenerate", action=argparse.BooleanOptionalAction, default=REGENERATE)
-    o.add_argument("--temperature", type=float, default=TEMPERATURE)
-    o.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    args = p.parse_args(argv)
-    for k, v in draft_kinds.get(args.arch).loss_weights.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    args.detach_cls = False
-    return args
+
+def parse_args(argv=None) -> Settings:
+    args = parse_settings(Settings, argv, description=__doc__.splitlines()[0])
+    return with_kind_defaults(args, draft_kinds.get(args.arch))
 
 
 class ListDataset:
@@ -160,7 +99,7 @@ def online_data(args):
                                   args.system_prompt, progress=rank == 0)
     examples, skipped, _ = encode_rows(tokenizer, rows, args.max_length, args.system_prompt)
     if not examples:
-        raise RuntimeError(f"no usable conversations in rows {args.start}-{args.end} of {args.dataset} ({dict(skipped)})")
+        raise UsageError(f"no usable conversations in rows {args.start}-{args.end} of {args.dataset} ({dict(skipped)})")
     print(f"online: {len(examples)} conversations tokenised, skipped {dict(skipped)}", flush=True)
     return ListDataset(examples), target
 
@@ -173,91 +112,61 @@ def draft_vocab_ids(args, ds, vocab_size):
         pairs = ((it["input_ids"], it["loss_mask"]) for it in ds.items)
     else:
         pairs = shard_token_pairs(ds.folders)
-    counts = count_tokens(pairs, vocab_size)
-    ids, covered = select_draft_vocab(counts, size=args.draft_vocab_size, coverage=args.draft_vocab_coverage)
+    try:
+        counts = count_tokens(pairs, vocab_size)
+        ids, covered = select_draft_vocab(counts, size=args.draft_vocab_size, coverage=args.draft_vocab_coverage)
+    except ValueError as err:  # a size out of range, no trained tokens, unreadable shards
+        raise UsageError(f"draft vocabulary: {err}") from None
     print(f"draft vocab: {len(ids):,} of {vocab_size:,} target tokens cover {covered:.2%} of "
           f"{int(counts.sum()):,} trained tokens", flush=True)
     return ids, covered
 
 
-def ttt_arguments(args, has_eval):
-    """train.py's TrainingArguments, plus the TTT fields."""
-    import dataclasses
-
-    from modules.training.ttt_trainer import TTTTrainingArguments
-
-    base = training_arguments(args, has_eval)
-    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
-    fields.update(ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay)
-    return TTTTrainingArguments(**fields)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    import torch
-    from transformers.trainer_utils import get_last_checkpoint
-
+def load_data(args, kind, cfg, display):
+    """(dataset, aux layers, online target or None): offline shards, or with --online the tokenised
+    conversations and the target that computes their features."""
     from modules.data.features import default_aux_layers
+    from modules.data.storage import EagleDataset
+
+    if args.online:
+        ds, target = online_data(args)
+        return ds, args.aux_layers or default_aux_layers(cfg.num_hidden_layers), target
+    ds = EagleDataset(args.data, read_aux=kind.fused_features)
+    check_data_fits_target(ds, cfg, display, args.allow_other_model)
+    if kind.fused_features and not ds.has_aux:
+        raise UsageError(f"{ds.folders[0] / 'manifest.json'}: no fused features (aux_layers is null): "
+                         f"generate with generate_data_fused_features.py, or train with --online")
+    return ds, ds.aux_layers, None
+
+
+def build_trainer(args, kind, cfg, display, ds, aux_layers, target):
+    """(TTTTrainer with a fresh draft, draft vocabulary coverage): the draft takes the target's
+    embedding and head; an EAGLE-3 draft also its own vocabulary, counted over the training data."""
     from modules.placement import output_device
-    from modules.data.storage import DataFormatError, EagleDataset
-    from modules.target import TargetLoadError, model_display_name
-    from modules.target_weights import load_embed_and_head, target_config
-    from modules.training.eagle_trainer import NonFiniteLossError
-    from modules.training.ttt_trainer import TTTCollator, TTTTrainer
+    from modules.target_weights import load_embed_and_head
+    from modules.training.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
 
-    t0 = time.time()
-    kind = draft_kinds.get(args.arch)
-    display = model_display_name(args.model)
-    try:
-        cfg = target_config(args.model)
-        target = None
-        if args.online:
-            ds, target = online_data(args)
-            aux_layers = args.aux_layers or default_aux_layers(cfg.num_hidden_layers)
-        else:
-            ds = EagleDataset(args.data, read_aux=kind.fused_features)
-            check_data_fits_target(ds, cfg, display, args.allow_other_model)
-            aux_layers = ds.aux_layers
-            if kind.fused_features and not ds.has_aux:
-                raise UsageError(f"{ds.folders[0] / 'manifest.json'}: no fused features (aux_layers is null): "
-                                 f"generate with generate_data_fused_features.py, or train with --online")
-        train_ds, eval_ds = split(ds, args.eval_fraction, args.seed)
-        embed, head = load_embed_and_head(args.model)
-        ids, covered = draft_vocab_ids(args, ds, cfg.vocab_size) if kind.own_vocab else (None, 1.0)
-        draft = kind.build(cfg, weights=(embed, head), draft_ids=ids, aux_layers=aux_layers, bias=args.bias)
-        draft.config.target_model = display
-        target_head = head if kind.own_vocab else None  # a draft vocabulary trains against the target's head
-        draft.config._attn_implementation = pick_attention(args.attn)
-        targs = ttt_arguments(args, eval_ds is not None)
-        resume = args.resume
-        if resume == "auto":
-            resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-        trainer = TTTTrainer(model=draft, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
-                             data_collator=TTTCollator(max_length=args.max_length), target_head=target_head,
-                             target=target, online=args.online)
-        if target is not None and output_device(target) != trainer.args.device:  # one rule: modules/placement.py
-            raise UsageError(f"the online target is on {output_device(target)} but the draft trains on "
-                             f"{trainer.args.device}")
-        if trainer.is_world_process_zero():
-            print(f"{args.arch} + TTT ({args.ttt_steps} steps): {len(train_ds)} train / "
-                  f"{len(eval_ds) if eval_ds else 0} eval conversations, {'online' if args.online else 'offline'} "
-                  f"features; trainable params {sum(p.numel() for p in draft.parameters() if p.requires_grad):,}",
-                  flush=True)
-        result = trainer.train(resume_from_checkpoint=resume)
-    except (DataFormatError, UsageError, TargetLoadError, ValueError, RuntimeError) as err:
-        if isinstance(err, NonFiniteLossError):
-            last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-            print(f"error: {err}; last good checkpoint: {last or 'none'}", file=sys.stderr)
-            return 3
-        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    train_ds, eval_ds = split(ds, args.eval_fraction, args.seed)
+    embed, head = load_embed_and_head(args.model)
+    ids, covered = draft_vocab_ids(args, ds, cfg.vocab_size) if kind.own_vocab else (None, 1.0)
+    draft = kind.build(cfg, weights=(embed, head), draft_ids=ids, aux_layers=aux_layers, bias=args.bias)
+    draft.config.target_model = display
+    draft.config._attn_implementation = pick_attention(args.attn)
+    trainer = TTTTrainer(model=draft, args=training_arguments(args, eval_ds is not None, cls=TTTTrainingArguments),
+                         train_dataset=train_ds, eval_dataset=eval_ds,
+                         data_collator=TTTCollator(max_length=args.max_length),
+                         target_head=head if kind.own_vocab else None,  # a draft vocabulary trains against the target's head
+                         target=target, online=args.online)
+    if target is not None and output_device(target) != trainer.args.device:  # one rule: modules/placement.py
+        raise UsageError(f"the online target is on {output_device(target)} but the draft trains on "
+                         f"{trainer.args.device}")
+    return trainer, covered
 
-    metrics = trainer.evaluate() if eval_ds is not None else {}
-    if not trainer.is_world_process_zero():
-        return 0
+
+def save_outputs(args, kind, trainer, result, metrics, covered, t0):
+    """Rank 0: the draft export (unless --no-export), summary.json, log_history.json, training_curves.png."""
+    from modules.training.curves import save_run_outputs
+
     out = Path(args.output_dir) / "draft"
     if not args.no_export:
         kind.save_trained(trainer.draft_module(), out, target=args.model)
@@ -265,9 +174,49 @@ def main(argv=None):
                "train_loss": round(result.training_loss, 5), "draft_vocab_coverage": round(covered, 4),
                "train_runtime_s": round(time.time() - t0, 1), **{k: round(v, 4) for k, v in metrics.items()},
                "draft": None if args.no_export else str(out)}
-    from modules.training.curves import save_run_outputs
     save_run_outputs(args.output_dir, trainer.state.log_history, summary,
                      title=f"{args.arch} + TTT ({args.ttt_steps} steps): loss, step-0 accuracy, simulated tau")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from safetensors import SafetensorError
+
+    from modules.data.chat import DatasetError
+    from modules.data.regenerate import RegenerationError
+    from modules.data.storage import DataFormatError
+    from modules.target import TargetLoadError, model_display_name
+    from modules.target_weights import target_config
+    from modules.training.eagle_trainer import NonFiniteLossError
+
+    t0 = time.time()
+    kind = draft_kinds.get(args.arch)
+    display = model_display_name(args.model)
+    try:
+        cfg = target_config(args.model)
+        ds, aux_layers, target = load_data(args, kind, cfg, display)
+        trainer, covered = build_trainer(args, kind, cfg, display, ds, aux_layers, target)
+        if trainer.is_world_process_zero():
+            save_run_config(args, args.output_dir)
+            print(f"{args.arch} + TTT ({args.ttt_steps} steps): {len(trainer.train_dataset)} train / "
+                  f"{len(trainer.eval_dataset) if trainer.eval_dataset else 0} eval conversations, "
+                  f"{'online' if args.online else 'offline'} features; trainable params "
+                  f"{sum(p.numel() for p in trainer.model.parameters() if p.requires_grad):,}", flush=True)
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(args.resume, args.output_dir))
+    except (DataFormatError, UsageError, TargetLoadError, DatasetError, RegenerationError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except SafetensorError as err:  # a shard damaged after the dataset index was read (mid-epoch)
+        print(f"error: corrupt data shard in {', '.join(args.data)}: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"error: {err}; last good checkpoint: {resume_checkpoint('auto', args.output_dir) or 'none'}",
+              file=sys.stderr)
+        return 3
+
+    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    if trainer.is_world_process_zero():
+        save_outputs(args, kind, trainer, result, metrics, covered, t0)
     return 0
 
 

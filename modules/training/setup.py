@@ -1,9 +1,10 @@
 """Training setup shared by train/train.py and train/train_eagle_ttt.py: checks of the data against
-the target, the train/eval split, the HF TrainingArguments built from the script settings, and the
-attention implementation."""
+the target, the train/eval split, the HF TrainingArguments built from the script settings
+(modules/training/settings.py), the attention implementation and the checkpoint to resume from."""
 import importlib.util
 import os
 import random
+from pathlib import Path
 
 
 class UsageError(RuntimeError):
@@ -36,32 +37,38 @@ def split(ds, eval_fraction, seed):
     return torch.utils.data.Subset(ds, idx[n_eval:]), (torch.utils.data.Subset(ds, idx[:n_eval]) if n_eval else None)
 
 
-def training_arguments(args, has_eval):
+def training_arguments(settings, has_eval, cls=None):
+    """The HF TrainingArguments (`cls`, default EagleTrainingArguments) of a script's settings
+    (modules/training/settings.py): the settings marked `hf=` pass unchanged, the rest are decided here."""
     import torch
+    from modules.target import cpu_has_fast_bf16
     from modules.training.eagle_trainer import EagleTrainingArguments
+    from modules.training.settings import hf_arguments
 
     cuda = torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun / accelerate launch
-    from modules.target import cpu_has_fast_bf16
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and (cuda or cpu_has_fast_bf16()))
+    bf16 = settings.precision == "bf16" or (settings.precision == "auto" and (cuda or cpu_has_fast_bf16()))
     # Workers read the memory-mapped shards (each opens its own maps) while the GPU trains; on CPU
     # the cores are busy with the training itself.
-    workers = args.dataloader_workers if args.dataloader_workers is not None else (2 if cuda else 0)
-    return EagleTrainingArguments(
-        output_dir=args.output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
-        learning_rate=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, max_grad_norm=args.grad_clip,
+    workers = settings.dataloader_workers if settings.dataloader_workers is not None else (2 if cuda else 0)
+    return (cls or EagleTrainingArguments)(
+        **hf_arguments(settings), per_device_eval_batch_size=settings.batch_size,
         adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, bf16=bf16, use_cpu=not cuda,
         ddp_backend="gloo" if not cuda and distributed else None, ddp_find_unused_parameters=False,
-        w_reg=args.w_reg, w_cls=args.w_cls, noise_std=args.noise_std, detach_cls_pred=args.detach_cls,
-        sim_steps=args.sim_steps, logging_steps=args.logging_steps, save_strategy="steps",
-        save_steps=args.save_steps, save_total_limit=args.save_total_limit or None,
-        eval_strategy=("no" if not has_eval else "steps" if args.eval_steps else "epoch"),
-        eval_steps=args.eval_steps, report_to=args.report_to, seed=args.seed,
-        dataloader_num_workers=workers, dataloader_prefetch_factor=args.prefetch_factor if workers else None,
+        save_strategy="steps", save_total_limit=settings.save_total_limit or None,
+        eval_strategy=("no" if not has_eval else "steps" if settings.eval_steps else "epoch"),
+        dataloader_num_workers=workers, dataloader_prefetch_factor=settings.prefetch_factor if workers else None,
         dataloader_persistent_workers=workers > 0, remove_unused_columns=False,
     )
+
+
+def resume_checkpoint(resume, output_dir):
+    """The checkpoint --resume names: a folder, None, or 'auto' = the last checkpoint-* in output_dir (None if none)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume == "auto":
+        return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    return resume
 
 
 def pick_attention(attn):
