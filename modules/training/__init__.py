@@ -2,6 +2,7 @@
 
     eagle_trainer.py  EagleTrainer + EagleTrainingArguments: EAGLE-1/2 on stored features (train/train.py)
     ttt_trainer.py    TTTTrainer + TTTTrainingArguments: training-time test, EAGLE-3 (train/train_eagle_ttt.py)
+    settings.py       the scripts' settings, defined once: dataclass fields -> flags, --help, run_config.json
     setup.py          what both scripts share: data checks, split, attention choice, TrainingArguments
     curves.py         loss / accuracy / simulated-tau curves from a Trainer's log history -> PNG
 """
