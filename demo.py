@@ -18,7 +18,6 @@ tau, trains faster (small draft-vocabulary head) and drafts ~5x cheaper (benchma
 Rerunning skips the stages that finished with the same settings; after Ctrl-C (or a crash) each
 stage resumes: data by shards, training from its last checkpoint, the benchmark from scratch.
 """
-import argparse
 import json
 import os
 import shlex
@@ -26,45 +25,38 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from modules.paths import REPO_ROOT
+from modules.training.settings import parse_settings, setting
+
 
 # ----------------------------------------------------------------------------- SETTINGS
-OUT = "demo_out"          # everything the demo writes goes here
-ARCH = "eagle3"           # eagle3 (fused features + TTT + draft vocab) | eagle2 (train/train.py)
-ROWS = 600                # ShareGPT rows turned into training data
-WORKERS = 2               # CPU processes for data generation (threads are split between them)
-MAX_LENGTH = 1024         # tokens per conversation (shorter than the 2048 default: CPU time)
-STEPS = 360               # optimizer steps of draft training (x GRAD_ACCUM conversations each)
-TTT_STEPS = 4             # EAGLE-3 unrolled steps (official 7; each one costs a draft forward)
-BATCH_SIZE = 1
-GRAD_ACCUM = 4
-LR = 3e-4
-QUESTIONS = 6             # MT-bench questions in the benchmark (both turns each)
-MAX_NEW_TOKENS = 96       # tokens generated per turn
-TREE = (8, 4, 2)          # total tokens, depth, top-k: small trees suit a 2-core CPU (bench_eagle.py --sweep)
+# Edit a default here or pass the flag (--rows 1000); field max_new_tokens is flag --max-new-tokens.
+@dataclass
+class Settings:
+    out: str = setting("demo_out", "everything the demo writes goes here")
+    arch: str = setting("eagle3", "eagle3 (fused features + TTT + draft vocab) | eagle2 (train/train.py)",
+                        choices=["eagle3", "eagle2"])
+    ttt_steps: int = setting(4, "EAGLE-3 unrolled steps (official 7; each one costs a draft forward)")
+    rows: int = setting(600, "ShareGPT rows turned into training data")
+    workers: int = setting(2, "CPU processes for data generation (threads are split between them)")
+    max_length: int = setting(1024, "tokens per conversation (shorter than the 2048 default: CPU time)")
+    steps: int = setting(360, "optimizer steps of draft training (x --grad-accum conversations each)")
+    batch_size: int = setting(1, "conversations per micro-batch")
+    grad_accum: int = setting(4, "micro-batches per optimizer step")
+    lr: float = setting(3e-4, "peak learning rate")
+    questions: int = setting(6, "MT-bench questions in the benchmark (both turns each)")
+    max_new_tokens: int = setting(96, "tokens generated per turn")
+    tree: list[int] = setting([8, 4, 2], "total tokens, depth, top-k: small trees suit a 2-core CPU "
+                                         "(bench_eagle.py --sweep)", nargs=3, metavar=("TOTAL", "DEPTH", "TOP_K"))
+    eval_fraction: float | None = setting(None, "held-out share of conversations (default: enough for ~10 of them)")
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=OUT)
-    p.add_argument("--arch", choices=["eagle3", "eagle2"], default=ARCH)
-    p.add_argument("--ttt-steps", type=int, default=TTT_STEPS)
-    p.add_argument("--rows", type=int, default=ROWS)
-    p.add_argument("--workers", type=int, default=WORKERS)
-    p.add_argument("--max-length", type=int, default=MAX_LENGTH)
-    p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--grad-accum", type=int, default=GRAD_ACCUM)
-    p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--questions", type=int, default=QUESTIONS)
-    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    p.add_argument("--tree", type=int, nargs=3, default=TREE, metavar=("TOTAL", "DEPTH", "TOP_K"))
-    p.add_argument("--eval-fraction", type=float, default=None,
-                   help="held-out share of conversations (default: enough for ~10 of them)")
-    return p.parse_args(argv)
+def parse_args(argv=None) -> Settings:
+    return parse_settings(Settings, argv, description=__doc__.splitlines()[0])
 
 
 def stage_commands(args) -> dict[str, list[str]]:

@@ -12,7 +12,8 @@ import pytest
 from modules.training import settings as st
 from tests._helpers_eagle import REPO_ROOT, save_tiny_target, write_fake_data
 
-SCRIPTS = {"train": REPO_ROOT / "train" / "train.py", "ttt": REPO_ROOT / "train" / "train_eagle_ttt.py"}
+SCRIPTS = {"train": REPO_ROOT / "train" / "train.py", "ttt": REPO_ROOT / "train" / "train_eagle_ttt.py",
+           "demo": REPO_ROOT / "demo.py"}  # demo.py's settings use the same mechanism
 
 # `--help` of both scripts before the settings became dataclasses: no flag may disappear or change name.
 FLAGS_BEFORE = {
@@ -27,6 +28,8 @@ FLAGS_BEFORE = {
            "--save-steps --save-total-limit --eval-steps --dataloader-workers --prefetch-factor --report-to --seed "
            "--resume --allow-other-model --no-export --online --no-online --dataset --start --end --aux-layers "
            "--target-dtype --system-prompt --regenerate --no-regenerate --temperature --max-new-tokens",
+    "demo": "--out --arch --ttt-steps --rows --workers --max-length --steps --batch-size --grad-accum --lr --questions "
+            "--max-new-tokens --tree --eval-fraction",
 }
 # The values the scripts' SETTINGS blocks held before (folders aside), after the draft kind's loss weights.
 DEFAULTS_BEFORE = dict(model=None, epochs=4, max_steps=-1, lr=3e-4, min_lr_ratio=0.1, warmup=0.05, batch_size=1,
@@ -39,6 +42,10 @@ TTT_DEFAULTS_BEFORE = dict(DEFAULTS_BEFORE, arch="eagle3", ttt_steps=7, ttt_deca
                            draft_vocab_coverage=0.95, w_reg=0.0, w_cls=1.0, noise_std=0.0, online=False,
                            dataset="sharegpt", start=0, end=2000, aux_layers=None, target_dtype="auto",
                            system_prompt=None, regenerate=False, temperature=0.8, max_new_tokens=512)
+
+DEMO_DEFAULTS_BEFORE = dict(out="demo_out", arch="eagle3", ttt_steps=4, rows=600, workers=2, max_length=1024, steps=360,
+                            batch_size=1, grad_accum=4, lr=3e-4, questions=6, max_new_tokens=96, tree=[8, 4, 2],
+                            eval_fraction=None)
 
 
 def _load(name):
@@ -83,6 +90,7 @@ def test_defaults_are_those_of_before(scripts):
     eagle2 = scripts["ttt"].parse_args(["--arch", "eagle2", "--w-cls", "0.5"])  # the kind's, unless given
     assert (eagle2.w_reg, eagle2.w_cls, eagle2.noise_std) == (1.0, 0.5, 0.2)
     assert train["data"] != ttt["data"] and train["output_dir"] != ttt["output_dir"]
+    assert dataclasses.asdict(scripts["demo"].parse_args([])) == DEMO_DEFAULTS_BEFORE
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
@@ -94,6 +102,8 @@ def test_each_setting_is_defined_once(scripts, name):
     constants = [t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
                  if isinstance(t, ast.Name) and t.id.isupper()]
     assert set(constants) <= {"KIND", "ONLINE"}, constants
+    if name == "demo":
+        return
     own = set(vars(scripts[name].Settings)["__annotations__"])
     shared = {f.name for f in dataclasses.fields(st.TrainingSettings)}
     assert not own & shared, f"re-declared shared settings: {own & shared}"
