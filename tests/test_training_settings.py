@@ -151,7 +151,8 @@ def tiny(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name, extra", [("train", ["--detach-cls"]), ("ttt", ["--arch", "eagle2", "--ttt-steps", "2"])])
+@pytest.mark.parametrize("name, extra", [("train", ["--detach-cls"]),
+                                         ("ttt", ["--arch", "eagle2", "--ttt-steps", "2"])])
 def test_run_config_round_trips(scripts, tiny, tmp_path, name, extra):
     mod = scripts[name]
     argv = ["--model", str(tiny / "target"), "--data", str(tiny / "data"), "--output-dir", str(tmp_path / "run"),

@@ -6,7 +6,8 @@
 
 Checkpoints go to OUTPUT_DIR/checkpoint-*; the final draft is exported to OUTPUT_DIR/draft in the
 SGLang/vLLM layout (config.json + model.safetensors) and the official EAGLE one (pytorch_model.bin);
-OUTPUT_DIR/summary.json, log_history.json and training_curves.png describe the run.
+OUTPUT_DIR/run_config.json (every setting), summary.json, log_history.json and training_curves.png
+describe the run.
 """
 import sys
 import time
@@ -106,9 +107,10 @@ def main(argv=None):
         trainer = build_trainer(args, train_ds, eval_ds, display)
         if trainer.is_world_process_zero():
             save_run_config(args, args.output_dir)
+            n_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
             print(f"data: {len(train_ds)} train / {len(eval_ds) if eval_ds else 0} eval conversations from "
                   f"{len(ds.folders)} folder(s); target {display} (hidden {cfg.hidden_size}, vocab {cfg.vocab_size}); "
-                  f"trainable params {sum(p.numel() for p in trainer.model.parameters() if p.requires_grad):,}", flush=True)
+                  f"trainable params {n_params:,}", flush=True)
         result = trainer.train(resume_from_checkpoint=resume_checkpoint(args.resume, args.output_dir))
     except (DataFormatError, UsageError, TargetLoadError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -11,8 +11,8 @@ arch). With --online, conversations are read from --dataset, tokenised with the 
 the target computes the features of each batch (modules/features.target_features) on the fly.
 The draft vocabulary is counted from the training conversations' trained tokens before training.
 Checkpoints: OUTPUT_DIR/checkpoint-*; final draft: OUTPUT_DIR/draft (SGLang EAGLE-3 layout, or
-the EAGLE layouts of train/export.py for --arch eagle2); summary.json, log_history.json (per-step
-losses/accuracies) and training_curves.png describe the run.
+the EAGLE layouts of train/export.py for --arch eagle2); run_config.json (every setting), summary.json,
+log_history.json (per-step losses/accuracies) and training_curves.png describe the run.
 """
 import sys
 import time
@@ -34,7 +34,8 @@ ONLINE = "online training (features computed by the target inside the loop)"  # 
 # and --noise-std default to the draft kind's loss weights.
 @dataclass
 class Settings(TrainingSettings):
-    arch: str = setting("eagle3", "eagle3 | eagle2 (EAGLE-1/2 draft with the TTT loss)", choices=list(draft_kinds.KINDS))
+    arch: str = setting("eagle3", "eagle3 | eagle2 (EAGLE-1/2 draft with the TTT loss)",
+                        choices=list(draft_kinds.KINDS))
     data: list[str] = setting([str(DEFAULT_FUSED_DATA_DIR)], "offline data folders (ignored with --online)")
     output_dir: str = setting(str(DEFAULT_TTT_TRAIN_DIR), "checkpoints, the exported draft and the run's json files",
                               hf="output_dir")
@@ -155,7 +156,8 @@ def build_trainer(args, kind, cfg, display, ds, aux_layers, target):
     trainer = TTTTrainer(model=draft, args=training_arguments(args, eval_ds is not None, cls=TTTTrainingArguments),
                          train_dataset=train_ds, eval_dataset=eval_ds,
                          data_collator=TTTCollator(max_length=args.max_length),
-                         target_head=head if kind.own_vocab else None,  # a draft vocabulary trains against the target's head
+                         # a draft vocabulary trains against the target's head
+                         target_head=head if kind.own_vocab else None,
                          target=target, online=args.online)
     if target is not None and output_device(target) != trainer.args.device:  # one rule: modules/placement.py
         raise UsageError(f"the online target is on {output_device(target)} but the draft trains on "

@@ -42,7 +42,7 @@ def flag_name(name: str) -> str:
 
 
 def _value_type(annotation):
-    """(element type, takes several values) of a field annotation: int | None -> (int, False), list[str] -> (str, True)."""
+    """(element type, takes several values) of an annotation: int | None -> (int, False), list[str] -> (str, True)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     if typing.get_origin(annotation) is list:
