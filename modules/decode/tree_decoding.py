@@ -244,6 +244,35 @@ class DecodeResult:
         return self.cycles_s - self.draft_s - self.target_s
 
 
+@dataclass
+class _Buffers:
+    """What one generate() call allocates up front, sized for its prompt and max_new_tokens."""
+    tcache: TreeKVCache            # the target's KV cache
+    dcache: TreeKVCache            # the draft's KV cache
+    tmask: MaskBuffer              # the target's tree attention masks
+    dmask: MaskBuffer              # the draft's causal and tree attention masks
+    pool: CandidatePool            # the nodes of the tree being drafted
+    slot_anc: torch.Tensor         # [k*depth, k*depth] bool: ancestry of the draft's tree slots
+
+
+def eos_set(eos_token_id):
+    """None, an id or a list of ids -> a set of ints."""
+    if eos_token_id is None:
+        return set()
+    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
+
+
+def extend_until_stop(tokens, new, eos, max_new):
+    """Append the ids `new` to `tokens`, up to and including the first EOS or the max_new-th token.
+    True when one of those stops was hit."""
+    for i, tok in enumerate(new):
+        if tok in eos or len(tokens) + i + 1 >= max_new:
+            tokens.extend(new[:i + 1])
+            return True
+    tokens.extend(new)
+    return False
+
+
 class EagleDecoder:
     """EAGLE-2 dynamic-tree speculative decoding, batch size 1, CPU or CUDA.
 
@@ -309,11 +338,11 @@ class EagleDecoder:
         return torch.multinomial(probs_from_logits(logits, self.temperature), 1, generator=generator)[..., 0]
 
     # -- one tree --
-    def _grow_tree(self, root, h_root, lp_root, n, depth, dcache, dmask, pool, slot_anc, result):
+    def _grow_tree(self, root, h_root, lp_root, n, depth, buf, result):
         """Draft a tree after `root` (whose draft output is h_root [H_d], log-probs lp_root [V_d]).
 
-        slot_anc: preallocated [k*depth, k*depth] bool scratch for the ancestry of the tree slots
-        the draft caches this round."""
+        buf.slot_anc: scratch for the ancestry of the tree slots the draft caches this round."""
+        dcache, dmask, pool, slot_anc = buf.dcache, buf.dmask, buf.pool, buf.slot_anc
         k = min(self.top_k, lp_root.shape[-1])
         pool.reset(root)
         top_lp, top_ids = lp_root.topk(k)
@@ -358,6 +387,39 @@ class EagleDecoder:
         t0 = time.perf_counter()
         t_prefill = self._clock()
         result = DecodeResult(tokens=[])
+        ids = self._prompt_ids(input_ids)
+        P = ids.shape[1]
+        max_new = min(max_new_tokens, self.max_positions - P)
+        eos = eos_set(eos_token_id)
+        buf = self._buffers(P, max_new)
+        root, h, lp = self._prefill(ids, buf, generator, result)
+        result.prefill_s = self._elapsed(t_prefill)
+        result.draft_s = 0.0
+        tokens = [int(root)]
+        n = P  # position of the root; the caches hold positions < n
+        done = tokens[0] in eos or len(tokens) >= max_new
+        while not done:
+            t_cycle = self._clock()
+            tree_depth = min(self.depth, self.max_positions - 1 - n)
+            if tree_depth < 1:
+                break
+            tree = self._grow_tree(root, h[0, -1], lp[0], n, tree_depth, buf, result)
+            path, bonus, last, hs = self._verify(tree, n, buf, generator, result)
+            new = torch.cat([tree.tokens[path[1:]], bonus.view(1)])  # accepted draft tokens + the bonus
+            result.accept_lengths.append(new.shape[0])
+            done = extend_until_stop(tokens, new.tolist(), eos, max_new)  # the cycle's one host read
+            if not done:
+                h, lp = self._catch_up(new, path, last, hs, n, buf, result)
+                n += new.shape[0]
+                root = bonus
+            result.cycles_s += self._elapsed(t_cycle)
+        result.tokens = tokens
+        result.total_s = time.perf_counter() - t0
+        return result
+
+    # -- the steps of generate --
+    def _prompt_ids(self, input_ids):
+        """The prompt as [1, P] long on the decoder's device; ValueError when empty or filling the context."""
         ids = torch.as_tensor(input_ids, device=self.device).reshape(1, -1).long()
         P = ids.shape[1]
         if P == 0:
@@ -365,68 +427,54 @@ class EagleDecoder:
         if P >= self.max_positions:
             raise ValueError(f"prompt has {P} tokens, the target's context holds {self.max_positions}: "
                              f"no room to generate")
-        max_new = min(max_new_tokens, self.max_positions - P)
-        eos = set() if eos_token_id is None else (
-            {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+        return ids
+
+    def _buffers(self, P, max_new):
+        """Caches, masks and tree scratch for a prompt of P tokens and up to max_new new ones."""
         k, depth = self.top_k, self.depth
         tree_cap = 1 + k + max(depth - 1, 0) * k * k
-        tcache = TreeKVCache(self.config.num_hidden_layers, P + max_new + self.total_tokens + 1)
-        dcache = self.adapter.new_cache(P + max_new + k * depth + 1)
-        tmask = MaskBuffer(min(self.total_tokens, tree_cap), P + max_new + self.total_tokens + 1,
-                           self.device, self.target_mask_dtype)
-        dmask = MaskBuffer(max(P, max_new + 1, k), P + max_new + k * depth + 1, self.device)
-        pool = CandidatePool(depth, k, self.device)
-        slot_anc = torch.zeros(k * depth, k * depth, dtype=torch.bool, device=self.device)
+        return _Buffers(
+            tcache=TreeKVCache(self.config.num_hidden_layers, P + max_new + self.total_tokens + 1),
+            dcache=self.adapter.new_cache(P + max_new + k * depth + 1),
+            tmask=MaskBuffer(min(self.total_tokens, tree_cap), P + max_new + self.total_tokens + 1,
+                             self.device, self.target_mask_dtype),
+            dmask=MaskBuffer(max(P, max_new + 1, k), P + max_new + k * depth + 1, self.device),
+            pool=CandidatePool(depth, k, self.device),
+            slot_anc=torch.zeros(k * depth, k * depth, dtype=torch.bool, device=self.device))
 
-        # Prefill: target over the prompt (causal, HF builds the mask), first token, draft catch-up.
-        last, hs = self._target(ids, None, None, tcache)
+    def _prefill(self, ids, buf, generator, result):
+        """Target over the prompt (causal, HF builds the mask), the first token (the first root), then
+        the draft's catch-up over the prompt. Returns (root, draft hidden [1,1,H_d], log-probs [1,V_d])."""
+        P = ids.shape[1]
+        last, hs = self._target(ids, None, None, buf.tcache)
         feats = self.adapter.target_features(last, hs)
         root = self._choose(self.lm_head(last[:, -1]), generator)[0]
-        tokens = [int(root)]
         pos = torch.arange(P, device=self.device).unsqueeze(0)
         h, lp = self._draft(torch.cat([ids[:, 1:], root.view(1, 1)], 1), feats, pos,
-                            dmask.causal_after(0, P), dcache, result, last_only=True)
-        result.prefill_s = self._elapsed(t_prefill)
-        result.draft_s = 0.0
-        n = P  # position of the root; the caches hold positions < n
-        done = tokens[0] in eos or len(tokens) >= max_new
-        while not done:
-            t_cycle = self._clock()
-            tree_depth = min(depth, self.max_positions - 1 - n)
-            if tree_depth < 1:
-                break
-            tree = self._grow_tree(root, h[0, -1], lp[0], n, tree_depth, dcache, dmask, pool, slot_anc, result)
+                            buf.dmask.causal_after(0, P), buf.dcache, result, last_only=True)
+        return root, h, lp
 
-            t = self._clock()
-            mask = tmask.tree(n, tree.anc)
-            last, hs = self._target(tree.tokens.unsqueeze(0), (n + tree.depths).unsqueeze(0), mask, tcache)
-            logits = self.lm_head(last[0])
-            result.target_s += self._elapsed(t)
+    def _verify(self, tree, n, buf, generator, result):
+        """One target forward over the tree, then acceptance: the longest agreeing path (greedy) or a
+        speculative-sampling walk. Keeps the path's target KV entries. Returns (path node ids, bonus
+        token, target last hidden over the tree, its hidden states or None)."""
+        t = self._clock()
+        mask = buf.tmask.tree(n, tree.anc)
+        last, hs = self._target(tree.tokens.unsqueeze(0), (n + tree.depths).unsqueeze(0), mask, buf.tcache)
+        logits = self.lm_head(last[0])
+        result.target_s += self._elapsed(t)
+        if self.temperature <= 0:
+            path, bonus = greedy_accept(tree, torch.argmax(logits, dim=-1))
+        else:
+            path, bonus = sample_accept(tree, probs_from_logits(logits, self.temperature), generator)
+        buf.tcache.compact(n, path)
+        return path, bonus, last, hs
 
-            if self.temperature <= 0:
-                path, bonus = greedy_accept(tree, torch.argmax(logits, dim=-1))
-            else:
-                path, bonus = sample_accept(tree, probs_from_logits(logits, self.temperature), generator)
-            tcache.compact(n, path)
-            new = torch.cat([tree.tokens[path[1:]], bonus.view(1)])
-            L = new.shape[0]
-            result.accept_lengths.append(L)
-            new_list = new.tolist()
-            for i, tok in enumerate(new_list):
-                if tok in eos or len(tokens) + i + 1 >= max_new:
-                    new_list = new_list[:i + 1]
-                    done = True
-                    break
-            tokens.extend(new_list)
-            if not done:
-                # Draft catch-up: accepted tokens with the target's real features at the path.
-                feats = self.adapter.target_features(last, hs)[:, path]
-                pos = torch.arange(n, n + L, device=self.device).unsqueeze(0)
-                h, lp = self._draft(new.unsqueeze(0), feats, pos, dmask.causal_after(n, L), dcache, result,
-                                    last_only=True)
-                n += L
-                root = bonus
-            result.cycles_s += self._elapsed(t_cycle)
-        result.tokens = tokens
-        result.total_s = time.perf_counter() - t0
-        return result
+    def _catch_up(self, new, path, last, hs, n, buf, result):
+        """Draft catch-up: the accepted tokens `new` (at positions n..) with the target's real features
+        at the path; the last output starts the next tree. Returns (hidden, log-probs)."""
+        L = new.shape[0]
+        feats = self.adapter.target_features(last, hs)[:, path]
+        pos = torch.arange(n, n + L, device=self.device).unsqueeze(0)
+        return self._draft(new.unsqueeze(0), feats, pos, buf.dmask.causal_after(n, L), buf.dcache, result,
+                           last_only=True)
