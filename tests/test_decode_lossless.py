@@ -191,3 +191,30 @@ def test_adapter_asking_for_aux_layers_gets_the_target_hidden_states():
     ref = plain_greedy(target, prompt, 12)
     assert EagleDecoder(target, AuxAdapter(draft), total_tokens=6, depth=3, top_k=2).generate(prompt, 12).tokens == ref
     assert seen and all(n == 3 and shape[-1] == 3 * 64 for n, shape in seen)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("shape", [(12, 4, 3), (1, 3, 2), (6, 1, 5)])
+def test_hybrid_tree_with_lookup_branch_is_lossless_and_accepts_more(family, shape):
+    """A prompt-lookup branch grafted onto the tree (modules/decode/lookup.py): same output as plain
+    greedy, and on a target that repeats itself (tiny random models loop) far more tokens per cycle
+    than the random draft alone."""
+    total, depth, k = shape
+    target, draft = tiny_pair(family)
+    prompt = torch.randint(0, 300, (17,), generator=torch.Generator().manual_seed(3))
+    ref = plain_greedy(target, prompt, 60)
+    alone = EagleDecoder(target, draft, total_tokens=total, depth=depth, top_k=k).generate(prompt, 60)
+    hybrid = EagleDecoder(target, draft, total_tokens=total, depth=depth, top_k=k, lookup_tokens=8).generate(prompt, 60)
+    assert hybrid.tokens == alone.tokens == ref
+    assert sum(hybrid.accept_lengths) == len(ref) - 1
+    assert hybrid.tau > alone.tau + 0.4, (hybrid.tau, alone.tau)
+
+
+def test_hybrid_tree_at_the_context_end_and_with_sampling():
+    target, draft = tiny_pair("llama", max_position_embeddings=48)
+    prompt = torch.randint(0, 300, (17,), generator=torch.Generator().manual_seed(4))
+    ref = plain_greedy(target, prompt, 48 - 17)  # the decoder stops at the context length
+    res = EagleDecoder(target, draft, total_tokens=8, depth=3, top_k=2, lookup_tokens=10).generate(prompt, 100)
+    assert res.tokens == ref and len(ref) == 48 - 17
+    with pytest.raises(ValueError, match="greedy"):
+        EagleDecoder(target, draft, temperature=0.7, lookup_tokens=4)

@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from modules.placement import output_device
 from modules.decode.sampling import probs_from_logits, sample_accept
+from modules.decode.lookup import PromptLookup, graft
 from modules.decode.tree import CandidatePool, MaskBuffer, greedy_accept
 
 
@@ -280,14 +281,23 @@ class EagleDecoder:
     draft: a draft of a registered kind (modules/draft/kinds.py) or a DraftAdapter.
     total_tokens: tree size verified per cycle, root included; depth: draft levels; top_k: nodes
     expanded per level and children per node. temperature 0 = greedy.
+    lookup_tokens: > 0 grafts a prompt-lookup branch of up to that many tokens onto every tree (a hybrid
+    tree, modules/decode/lookup.py; greedy only), matched on the context's last `lookup_ngram` tokens.
     timing: fill DecodeResult's prefill / draft / target / cycle times. On a GPU this synchronises
     with the device around every forward, so it is off unless a benchmark asks for it; total_s is
     always measured (each cycle ends by reading the accepted tokens on the host anyway).
     """
 
-    def __init__(self, target, draft, total_tokens=16, depth=4, top_k=4, temperature=0.0, timing=False):
+    def __init__(self, target, draft, total_tokens=16, depth=4, top_k=4, temperature=0.0, timing=False,
+                 lookup_tokens=0, lookup_ngram=3):
         if total_tokens < 1 or depth < 1 or top_k < 1:
             raise ValueError(f"need total_tokens, depth, top_k >= 1, got {total_tokens}, {depth}, {top_k}")
+        if lookup_tokens < 0 or lookup_ngram < 1:
+            raise ValueError(f"need lookup_tokens >= 0 and lookup_ngram >= 1, got {lookup_tokens}, {lookup_ngram}")
+        if lookup_tokens and temperature > 0:
+            raise ValueError("prompt-lookup branches (lookup_tokens > 0) need greedy decoding (temperature 0): "
+                             "speculative sampling needs every candidate's draft probability")
+        self.lookup_tokens, self.lookup_ngram = lookup_tokens, lookup_ngram
         self.target = target
         self.adapter = make_adapter(draft)
         self.adapter.check_target(target)
@@ -396,6 +406,7 @@ class EagleDecoder:
         result.prefill_s = self._elapsed(t_prefill)
         result.draft_s = 0.0
         tokens = [int(root)]
+        lookup = self._new_lookup(ids, tokens)
         n = P  # position of the root; the caches hold positions < n
         done = tokens[0] in eos or len(tokens) >= max_new
         while not done:
@@ -404,10 +415,14 @@ class EagleDecoder:
             if tree_depth < 1:
                 break
             tree = self._grow_tree(root, h[0, -1], lp[0], n, tree_depth, buf, result)
+            if lookup is not None:  # hybrid tree: the prompt-lookup branch rides in the same verify
+                tree = graft(tree, lookup.propose()[:self.max_positions - 1 - n])
             path, bonus, last, hs = self._verify(tree, n, buf, generator, result)
             new = torch.cat([tree.tokens[path[1:]], bonus.view(1)])  # accepted draft tokens + the bonus
             result.accept_lengths.append(new.shape[0])
             done = extend_until_stop(tokens, new.tolist(), eos, max_new)  # the cycle's one host read
+            if lookup is not None:
+                lookup.extend(tokens[len(lookup.context) - ids.shape[1]:])
             if not done:
                 h, lp = self._catch_up(new, path, last, hs, n, buf, result)
                 n += new.shape[0]
@@ -429,15 +444,23 @@ class EagleDecoder:
                              f"no room to generate")
         return ids
 
+    def _new_lookup(self, ids, tokens):
+        """The prompt-lookup index over prompt + first token, or None when lookup branches are off."""
+        if not self.lookup_tokens:
+            return None
+        lookup = PromptLookup(self.lookup_tokens, max_ngram=self.lookup_ngram)
+        lookup.reset(ids[0].tolist() + tokens)
+        return lookup
+
     def _buffers(self, P, max_new):
         """Caches, masks and tree scratch for a prompt of P tokens and up to max_new new ones."""
         k, depth = self.top_k, self.depth
         tree_cap = 1 + k + max(depth - 1, 0) * k * k
+        max_tree = min(self.total_tokens, tree_cap) + self.lookup_tokens
         return _Buffers(
-            tcache=TreeKVCache(self.config.num_hidden_layers, P + max_new + self.total_tokens + 1),
+            tcache=TreeKVCache(self.config.num_hidden_layers, P + max_new + max_tree + 1),
             dcache=self.adapter.new_cache(P + max_new + k * depth + 1),
-            tmask=MaskBuffer(min(self.total_tokens, tree_cap), P + max_new + self.total_tokens + 1,
-                             self.device, self.target_mask_dtype),
+            tmask=MaskBuffer(max_tree, P + max_new + max_tree + 1, self.device, self.target_mask_dtype),
             dmask=MaskBuffer(max(P, max_new + 1, k), P + max_new + k * depth + 1, self.device),
             pool=CandidatePool(depth, k, self.device),
             slot_anc=torch.zeros(k * depth, k * depth, dtype=torch.bool, device=self.device))
