@@ -111,9 +111,8 @@ def rows_done(outdir: str, worker: dict) -> int:
     return sum(int(m.group(2)) - int(m.group(1)) for p in folder.iterdir() if (m := SHARD_RE.match(p.name)))
 
 
-def main(argv=None) -> int:
-    from tqdm.auto import tqdm
-
+def parse_args(argv=None):
+    """(args, flags for the generator: unknown ones and those after `--`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--outdir", default=OUTDIR)
     parser.add_argument("--dataset", default=DATASET)
@@ -126,42 +125,55 @@ def main(argv=None) -> int:
     parser.add_argument("--shard-index", type=int, default=0, help="this node's part (0-based)")
     parser.add_argument("--script", default=SCRIPT, help="generator script to run per worker")
     args, extra = parser.parse_known_args(argv)
-    extra = [x for x in extra if x != "--"]
+    return args, [x for x in extra if x != "--"]
+
+
+def complete_args(args) -> str | None:
+    """Fill in args.end (the dataset's length) and args.workers (1 on a machine without GPUs);
+    the error message when the script, the dataset or the range is bad, else None."""
     if not (REPO_ROOT / args.script).is_file():
-        print(f"error: generator script not found: {args.script}", file=sys.stderr)
-        return 2
+        return f"generator script not found: {args.script}"
     if args.end is None:
         from modules.data.chat import DatasetError, count_rows
 
         try:
             args.end = count_rows(args.dataset, args.split)
         except DatasetError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            return str(err)
     if args.end <= args.start or not 0 <= args.shard_index < args.num_shards:
-        print(f"error: empty row range or bad shard index (start={args.start} end={args.end} "
-              f"shard {args.shard_index} of {args.num_shards})", file=sys.stderr)
-        return 2
+        return (f"empty row range or bad shard index (start={args.start} end={args.end} "
+                f"shard {args.shard_index} of {args.num_shards})")
     if args.workers is None and args.gpus is None:
         import torch
 
         if torch.cuda.device_count() == 0:
             args.workers = 1
-    plan = worker_plan(args)
+    return None
+
+
+def launch_all(plan, args, extra):
     for w in plan:
         w["proc"] = launch(w, args, extra)
         where = f"GPUs {w['gpus']}" if w["gpus"] else f"CPU, {w['threads']} threads"
         print(f"worker {w['index']}: rows {w['start']}-{w['end']} on {where}, log {w['log']}")
 
+
+def wait_with_progress(plan, outdir):
+    """Wait for every worker, with one progress bar over the rows their shards cover."""
+    from tqdm.auto import tqdm
+
     total = sum(w["end"] - w["start"] for w in plan)
     bar = tqdm(total=total, unit="row", desc="all workers", dynamic_ncols=True)
     while any(w["proc"].poll() is None for w in plan):
         time.sleep(POLL_SECONDS)
-        bar.n = sum(rows_done(args.outdir, w) for w in plan)
+        bar.n = sum(rows_done(outdir, w) for w in plan)
         bar.refresh()
-    bar.n = sum(rows_done(args.outdir, w) for w in plan)
+    bar.n = sum(rows_done(outdir, w) for w in plan)
     bar.close()
 
+
+def report(plan, outdir) -> int:
+    """Print what failed (with its log's last line) or what was done; the exit code."""
     failed = [w for w in plan if w["proc"].returncode != 0]
     for w in failed:
         last = [line for line in Path(w["log"]).read_text(errors="replace").splitlines() if line.strip()][-1:]
@@ -171,9 +183,20 @@ def main(argv=None) -> int:
     if failed:
         print("rerun the same command to resume", file=sys.stderr)
         return 1
-    print(f"done: {len(plan)} workers, rows {plan[0]['start']}-{plan[-1]['end']} in {args.outdir}/part-*")
+    print(f"done: {len(plan)} workers, rows {plan[0]['start']}-{plan[-1]['end']} in {outdir}/part-*")
     return 0
 
+
+def main(argv=None) -> int:
+    args, extra = parse_args(argv)
+    error = complete_args(args)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    plan = worker_plan(args)
+    launch_all(plan, args, extra)
+    wait_with_progress(plan, args.outdir)
+    return report(plan, args.outdir)
 
 if __name__ == "__main__":
     sys.exit(main())
