@@ -148,24 +148,13 @@ def plot(summary, path, title):
     save_figure(fig, path)
 
 
-# ---- main ----------------------------------------------------------------------------------
+# ---- the steps of main ----------------------------------------------------------------------
 
-def main(argv=None):
-    args = parse_args(argv)
-    import torch
-    from tqdm import tqdm
-
-    from benchmark.methods import run_eagle, run_lookup, run_plain, summarize
-    from benchmark.mt_bench import QuestionFileError, conversation, load_questions, prompt_ids
+def load_questions_and_draft_dir(args):
+    """(draft folder, questions); exits with a clear error when either is missing or malformed."""
+    from benchmark.mt_bench import QuestionFileError, load_questions
     from modules import paths
-    from modules.draft.kinds import kind_of
-    from modules.draft.loading import load_draft
-    from modules.placement import output_device
-    from modules.target import TargetLoadError, load_target, pick_dtype
-    from modules.decode.tree_decoding import EagleDecoder
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     asked = Path(args.draft) if args.draft else paths.DEFAULT_TRAIN_DIR
     draft_dir = resolve_draft_dir(asked)
     if draft_dir is None:
@@ -178,27 +167,46 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if skipped:
         print(f"skipped question rows: {skipped}")
+    return draft_dir, questions
+
+
+def load_models(args, draft_dir):
+    """(target, tokenizer, draft); the draft sits on the target's output device (modules/placement.py)."""
+    from modules.draft.loading import load_draft
+    from modules.placement import output_device
+    from modules.target import TargetLoadError, load_target, pick_dtype
 
     print("loading target and draft ...", flush=True)
     try:
         target, tokenizer = load_target(args.model, dtype=args.dtype, device=args.device, spread=args.spread_target)
     except TargetLoadError as e:
         sys.exit(f"error: {e}")
-    device = output_device(target)  # the draft and the decoder live here (modules/placement.py)
+    device = output_device(target)
     try:
         draft_dtype = pick_dtype(args.draft_dtype, device)
         draft = load_draft(draft_dir, target_model=target, dtype=draft_dtype).to(device).eval()
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: cannot load draft {draft_dir}: {str(e).splitlines()[0]}")
-    eos = tokenizer.eos_token_id
-    torch.manual_seed(args.seed)  # HF sampling draws from the global generator
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    return target, tokenizer, draft
+
+
+def build_adapter(args, draft, eos):
+    """(the decoder's adapter for the draft, where the tokens it proposes come from)."""
+    from modules import paths
+    from modules.draft.kinds import kind_of
+
     kind, vocab_ids, vocab_source = kind_of(draft), None, "the draft's own"
     if not kind.own_vocab:  # EAGLE-1/2: a full-vocabulary head, restricted here (modules/draft/kinds.py)
         vocab_ids, vocab_source = draft_vocab_ids(args.draft_vocab, args.draft_vocab_data or paths.DEFAULT_DATA_DIR,
                                                   draft.lm_head.weight.shape[0], eos)
         print(f"draft proposes from: {vocab_source}")
-    adapter = kind.tree_adapter(draft, vocab_ids)
+    return kind.tree_adapter(draft, vocab_ids), vocab_source
+
+
+def build_methods(args, target, adapter):
+    """([(name, run function, its keyword arguments)], tree shapes, turns per question)."""
+    from benchmark.methods import run_eagle, run_lookup, run_plain
+    from modules.decode.tree_decoding import EagleDecoder
 
     def decoder_for(total, depth, k):
         try:
@@ -211,77 +219,124 @@ def main(argv=None):
         shapes = SWEEP_SHAPES
         methods = [("plain", run_plain, {})] + [
             (f"eagle t{t}-d{d}-k{k}", run_eagle, {"decoder": decoder_for(t, d, k)}) for t, d, k in shapes]
-        turns = 1
-    else:
-        shapes = [(args.total_tokens, args.depth, args.top_k)]
-        methods = [("plain", run_plain, {}),
-                   (f"prompt lookup {args.prompt_lookup_tokens}", run_lookup,
-                    {"lookup_tokens": args.prompt_lookup_tokens}),
-                   ("eagle", run_eagle, {"decoder": decoder_for(*shapes[0])})]
-        turns = args.turns
-    max_depth = max(d for _, d, _ in shapes)
+        return methods, shapes, 1
+    shapes = [(args.total_tokens, args.depth, args.top_k)]
+    methods = [("plain", run_plain, {}),
+               (f"prompt lookup {args.prompt_lookup_tokens}", run_lookup,
+                {"lookup_tokens": args.prompt_lookup_tokens}),
+               ("eagle", run_eagle, {"decoder": decoder_for(*shapes[0])})]
+    return methods, shapes, args.turns
 
+
+def first_mismatch(tokens, reference):
+    """Index of the first differing token (the shorter length when one is a prefix of the other)."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+
+
+def run_turn(args, target, ids, methods, eos, generator, question_id, turn):
+    """Every method, one after another, on one prompt: (run records, plain decoding's tokens)."""
+    greedy = args.temperature <= 0
+    records, plain_tokens = [], None
+    for name, fn, kw in methods:
+        tokens, sec, extra = fn(target, ids, args.max_new_tokens, eos, generator=generator,
+                                temperature=args.temperature, **kw)
+        if name == "plain":
+            plain_tokens = tokens
+        rec = {"method": name, "question_id": question_id, "turn": turn + 1, "prompt_tokens": len(ids),
+               "new_tokens": len(tokens), "seconds": round(sec, 5),
+               "matches_plain": tokens == plain_tokens if greedy else None, **extra}
+        if greedy and tokens != plain_tokens:
+            rec["first_mismatch"] = first_mismatch(tokens, plain_tokens)
+        records.append(rec)
+    return records, plain_tokens
+
+
+def run_benchmark(args, target, tokenizer, methods, questions, turns, generator):
+    """Warm every method up, then run them on every question and turn; the run records."""
+    from tqdm import tqdm
+
+    from benchmark.mt_bench import conversation, prompt_ids
+
+    eos = tokenizer.eos_token_id
     # Warm-up: every method once on a short prompt (allocator, kernels, lazy inits).
     warm = prompt_ids(tokenizer, conversation(["Say hello."], []))
     for name, fn, kw in methods:
         fn(target, warm, 8, eos, generator=generator, temperature=args.temperature, **kw)
 
-    greedy = args.temperature <= 0
     records = []
     bar = tqdm(total=len(questions) * turns, desc="questions x turns")
     for q in questions:
         answers = []
         for turn in range(min(turns, len(q["turns"]))):
             ids = prompt_ids(tokenizer, conversation(q["turns"][:turn + 1], answers))
-            plain_tokens = None
-            for name, fn, kw in methods:
-                tokens, sec, extra = fn(target, ids, args.max_new_tokens, eos, generator=generator,
-                                        temperature=args.temperature, **kw)
-                if name == "plain":
-                    plain_tokens = tokens
-                rec = {"method": name, "question_id": q["question_id"], "turn": turn + 1, "prompt_tokens": len(ids),
-                       "new_tokens": len(tokens), "seconds": round(sec, 5),
-                       "matches_plain": tokens == plain_tokens if greedy else None, **extra}
-                if greedy and tokens != plain_tokens:
-                    n = next((i for i, (a, b) in enumerate(zip(tokens, plain_tokens)) if a != b),
-                             min(len(tokens), len(plain_tokens)))
-                    rec["first_mismatch"] = n
-                records.append(rec)
+            turn_records, plain_tokens = run_turn(args, target, ids, methods, eos, generator, q["question_id"], turn)
+            records += turn_records
             # The next turn follows the model's own answer (plain greedy decoding's).
             answers.append(tokenizer.decode(plain_tokens, skip_special_tokens=True).strip())
             bar.update(1)
     bar.close()
+    return records
 
-    summary = summarize(records, max_depth)
+
+def report(args, summary, records, settings):
+    """Print the table (and the fastest shape of a sweep); the result to save."""
     print_table(summary)
     if args.temperature > 0:
         print("(temperature > 0: every method samples; outputs are not compared, the decoder's exactness "
               "in distribution is a test: tests/test_decode_lossless.py)")
-    result = {
-        "settings": {k: v for k, v in vars(args).items()} | {
-            "draft": str(draft_dir), "model": args.model or paths.EMBEDDED_MODEL_NAME,
-            "dtype": str(target.dtype).replace("torch.", ""), "device": str(target.device),
-            "threads": torch.get_num_threads(), "questions": len(questions), "draft_vocab_source": vocab_source,
-            "draft_dtype": str(next(draft.parameters()).dtype).replace("torch.", ""),
-            "shapes": [list(s) for s in shapes]},
-        "summary": summary,
-        "runs": records,
-    }
+    result = {"settings": settings, "summary": summary, "runs": records}
     if args.sweep:
         eagle = {m: s for m, s in summary.items() if m.startswith("eagle")}
         best = max(eagle, key=lambda m: eagle[m]["tokens_per_s"])
         result["best_shape"] = best
         print(f"fastest tree shape here: {best} ({eagle[best]['tokens_per_s']:.1f} tok/s, "
               f"{eagle[best]['speedup']:.2f}x, tau {eagle[best]['tau']:.2f})")
-    out = Path(args.out)
+    return result
+
+
+def save(result, out, title):
+    """Write the result JSON (atomically) and its PNG next to it."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out)
     png = out.with_suffix(".png")
-    plot(summary, png, f"{result['settings']['model']} on {result['settings']['device']}, "
-                       f"{len(questions)} questions x {turns} turns, {args.max_new_tokens} new tokens")
+    plot(result["summary"], png, title)
     print(f"wrote {out} and {png}")
+
+
+# ---- main: load -> build -> run -> save ---------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    from benchmark.methods import summarize
+    from modules import paths
+    from modules.placement import output_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    draft_dir, questions = load_questions_and_draft_dir(args)
+    target, tokenizer, draft = load_models(args, draft_dir)
+    torch.manual_seed(args.seed)  # HF sampling draws from the global generator
+    generator = torch.Generator(device=output_device(target)).manual_seed(args.seed)
+    adapter, vocab_source = build_adapter(args, draft, tokenizer.eos_token_id)
+    methods, shapes, turns = build_methods(args, target, adapter)
+
+    records = run_benchmark(args, target, tokenizer, methods, questions, turns, generator)
+
+    summary = summarize(records, max(d for _, d, _ in shapes))
+    settings = vars(args) | {
+        "draft": str(draft_dir), "model": args.model or paths.EMBEDDED_MODEL_NAME,
+        "dtype": str(target.dtype).replace("torch.", ""), "device": str(target.device),
+        "threads": torch.get_num_threads(), "questions": len(questions), "draft_vocab_source": vocab_source,
+        "draft_dtype": str(next(draft.parameters()).dtype).replace("torch.", ""),
+        "shapes": [list(s) for s in shapes]}
+    result = report(args, summary, records, settings)
+    save(result, args.out, f"{settings['model']} on {settings['device']}, "
+                           f"{len(questions)} questions x {turns} turns, {args.max_new_tokens} new tokens")
     return result
 
 
