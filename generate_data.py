@@ -2,6 +2,7 @@
 
     python generate_data.py                                  # embedded SmolLM2 on embedded ShareGPT
     python generate_data.py --model meta-llama/Llama-3.1-8B-Instruct --dataset ultrachat --end 20000
+    python generate_data.py --replies greedy --max-new-tokens 512   # self-distilled: the target's own replies
 
 Writes OUTDIR/manifest.json + shard-*.safetensors (format: docs/data.md). Rerunning the
 same command after a kill resumes and ends with exactly the data of an uninterrupted run.
@@ -26,6 +27,11 @@ SHARD_BYTES = 2**30       # auto rows per shard: a shard of max-length rows stay
 OUTDIR = str(DEFAULT_DATA_DIR)
 DEVICE = "auto"           # auto: this process's GPU (cuda:LOCAL_RANK under torchrun) or cpu; cpu, cuda:N
 SPREAD_TARGET = False     # spread the target over every visible GPU (targets too large for one GPU)
+REPLIES = "dataset"       # dataset: the rows' replies; greedy / sampled: the target's own, written while
+                          # its features are kept (modules/data/self_distill.py; docs/data.md)
+TEMPERATURE = 0.8         # --replies sampled
+MAX_NEW_TOKENS = 512      # per generated reply
+REGEN_BATCH_SIZE = 8      # conversations generated together
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 

@@ -3,6 +3,8 @@ the fused low/middle/high-layer hidden states (`aux_hidden_states`, [tokens, 3 x
 
     python generate_data_fused_features.py                       # embedded SmolLM2 on embedded ShareGPT
     python generate_data_fused_features.py --aux-layers 2 16 29  # choose the fused layers
+    python generate_data_fused_features.py --replies greedy      # self-distilled: the target's own replies,
+                                                                 # features kept while they are generated
     python generate_data_fused_features.py --regenerate          # the target's own replies (T=0.8) first
     python generate_data_fused_features.py --regenerate --server-url http://localhost:30000/v1 --regenerate-only
     python generate_data_fused_features.py --regenerate --server-url http://localhost:30000/v1  # server stopped
@@ -35,10 +37,13 @@ OUTDIR = str(DEFAULT_FUSED_DATA_DIR)
 DEVICE = "auto"           # auto: this process's GPU (cuda:LOCAL_RANK under torchrun) or cpu; cpu, cuda:N
 SPREAD_TARGET = False     # spread the target over every visible GPU (targets too large for one GPU)
 AUX_LAYERS = None         # hidden_states ids of the fused layers; None = [2, N//2, N-3]
-REGENERATE = False        # replace every assistant reply by the target's own, turn by turn
-TEMPERATURE = 0.8         # sampling temperature of the regenerated replies
-MAX_NEW_TOKENS = 512      # per regenerated reply
-REGEN_BATCH_SIZE = 8      # conversations per generate() batch (or requests in flight to a server)
+REPLIES = "dataset"       # dataset: the rows' replies; greedy / sampled: the target's own, written while
+                          # its features are kept, in one pass (modules/data/self_distill.py; docs/data.md)
+REGENERATE = False        # replace every assistant reply by the target's own first (HF generate or a
+                          # server), then a second pass computes the features
+TEMPERATURE = 0.8         # sampling temperature of --replies sampled and of --regenerate
+MAX_NEW_TOKENS = 512      # per generated reply
+REGEN_BATCH_SIZE = 8      # conversations generated together (or requests in flight to a server)
 SERVER_URL = None         # an OpenAI-compatible server (SGLang, vLLM, llama-cpp) instead of local generate
 SERVER_MODEL = "default"  # the model name the server expects
 REGENERATE_ONLY = False   # write the regenerated replies and stop (no target loaded with SERVER_URL, no features)
@@ -50,14 +55,10 @@ def add_fused_args(parser):
     a("--aux-layers", type=int, nargs="+", default=AUX_LAYERS, help="hidden_states ids to fuse (default: official)")
     a("--regenerate", action=argparse.BooleanOptionalAction, default=REGENERATE,
       help="replace assistant replies with the target's own (turn by turn)")
-    a("--temperature", type=float, default=TEMPERATURE, help="regeneration sampling temperature")
-    a("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="regeneration: tokens per reply")
-    a("--regen-batch-size", type=int, default=REGEN_BATCH_SIZE, help="regeneration: conversations per batch")
     a("--server-url", default=SERVER_URL, help="regenerate through this OpenAI-compatible server")
     a("--server-model", default=SERVER_MODEL, help="model name sent to the server")
     a("--regenerate-only", action=argparse.BooleanOptionalAction, default=REGENERATE_ONLY,
       help="write OUTDIR/regenerated-*.jsonl and stop; rerun without it for the features")
-    a("--seed", type=int, default=0, help="regeneration sampling seed")
     return parser
 
 
@@ -95,6 +96,10 @@ def main(argv=None) -> int:
     kwargs = {"aux_layers_fn": aux_layers_fn}
     if args.regenerate_only and not args.regenerate:
         print("error: --regenerate-only needs --regenerate", file=sys.stderr)
+        return 2
+    if args.regenerate and args.replies != "dataset":
+        print(f"error: --regenerate and --replies {args.replies} both replace the dataset's replies: use one "
+              f"(--replies {args.replies} keeps the features while generating, no second pass)", file=sys.stderr)
         return 2
     if args.regenerate:
         kwargs["rows_fn"] = regenerate_rows_fn(args)

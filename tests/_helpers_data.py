@@ -79,8 +79,10 @@ def tiny_tokenizer(family: str, vocab_size: int = 300):
     return fast
 
 
-def tiny_target_dir(path, family: str = "chatml", hidden: int = 64, layers: int = 2, seed: int = 0):
-    """Save a tiny random Llama + a local tokenizer into `path` (a folder load_target accepts)."""
+def tiny_target_dir(path, family: str = "chatml", hidden: int = 64, layers: int = 2, seed: int = 0, tie: bool = True):
+    """Save a tiny random Llama + a local tokenizer into `path` (a folder load_target accepts).
+    tie=False: a separate random LM head (a tied random model's greedy replies repeat the prompt's
+    last token, a newline for ChatML, so they decode to nothing)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -89,7 +91,7 @@ def tiny_target_dir(path, family: str = "chatml", hidden: int = 64, layers: int 
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.eos_token_id, tie_word_embeddings=True)
+                         pad_token_id=tok.eos_token_id, tie_word_embeddings=tie)
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

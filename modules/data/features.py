@@ -34,9 +34,16 @@ def target_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     want_aux = bool(aux_layers)
     out = base_model(model)(input_ids=input_ids, attention_mask=attention_mask,
                             output_hidden_states=want_aux, use_cache=False, return_dict=True)
+    return output_features(model, out, aux_layers)
+
+
+def output_features(model, out, aux_layers: list[int] | None = None):
+    """(last, aux or None) of a base-model output (run with output_hidden_states when aux_layers are
+    wanted), on the target's output device: the one rule for every forward that makes features,
+    full conversations (target_features) or KV-cached chunks while replies are generated (self_distill.py)."""
     device = output_device(model)
     aux = None
-    if want_aux:
+    if aux_layers:
         n = len(out.hidden_states)
         for i in aux_layers:
             if not 0 <= i < n - 1:  # the last entry is the normed output, not a layer input

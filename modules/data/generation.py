@@ -58,6 +58,38 @@ class GenerationSettings:
     shard_bytes: int = SHARD_BYTES     # the bound of auto rows_per_shard
     batch_tokens: int = 0              # padded tokens per forward (longest row x rows); 0: auto per device
     split: str | None = None
+    replies: str = "dataset"           # dataset | greedy | sampled: who writes the assistant replies
+    temperature: float = 0.8           # replies=sampled: sampling temperature
+    max_new_tokens: int = 512          # replies=greedy|sampled: tokens per reply
+    seed: int = 0                      # replies=sampled: per-row seeds derive from it
+    reply_batch_size: int = 8          # replies=greedy|sampled: conversations generated together
+
+    def replies_manifest(self) -> dict | None:
+        """The manifest's `replies` entry: None for the dataset's own replies, else what fixes them."""
+        if self.replies == "dataset":
+            return None
+        sampled = self.replies == "sampled"
+        return {"mode": self.replies, "temperature": self.temperature if sampled else 0.0,
+                "max_new_tokens": self.max_new_tokens, "seed": self.seed if sampled else None,
+                "batch_size": self.reply_batch_size}
+
+
+REPLY_MODES = ("dataset", "greedy", "sampled")
+
+
+def check_reply_settings(settings: GenerationSettings) -> None:
+    """Clear errors for reply settings that cannot work (before any weights load)."""
+    if settings.replies not in REPLY_MODES:
+        raise GenerationError(f"--replies must be one of {', '.join(REPLY_MODES)}, got {settings.replies!r}")
+    if settings.replies == "dataset":
+        return
+    if settings.replies == "sampled" and not settings.temperature > 0:
+        raise GenerationError(f"--replies sampled needs --temperature > 0 (got {settings.temperature}); "
+                              f"use --replies greedy for temperature 0")
+    if settings.max_new_tokens < 1:
+        raise GenerationError(f"--max-new-tokens must be >= 1 with --replies {settings.replies}, got {settings.max_new_tokens}")
+    if settings.reply_batch_size < 1:
+        raise GenerationError(f"--regen-batch-size must be >= 1, got {settings.reply_batch_size}")
 
 
 def auto_rows_per_shard(hidden_size: int, max_length: int, dtype: torch.dtype, n_aux: int = 0,
@@ -79,23 +111,39 @@ def chat_template_sha256(tokenizer) -> str:
     return hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()
 
 
+def encode_messages(tokenizer, messages: list[dict], max_length: int):
+    """(ids, mask, truncated) of one conversation, or BadRow(reason) when it has nothing to train on
+    or the template fails on it (a missing template is an error of the whole run)."""
+    try:
+        ids, mask, was_truncated = tokenize_conversation(tokenizer, messages, max_length)
+    except TemplateError as err:
+        if "no chat template" in str(err):
+            raise
+        raise BadRow("template_error") from None
+    if not any(mask):
+        raise BadRow("no_trained_tokens_after_truncation" if was_truncated else "no_trained_tokens")
+    return ids, mask, was_truncated
+
+
+def prompt_rows(rows, system_prompt: str | None):
+    """(examples [(row_id, messages)], skipped Counter, 0) for rows whose replies are to be generated."""
+    examples, skipped = [], Counter()
+    for row_id, row in rows:
+        try:
+            examples.append((row_id, row_to_messages(row, system_prompt)))
+        except BadRow as bad:
+            skipped[bad.reason] += 1
+    return examples, skipped, 0
+
+
 def encode_rows(tokenizer, rows, max_length: int, system_prompt: str | None):
     """(examples [(row_id, ids, mask)], skipped Counter, truncated count) for raw dataset rows."""
     examples, skipped, truncated = [], Counter(), 0
     for row_id, row in rows:
         try:
-            messages = row_to_messages(row, system_prompt)
-            ids, mask, was_truncated = tokenize_conversation(tokenizer, messages, max_length)
+            ids, mask, was_truncated = encode_messages(tokenizer, row_to_messages(row, system_prompt), max_length)
         except BadRow as bad:
             skipped[bad.reason] += 1
-            continue
-        except TemplateError as err:
-            if "no chat template" in str(err):
-                raise
-            skipped["template_error"] += 1
-            continue
-        if not any(mask):
-            skipped["no_trained_tokens_after_truncation" if was_truncated else "no_trained_tokens"] += 1
             continue
         truncated += was_truncated
         examples.append((row_id, ids, mask))
@@ -167,7 +215,7 @@ def shard_blocks(start: int, end: int, rows_per_shard: int) -> list[tuple[int, i
 
 
 RESUME_KEYS = ("model", "dataset", "split", "start_row", "end_row", "max_length", "system_prompt", "dtype",
-               "aux_layers", "rows_per_shard", "batch_tokens", "chat_template_sha256", "regenerated")
+               "aux_layers", "rows_per_shard", "batch_tokens", "chat_template_sha256", "regenerated", "replies")
 
 
 def _check_resume(out_dir: Path, manifest: dict, blocks) -> dict:
@@ -213,6 +261,8 @@ def manifest_header(settings: GenerationSettings, tokenizer, config, device, ext
         "batch_tokens": resolve_batch_tokens(settings.batch_tokens, device),
         **(extra_manifest or {}),
     }
+    if settings.replies != "dataset":  # absent for the dataset's replies: older folders still resume
+        header["replies"] = settings.replies_manifest()
     if not settings.rows_per_shard and out_dir is not None and (Path(out_dir) / MANIFEST).is_file():
         try:
             old = read_manifest(out_dir)
@@ -236,7 +286,10 @@ def finished_manifest(out_dir: Path, header: dict) -> dict | None:
 
 def generate_folder(model, tokenizer, rows, out_dir, settings: GenerationSettings, progress: bool = True,
                     desc: str = "generate", extra_manifest: dict | None = None) -> dict:
-    """Write (or finish) one data folder for rows [settings.start, settings.end); return the manifest."""
+    """Write (or finish) one data folder for rows [settings.start, settings.end); return the manifest.
+    settings.replies greedy|sampled: the target writes the replies and its features are kept from
+    those very forwards (modules/data/self_distill.py) instead of a forward over the dataset's replies."""
+    check_reply_settings(settings)
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +312,16 @@ def generate_folder(model, tokenizer, rows, out_dir, settings: GenerationSetting
     by_block = {}
     for row_id, row in rows:
         by_block.setdefault((row_id - settings.start) // rps, []).append((row_id, row))
-    per_window = batch_window_shards(rps, batch_tokens, settings.max_length)
+    distill = None
+    if settings.replies != "dataset":
+        from modules.data.self_distill import SelfDistiller
+
+        distill = SelfDistiller(model, tokenizer, settings.max_length, settings.replies, settings.temperature,
+                                settings.max_new_tokens, settings.seed, settings.reply_batch_size,
+                                settings.aux_layers)
+        per_window = -(-settings.reply_batch_size // rps)  # enough shards for one batch of conversations
+    else:
+        per_window = batch_window_shards(rps, batch_tokens, settings.max_length)
     windows = [list(enumerate(blocks))[w:w + per_window] for w in range(0, len(blocks), per_window)]
     # a window with a missing shard is computed whole (its batches mix its shards' rows)
     todo = [win for win in windows if any(shard_name(a, b) not in done for _, (a, b) in win)]
@@ -284,8 +346,17 @@ def generate_folder(model, tokenizer, rows, out_dir, settings: GenerationSetting
 
     def encode(win):
         """Per block of the window: (examples, skipped, truncated)."""
+        if distill is not None:  # the replies are still to be written: (row_id, messages)
+            return [prompt_rows(by_block.get(k, []), settings.system_prompt) for k, _ in win]
         return [encode_rows(tokenizer, by_block.get(k, []), settings.max_length, settings.system_prompt)
                 for k, _ in win]
+
+    def compute(examples):
+        """Per example: a conversation ready for storage, or the reason it is skipped."""
+        if distill is not None:
+            return distill(examples, store_dtype, on_batch=count_tokens)
+        return features_for_examples(model, examples, tokenizer.pad_token_id, batch_tokens, store_dtype,
+                                     settings.aux_layers, on_batch=count_tokens)
 
     # Two helper threads keep the target busy: one tokenises the next window while the target runs
     # (matters on GPU with a small target), one writes the previous window's shards. At most one
@@ -298,10 +369,17 @@ def generate_folder(model, tokenizer, rows, out_dir, settings: GenerationSetting
             if i + 1 < len(todo):
                 next_encoded = encoder.submit(encode, todo[i + 1])
             examples = [ex for block_examples, _, _ in encoded for ex in block_examples]
-            convs = iter(features_for_examples(model, examples, tokenizer.pad_token_id, batch_tokens,
-                                               store_dtype, settings.aux_layers, on_batch=count_tokens))
-            shards = [(a, b, [next(convs) for _ in block_examples], skipped, truncated)
-                      for (_, (a, b)), (block_examples, skipped, truncated) in zip(win, encoded)]
+            results = iter(compute(examples))
+            shards = []
+            for (_, (a, b)), (block_examples, skipped, truncated) in zip(win, encoded):
+                convs, skipped = [], Counter(skipped)
+                for conv in (next(results) for _ in block_examples):
+                    if isinstance(conv, str):
+                        skipped[conv] += 1
+                    else:
+                        truncated += conv.pop("truncated", False)
+                        convs.append(conv)
+                shards.append((a, b, convs, skipped, truncated))
             if pending is not None:
                 pending.result()  # re-raises a write error (e.g. a full disk)
             pending = writer.submit(save, shards)
@@ -355,6 +433,15 @@ def add_generation_args(parser, defaults: dict):
     a("--system-prompt", default=defaults["SYSTEM_PROMPT"], help="system prompt for rows without one")
     a("--chat-template", default=None, help="Jinja chat template file (for models without one)")
     a("--no-progress", action="store_true", help="no tqdm bar (logs of background workers)")
+    a("--replies", default=defaults["REPLIES"], choices=REPLY_MODES,
+      help="who writes the assistant replies: dataset (as is), greedy or sampled (the target's own, "
+           "features kept from the generating forwards; modules/data/self_distill.py)")
+    a("--temperature", type=float, default=defaults["TEMPERATURE"],
+      help="sampling temperature of --replies sampled (and of --regenerate)")
+    a("--max-new-tokens", type=int, default=defaults["MAX_NEW_TOKENS"], help="tokens per generated reply")
+    a("--regen-batch-size", type=int, default=defaults["REGEN_BATCH_SIZE"],
+      help="conversations generated together (or requests in flight to a --server-url)")
+    a("--seed", type=int, default=0, help="sampling seed (--replies sampled: per-row seeds derive from it)")
     return parser
 
 
@@ -397,7 +484,10 @@ def run_from_args(args, aux_layers_fn=None, rows_fn=None, extra_manifest: dict |
         model=model_display_name(args.model), dataset=dataset_display_name(args.dataset), split=args.split,
         start=args.start, end=end, max_length=args.max_length, system_prompt=args.system_prompt,
         dtype=STORE_DTYPES[args.store_dtype], aux_layers=aux_layers_fn(n_layers) if aux_layers_fn else None,
-        rows_per_shard=args.rows_per_shard, shard_bytes=args.shard_bytes, batch_tokens=args.batch_tokens)
+        rows_per_shard=args.rows_per_shard, shard_bytes=args.shard_bytes, batch_tokens=args.batch_tokens,
+        replies=args.replies, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        reply_batch_size=args.regen_batch_size)
+    check_reply_settings(settings)
     t0 = time.perf_counter()
     # A finished folder (e.g. allocation.py rerun after one worker failed) exits without loading weights.
     try:
