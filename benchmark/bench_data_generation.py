@@ -55,7 +55,7 @@ def pipeline(model, tokenizer, rows, settings, out_dir) -> tuple[float, dict]:
     return time.perf_counter() - start, manifest
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--dataset", default=DATASET)
@@ -68,21 +68,27 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--threads", type=int, default=THREADS)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return parser.parse_args(argv)
 
+
+def load(args):
+    """(model, tokenizer, dataset rows, encoded examples); resolves args.batch_tokens for the device."""
     tokenizer = load_tokenizer(args.model)
     model = load_target_model(args.model, dtype=args.dtype, device=args.device)
-    dtype = next(model.parameters()).dtype
     args.batch_tokens = resolve_batch_tokens(args.batch_tokens, next(model.parameters()).device)
     rows = load_rows(args.dataset, 0, args.rows)
     examples, skipped, _ = encode_rows(tokenizer, rows, args.max_length, None)
-    pad = tokenizer.pad_token_id
-    print(f"target {model_display_name(args.model)} ({dtype}, {next(model.parameters()).device}, "
-          f"{torch.get_num_threads()} threads), rows 0-{args.rows}: {len(examples)} kept, "
-          f"{sum(len(e[1]) for e in examples):,} tokens, max_length {args.max_length}, batch_tokens {args.batch_tokens}")
+    print(f"target {model_display_name(args.model)} ({next(model.parameters()).dtype}, "
+          f"{next(model.parameters()).device}, {torch.get_num_threads()} threads), rows 0-{args.rows}: "
+          f"{len(examples)} kept, {sum(len(e[1]) for e in examples):,} tokens, max_length {args.max_length}, "
+          f"batch_tokens {args.batch_tokens}")
+    return model, tokenizer, rows, examples
 
+
+def bare_vs_pipeline(args, model, tokenizer, rows, examples):
+    """Print tokens/s of the bare forward against the whole pipeline, and bytes on disk per token."""
+    pad = tokenizer.pad_token_id
+    dtype = next(model.parameters()).dtype
     bare_forward(model, examples[:1], pad, args.batch_tokens)  # warm-up (allocator, kernels)
     settings = GenerationSettings(model=model_display_name(args.model), dataset=args.dataset, start=0,
                                   end=args.rows, max_length=args.max_length, batch_tokens=args.batch_tokens)
@@ -108,9 +114,12 @@ def main(argv=None) -> int:
           f"{', '.join(f'{t:.1f}' for t in pipe_times)} s; rows written "
           f"{manifest['rows_written']}, skipped {manifest['skipped']})")
 
-    # What the defaults rest on: fp32 vs bf16 on CPU, and batching, on a few rows.
+
+def dtypes_and_batching(args, model, pad, examples):
+    """What the defaults rest on: print the bare forward's tokens/s in fp32 vs bf16, and per batch size,
+    on a few rows."""
     few = examples[:args.dtype_rows]
-    device = next(model.parameters()).device
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     table = []
     for name in ("float32", "bfloat16"):
         m = model if getattr(torch, name) == dtype else load_target_model(args.model, dtype=name, device=str(device))
@@ -125,8 +134,16 @@ def main(argv=None) -> int:
     for name, tps in table:
         print(f"| {name} | {tps:,.0f} |")
     print(f"(CPU auto dtype picks {str(pick_dtype('auto', 'cpu')).replace('torch.', '')} on this machine)")
-    return 0
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, rows, examples = load(args)
+    bare_vs_pipeline(args, model, tokenizer, rows, examples)
+    dtypes_and_batching(args, model, tokenizer.pad_token_id, examples)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
