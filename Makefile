@@ -1,5 +1,5 @@
 # Two entry points: `make demo` (whole pipeline on the embedded default) and
-# `make test` (the test suite). Both create .venv and install pinned packages.
+# `make test` (the linter, then the test suite). Both create .venv and install pinned packages.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test test-server test-vllm install install-test install-vllm clean-demo
+.PHONY: demo lint test test-server test-vllm install install-test install-vllm clean-demo
 
 $(STAMP): requirements.txt requirements-embedded.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,14 +28,18 @@ $(REPO_STAMP): $(STAMP) pyproject.toml
 
 install: $(REPO_STAMP)
 
-# Independent loaders used only by the interop tests (never by the main path).
+# Independent loaders used only by the interop tests (never by the main path), and the linter.
 $(TEST_STAMP): $(REPO_STAMP) requirements-test.txt
 	$(PIP) install -q --no-deps -r requirements-test.txt
 	touch $@
 
 install-test: $(TEST_STAMP)
 
-test: $(TEST_STAMP)
+# The linter (ruff; its settings are [tool.ruff] in pyproject.toml) runs first: `make test` stops on a finding.
+lint: $(TEST_STAMP)
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 # Opt-in: regeneration through a real OpenAI-compatible server (llama-cpp-python serving the
