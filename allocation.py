@@ -1,7 +1,7 @@
 """Split a row range over GPUs (or CPU processes) and run one generator per device group.
 
     python allocation.py --outdir data_out/eagle2 --end 20000                 # all visible GPUs, 1 each
-    python allocation.py --outdir data_out/eagle2 --gpus 0,1 2,3 --end 20000  # 2 workers, each target spread over 2 GPUs
+    python allocation.py --outdir data_out/eagle2 --gpus 0,1 2,3 --end 20000  # 2 workers, each target over 2 GPUs
     python allocation.py --outdir data_out/eagle2 --workers 2 --end 200       # no GPU: 2 CPU processes
     python allocation.py --outdir D --num-shards 4 --shard-index 1            # node 1 of 4 takes its quarter
     python allocation.py --outdir D --script generate_data_fused_features.py -- --max-length 1024
@@ -119,7 +119,8 @@ def parse_args(argv=None):
     parser.add_argument("--split", default=None)
     parser.add_argument("--start", type=int, default=START)
     parser.add_argument("--end", type=int, default=END)
-    parser.add_argument("--gpus", nargs="*", default=None, help="GPU ids per worker, e.g. 0,1 2,3 (default: each visible GPU)")
+    parser.add_argument("--gpus", nargs="*", default=None,
+                        help="GPU ids per worker, e.g. 0,1 2,3 (default: each visible GPU)")
     parser.add_argument("--workers", type=int, default=None, help="CPU worker processes (machines without GPUs)")
     parser.add_argument("--num-shards", type=int, default=1, help="nodes sharing the range")
     parser.add_argument("--shard-index", type=int, default=0, help="this node's part (0-based)")

@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     from modules.data.features import default_aux_layers
     from modules.data.generation import add_generation_args, run_from_args, run_with_clear_errors
 
-    parser = add_fused_args(add_generation_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), globals()))
+    parser = add_generation_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), globals())
+    parser = add_fused_args(parser)
     args = parser.parse_args(argv)
 
     def aux_layers_fn(num_layers):

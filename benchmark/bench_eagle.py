@@ -36,7 +36,8 @@ DEVICE = "auto"              # auto: this process's GPU (cuda:LOCAL_RANK under t
 SPREAD_TARGET = False        # spread the target over every visible GPU (targets too large for one GPU)
 THREADS = None               # torch threads on CPU (None = torch's default)
 OUT = "benchmark/results/eagle.json"
-SWEEP_SHAPES = [(4, 3, 1), (6, 3, 2), (8, 4, 2), (10, 4, 3), (12, 4, 4), (16, 5, 4), (24, 6, 4)]  # (total, depth, top_k)
+# the tree shapes --sweep tries: (total, depth, top_k)
+SWEEP_SHAPES = [(4, 3, 1), (6, 3, 2), (8, 4, 2), (10, 4, 3), (12, 4, 4), (16, 5, 4), (24, 6, 4)]
 SEED = 0
 # -------------------------------------------------------------------------------------------
 
@@ -63,7 +64,8 @@ def parse_args(argv=None):
                    help="draft dtype (auto, fp32, bf16, fp16); never changes the output, only its speed")
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--spread-target", action=argparse.BooleanOptionalAction, default=SPREAD_TARGET,
-                   help="spread the target over every visible GPU (device_map=auto); the draft sits on its LM head's GPU")
+                   help="spread the target over every visible GPU (device_map=auto); "
+                        "the draft sits on its LM head's GPU")
     p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--turns", type=int, default=2, help="turns per question (MT-bench has 2)")
     p.add_argument("--sweep", action="store_true", help="try tree shapes (first turns only), report the fastest")

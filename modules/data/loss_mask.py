@@ -28,8 +28,8 @@ def render(tokenizer, messages: list[dict]) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     except Exception as err:  # e.g. raise_exception('Conversation roles must alternate ...') in the template
-        raise TemplateError(f"chat template failed: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}") \
-            from None
+        message = str(err).strip()
+        raise TemplateError(f"chat template failed: {message.splitlines()[0] if message else repr(err)}") from None
 
 
 def reply_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int, int]]]:
@@ -79,7 +79,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | Non
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:
-        raise TemplateError("the tokenizer gives no character offsets: a fast (tokenizers) tokenizer is needed") from None
+        raise TemplateError("the tokenizer gives no character offsets: "
+                            "a fast (tokenizers) tokenizer is needed") from None
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     specials = end_of_turn_ids(tokenizer)
     mask = [0] * len(ids)
