@@ -1,6 +1,8 @@
 """The data-generation loop shared by generate_data.py and generate_data_fused_features.py.
 
 rows -> (tokenise + loss mask) -> length-sorted padded batches -> target forward -> packed shards.
+With --replies greedy|sampled the middle is self_distill.py instead: the target writes the replies and
+the features come from the forwards that generate them (ids and mask still from the chat template).
 
 Shards and batches: the row range is cut into fixed blocks of `rows_per_shard` rows, one shard each
 (auto: shards of at most `shard_bytes` at max length). Forward batches are formed across shard
@@ -87,7 +89,8 @@ def check_reply_settings(settings: GenerationSettings) -> None:
         raise GenerationError(f"--replies sampled needs --temperature > 0 (got {settings.temperature}); "
                               f"use --replies greedy for temperature 0")
     if settings.max_new_tokens < 1:
-        raise GenerationError(f"--max-new-tokens must be >= 1 with --replies {settings.replies}, got {settings.max_new_tokens}")
+        raise GenerationError(f"--max-new-tokens must be >= 1 with --replies {settings.replies}, "
+                              f"got {settings.max_new_tokens}")
     if settings.reply_batch_size < 1:
         raise GenerationError(f"--regen-batch-size must be >= 1, got {settings.reply_batch_size}")
 

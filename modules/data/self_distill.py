@@ -34,7 +34,6 @@ from transformers import DynamicCache
 from modules.data.chat import BadRow
 from modules.data.features import base_model, output_features
 from modules.data.generation import encode_messages
-from modules.data.loss_mask import render
 
 
 def stop_ids(model, tokenizer) -> set[int]:
@@ -94,14 +93,11 @@ class Conversation:
 
 
 class SelfDistiller:
-    """Generates the replies of a list of conversations and returns them with their features."""
+    """Generates the replies of a list of conversations and returns them with their features.
+    mode greedy or sampled (at temperature > 0); generation.check_reply_settings vets the settings."""
 
     def __init__(self, model, tokenizer, max_length: int, mode: str = "greedy", temperature: float = 0.8,
                  max_new_tokens: int = 512, seed: int = 0, batch_size: int = 8, aux_layers=None):
-        if mode not in ("greedy", "sampled"):
-            raise ValueError(f"replies mode must be greedy or sampled, got {mode!r}")
-        if mode == "sampled" and not temperature > 0:
-            raise ValueError(f"sampled replies need a temperature > 0, got {temperature} (use greedy)")
         self.model, self.tokenizer = model, tokenizer
         self.max_length, self.mode, self.temperature = max_length, mode, temperature
         self.max_new_tokens, self.seed, self.batch_size = max_new_tokens, seed, batch_size
@@ -264,7 +260,7 @@ class SelfDistiller:
             for row_id, messages in examples[i:i + self.batch_size]:
                 gen = None
                 if self.mode == "sampled":
-                    gen = torch.Generator(device=self.device)
+                    gen = torch.Generator(device=self.head.weight.device)  # where the logits are
                     gen.manual_seed(row_seed(self.seed, row_id))
                 convs.append(Conversation(row_id, [m for m in messages if m["role"] == "system"],
                                           [m["content"] for m in messages if m["role"] == "user"], gen))
