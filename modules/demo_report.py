@@ -72,7 +72,8 @@ def _training_section(history: list[dict], summary: dict, png: Path | None, out:
         e = final_eval or evals[-1]
         accs = [f"{name} {e[f'eval_{name}_acc']:.3f}" for name in ("top1", "top2", "top3") if f"eval_{name}_acc" in e]
         steps = [f"{e[f'eval_step{k}_acc']:.3f}" for k in range(32) if f"eval_step{k}_acc" in e]
-        lines.append(f"- eval accuracy: {', '.join(accs)}; simulated tau (chain): {e.get('eval_tau_sim', float('nan')):.2f}")
+        tau = e.get("eval_tau_sim", float("nan"))
+        lines.append(f"- eval accuracy: {', '.join(accs)}; simulated tau (chain): {tau:.2f}")
         if steps:
             lines.append(f"- eval accuracy per training-time-test step: {' / '.join(steps)}")
     if png:
@@ -122,7 +123,8 @@ def write_report(out: Path, stage_seconds: dict[str, float]) -> str:
     lines = ["# EAGLE demo report (embedded SmolLM2-135M-Instruct, ShareGPT, MT-bench)", ""]
     lines += ["## Stage times", ""] + [f"- {k}: {v:.0f} s" for k, v in stage_seconds.items()]
     lines += [f"- total: {sum(stage_seconds.values()):.0f} s", ""]
-    lines += _data_section(data) + _training_section(history, summary, png, out) + _benchmark_section(bench, out / "benchmark")
+    lines += _data_section(data) + _training_section(history, summary, png, out)
+    lines += _benchmark_section(bench, out / "benchmark")
     text = "\n".join(lines)
     tmp = out / "report.md.tmp"
     tmp.write_text(text)

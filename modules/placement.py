@@ -37,7 +37,8 @@ def plan_device(device: str | None = "auto", cuda_count: int = 0, local_rank: in
                                  f"or cuda on a machine with GPUs (device {device}, {cuda_count} GPUs visible)")
         if world_size > 1:
             raise PlacementError(f"--spread-target with {world_size} processes: every rank would spread its target "
-                                 f"over the same GPUs; run one process per group of GPUs (allocation.py --gpus 0,1 2,3)")
+                                 f"over the same GPUs; run one process per group of GPUs "
+                                 f"(allocation.py --gpus 0,1 2,3)")
         return torch.device("cuda", 0)
     if name == "cuda":
         if cuda_count == 0:

@@ -119,7 +119,10 @@ def _from_bin(folder):
     if not f.exists():
         return None
     sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
-    pick = lambda keys: next((sd[k] for k in keys if k in sd), None)
+
+    def pick(keys):
+        return next((sd[k] for k in keys if k in sd), None)
+
     return pick(EMBED_KEYS), pick(HEAD_KEYS)
 
 

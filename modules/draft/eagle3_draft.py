@@ -90,7 +90,9 @@ def cast_floats(sd: dict, dtype) -> dict:
 def _additive_or_bool_mask(attention_mask, B, T, past_len, device):
     """-> bool [B|1, 1, T, past+T] (True = attend) from None (causal), 2D padding or 4D as is."""
     if attention_mask is not None and attention_mask.ndim == 4:
-        return attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        if attention_mask.dtype == torch.bool:
+            return attention_mask
+        return attention_mask > torch.finfo(attention_mask.dtype).min / 2
     kv = past_len + T
     causal = torch.ones(T, kv, dtype=torch.bool, device=device).tril(diagonal=past_len)[None, None]
     if attention_mask is None:
@@ -227,7 +229,8 @@ class Eagle3Draft(nn.Module):
         """Frozen embedding from the target; lm_head initialised from the target head's rows."""
         with torch.no_grad():
             if tuple(embed.shape) != tuple(self.embed_tokens.weight.shape):
-                raise ValueError(f"target embedding {tuple(embed.shape)} does not fit the draft {tuple(self.embed_tokens.weight.shape)}")
+                raise ValueError(f"target embedding {tuple(embed.shape)} does not fit the draft "
+                                 f"{tuple(self.embed_tokens.weight.shape)}")
             self.embed_tokens.weight.copy_(embed)
             self.lm_head.weight.copy_(head[self.draft_ids.to(head.device)])
 

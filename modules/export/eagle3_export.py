@@ -3,7 +3,8 @@
 The training checkpoints already use that layout (Eagle3Draft.save_pretrained); exporting re-checks
 the draft against the target (hidden size, vocabulary, aux layer ids, d2t/t2d consistency),
 casts the weights (bf16 by default; d2t/t2d keep their int64/bool types), writes the capture
-layers in each engine's convention (modules/export/engines.py) and a clean folder without trainer files. `train/export.py` handles EAGLE-1/2.
+layers in each engine's convention (modules/export/engines.py) and a clean folder without trainer files.
+`train/export.py` handles EAGLE-1/2.
 """
 from pathlib import Path
 

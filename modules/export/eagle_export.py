@@ -44,7 +44,8 @@ def check_fits_target(state_dict, target_cfg, where):
     have = {k: tuple(v.shape) for k, v in state_dict.items()}
     problems = [f"missing {k}" for k in want if k not in have]
     problems += [f"unexpected {k}" for k in have if k not in want]
-    problems += [f"{k} has shape {have[k]}, the target needs {want[k]}" for k in want if k in have and have[k] != want[k]]
+    problems += [f"{k} has shape {have[k]}, the target needs {want[k]}"
+                 for k in want if k in have and have[k] != want[k]]
     if problems:
         shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} problems)" if len(problems) > 6 else "")
         raise ExportError(f"{where}: draft does not fit the target: {shown}")

@@ -24,20 +24,23 @@ def plot_training_curves(log_history, path, title="EAGLE draft training"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [l for l in log_history if "loss" in l and "step" in l]
-    evals = [l for l in log_history if any(k.endswith("tau_sim") for k in l)]
+    train = [entry for entry in log_history if "loss" in entry and "step" in entry]
+    evals = [entry for entry in log_history if any(k.endswith("tau_sim") for k in entry)]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    axes[0].plot([l["step"] for l in train], [l["loss"] for l in train], label="loss")
+    axes[0].plot([entry["step"] for entry in train], [entry["loss"] for entry in train], label="loss")
     if train and "reg_loss" in train[0]:
-        axes[0].plot([l["step"] for l in train], [l["reg_loss"] for l in train], label="reg (SmoothL1)")
+        axes[0].plot([entry["step"] for entry in train], [entry["reg_loss"] for entry in train], label="reg (SmoothL1)")
     axes[0].set(xlabel="step", ylabel="loss")
-    top1 = [l for l in train if "top1_acc" in l]
-    axes[1].plot([l["step"] for l in top1], [l["top1_acc"] for l in top1], label="train")
-    ev1 = [l for l in evals if "eval_top1_acc" in l]
-    axes[1].plot([l["step"] for l in ev1], [l["eval_top1_acc"] for l in ev1], marker="o", label="eval")
+    top1 = [entry for entry in train if "top1_acc" in entry]
+    axes[1].plot([entry["step"] for entry in top1], [entry["top1_acc"] for entry in top1], label="train")
+    ev1 = [entry for entry in evals if "eval_top1_acc" in entry]
+    axes[1].plot([entry["step"] for entry in ev1], [entry["eval_top1_acc"] for entry in ev1], marker="o", label="eval")
     axes[1].set(xlabel="step", ylabel="top-1 accuracy")
-    tau_key = lambda l: next(k for k in l if k.endswith("tau_sim"))
-    axes[2].plot([l["step"] for l in evals], [l[tau_key(l)] for l in evals], marker="o", color="C2")
+
+    def tau(entry):  # the value of the entry's first key ending in "tau_sim"
+        return next(value for key, value in entry.items() if key.endswith("tau_sim"))
+
+    axes[2].plot([entry["step"] for entry in evals], [tau(entry) for entry in evals], marker="o", color="C2")
     axes[2].set(xlabel="step", ylabel="eval simulated tau")
     for ax in axes:
         ax.grid(alpha=0.3)

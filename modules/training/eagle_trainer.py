@@ -19,7 +19,6 @@ Frozen weights (the target's embedding / lm_head inside the draft) are kept in t
 (bf16 under bf16 autocast, where an fp32 copy would only cost memory) and never saved in checkpoints.
 Shared helpers: soft_cross_entropy, topk_hits, add_uniform_noise, simulated_acceptance.
 """
-import json
 import math
 import os
 import time
