@@ -193,7 +193,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     rows = measure(args)
     out = Path(args.out)
-    report = {"command": "python benchmark/bench_decode_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    command = "python benchmark/bench_decode_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = {"command": command,
               "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
               "context": args.context, "repeats": args.repeats, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """EAGLE-3 quality benchmark: four drafts trained on the same conversations with the same budget,
 measured on MT-bench with the same tree decoder.
 
-    OMP_NUM_THREADS=1 python benchmark/bench_eagle3.py     # the benchmark/README.md figures (~22 min on a shared 2-core CPU)
+    OMP_NUM_THREADS=1 python benchmark/bench_eagle3.py     # the benchmark/README.md figures
+                                                           # (~22 min on a shared 2-core CPU)
     python benchmark/bench_eagle3.py --rows 2000 --max-length 2048 --epochs 4 --questions 80
 
   (a) EAGLE-2 draft of train/train.py            (feature regression + CE, no TTT)
@@ -144,8 +145,6 @@ def stage_speed(args, fused, batches=4, repeats=3):
     Median over repeats of forward+backward per conversation, configurations interleaved."""
     import statistics
 
-    import torch
-
     from modules.data.collate import EagleCollator
     from modules.draft.vocab import count_tokens, select_draft_vocab, shard_token_pairs
     from modules.draft.eagle3_draft import Eagle3Draft
@@ -164,10 +163,12 @@ def stage_speed(args, fused, batches=4, repeats=3):
     e3 = Eagle3Draft.from_target(cfg, draft_ids=ids, aux_layers=ds.aux_layers, load_weights=False)
     e3.load_target_weights(embed, head)
     common = dict(output_dir=str(Path(args.out) / "speed_tmp"), use_cpu=True, report_to=[])
-    configs = {"a_eagle2": (EagleTrainer(model=e2, args=EagleTrainingArguments(**common)), e2, EagleCollator(args.max_length))}
+    configs = {"a_eagle2": (EagleTrainer(model=e2, args=EagleTrainingArguments(**common)), e2,
+                            EagleCollator(args.max_length))}
     for steps in sorted({1, args.ttt_steps}):
         targs = TTTTrainingArguments(**common, w_reg=0.0, w_cls=1.0, noise_std=0.0, ttt_steps=steps)
-        configs[f"c_eagle3_ttt{steps}"] = (TTTTrainer(model=e3, args=targs, target_head=head), e3, TTTCollator(args.max_length))
+        configs[f"c_eagle3_ttt{steps}"] = (TTTTrainer(model=e3, args=targs, target_head=head), e3,
+                                           TTTCollator(args.max_length))
     times = {name: [] for name in configs}
     tokens = sum(len(it["input_ids"]) for it in items)
     for _ in range(repeats):
@@ -183,7 +184,6 @@ def stage_speed(args, fused, batches=4, repeats=3):
 
 def stage_decode(args, out):
     """Plain greedy and the four drafts on the same MT-bench first turns; returns bench_eagle's summary."""
-    import torch
     from tqdm import tqdm
 
     from benchmark.methods import run_eagle, run_plain, summarize
@@ -201,7 +201,8 @@ def stage_decode(args, out):
     methods = [("plain", run_plain, {})]
     for v in args.variants:
         draft = load_draft(out / v / "draft", target_model=target, dtype=target.dtype).to(output_device(target)).eval()
-        methods.append((v, run_eagle, {"decoder": EagleDecoder(target, draft, total_tokens=total, depth=depth, top_k=k, timing=True)}))
+        decoder = EagleDecoder(target, draft, total_tokens=total, depth=depth, top_k=k, timing=True)
+        methods.append((v, run_eagle, {"decoder": decoder}))
     warm = prompt_ids(tokenizer, conversation(["Say hello."], []))
     for _, fn, kw in methods:
         fn(target, warm, 8, eos, **kw)

@@ -2,7 +2,8 @@
 
     python generate_data.py --end 240 --max-length 1024 --outdir /tmp/bench_data   # once
     python benchmark/bench_training.py --data /tmp/bench_data
-    # benchmark/README.md figures: 1,000 conversations x 2048 tokens, 2 epochs, eval every half epoch (65 min, 2 CPU cores)
+    # benchmark/README.md figures: 1,000 conversations x 2048 tokens, 2 epochs, eval every half epoch
+    # (65 min, 2 CPU cores)
     python benchmark/bench_training.py --data DIR --train-conversations 1000 --eval-conversations 20 \
         --max-length 2048 --epochs 2 --evals-per-epoch 2
 
@@ -116,20 +117,20 @@ def run_recipe(args):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     trainer.train()
-    last_eval = [l for l in trainer.state.log_history if "eval_tau_sim" in l][-1:]
+    last_eval = [entry for entry in trainer.state.log_history if "eval_tau_sim" in entry][-1:]
     if not last_eval or last_eval[0]["step"] != trainer.state.global_step:
         trainer.evaluate()  # the step schedule can stop short of the last step; always end with an eval
     wall = time.time() - t0
     trainer.save_model(str(Path(args.out) / args.recipe / "final"))  # loadable with modules.draft.loading.load_draft
-    evals = [l for l in trainer.state.log_history if "eval_tau_sim" in l]
-    eval_time = sum(l["eval_runtime"] for l in evals)
+    evals = [entry for entry in trainer.state.log_history if "eval_tau_sim" in entry]
+    eval_time = sum(entry["eval_runtime"] for entry in evals)
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
     result = {
         "recipe": args.recipe, "train_conversations": len(train_idx), "eval_conversations": len(eval_idx),
         "train_tokens_per_epoch": train_tokens, "epochs": args.epochs, "bf16": targs.bf16,
-        "per_epoch": [{k: l[k] for k in ("epoch", "eval_top1_acc", "eval_top3_acc", "eval_tau_sim",
-                                          "eval_reg_loss", "eval_cls_loss")} for l in evals],
+        "per_epoch": [{k: entry[k] for k in ("epoch", "eval_top1_acc", "eval_top3_acc", "eval_tau_sim",
+                                             "eval_reg_loss", "eval_cls_loss")} for entry in evals],
         "train_tokens_per_s": train_tokens * args.epochs / max(wall - eval_time, 1e-6),
         "train_wall_s": wall, "eval_s": eval_time,
         "peak_memory_gb": peak / 2**30, "peak_memory_kind": "cuda allocated" if cuda else "process RSS",

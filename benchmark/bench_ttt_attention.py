@@ -1,7 +1,8 @@
 """TTT attention benchmark: peak memory and time of one EAGLE-3 training step, eager vs SDPA.
 
     python benchmark/bench_ttt_attention.py                          # Llama-3.1-8B draft shapes, T=2048, 7 steps
-    python benchmark/bench_ttt_attention.py --seq-len 2048 --steps 3  # the CPU run in benchmark/README.md (~11 min, 2 cores)
+    python benchmark/bench_ttt_attention.py --seq-len 2048 --steps 3  # the CPU run in benchmark/README.md
+                                                                      # (~11 min, 2 cores)
     python benchmark/bench_ttt_attention.py --device cuda             # bf16 on a GPU
     python benchmark/bench_ttt_attention.py --attention-only          # the TTT attention calls alone (seconds)
 
@@ -124,6 +125,11 @@ class LiveTensorPeak(TorchDispatchMode):
         return out
 
 
+def use_bf16(args, device):
+    """--dtype bf16, or --dtype auto on a GPU."""
+    return args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+
+
 def build(args, device):
     """(trainer, draft, batch) for one step at the configured shapes; same seed -> same everything."""
     from transformers import LlamaConfig
@@ -142,10 +148,9 @@ def build(args, device):
     batch = {"input_ids": torch.randint(0, args.target_vocab, (B, L)),
              "loss_mask": torch.ones(B, L, dtype=torch.long), "attention_mask": torch.ones(B, L, dtype=torch.long),
              "hidden_states": torch.randn(B, L, H), "aux_hidden_states": torch.randn(B, L, 3 * H)}
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-    targs = TTTTrainingArguments(output_dir=tempfile.mkdtemp(prefix="bench_ttt_"), report_to=[], use_cpu=device.type == "cpu",
-                                 bf16=bf16, w_reg=0.0, w_cls=1.0, noise_std=0.0, ttt_steps=args.steps,
-                                 per_device_train_batch_size=B)
+    targs = TTTTrainingArguments(output_dir=tempfile.mkdtemp(prefix="bench_ttt_"), report_to=[],
+                                 use_cpu=device.type == "cpu", bf16=use_bf16(args, device), w_reg=0.0, w_cls=1.0,
+                                 noise_std=0.0, ttt_steps=args.steps, per_device_train_batch_size=B)
     draft.to(device)
     trainer = TTTTrainer(model=draft, args=targs, target_head=target_head)
     return trainer, draft, {k: v.to(device) for k, v in batch.items()}
@@ -156,7 +161,7 @@ def attention_only_step(args, variant, device):
     from modules.draft.ttt_attention import step0_mask, ttt_scores_softmax_output, ttt_sdpa_output
 
     torch.manual_seed(args.seed)
-    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else torch.float32
+    dtype = torch.bfloat16 if use_bf16(args, device) else torch.float32
     d = args.hidden // args.heads
     shape = (args.batch, args.heads, args.seq_len, d)
     qs, keys, values = ([torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
@@ -187,7 +192,7 @@ def run_variant(args, variant, result_path):
                           ("cpu" if args.device == "auto" else args.device))
     if args.attention_only:
         step = attention_only_step(args, variant, device)
-        dtype = "bf16" if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else "fp32"
+        dtype = "bf16" if use_bf16(args, device) else "fp32"
     else:
         trainer, draft, batch = build(args, device)
         draft.config._attn_implementation = variant

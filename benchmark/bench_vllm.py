@@ -201,7 +201,9 @@ def plot(results, path):
     ax.barh([results[n]["label"] for n in names], [results[n]["tokens_per_s"] for n in names], color="#4c72b0")
     for i, n in enumerate(names):
         r = results[n]
-        note = f" {r['tokens_per_s']:.1f} tok/s" + (f", accept len {r['acceptance_length']:.2f}" if "acceptance_length" in r else "")
+        note = f" {r['tokens_per_s']:.1f} tok/s"
+        if "acceptance_length" in r:
+            note += f", accept len {r['acceptance_length']:.2f}"
         ax.text(r["tokens_per_s"], i, note, va="center", fontsize=8)
     ax.set_xlabel("tokens/s (greedy, batch 1)")
     ax.set_xlim(0, max(r["tokens_per_s"] for r in results.values()) * 1.6)
