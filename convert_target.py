@@ -1,6 +1,6 @@
 """Write a target model as a standard Hugging Face folder that vLLM and SGLang serve.
 
-    python convert_target.py                                  # the embedded SmolLM2 GGUF -> targets/smollm2-135m-instruct
+    python convert_target.py     # the embedded SmolLM2 GGUF -> targets/smollm2-135m-instruct
     python convert_target.py --model some/model.gguf --out targets/mine
 
 A hub model or a local HF folder needs no conversion: give it to the engine as it is. A GGUF file

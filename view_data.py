@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     runs = mask_runs(tokenizer, item["input_ids"], item["loss_mask"])
     hs = item["hidden_states"]
     counts = (f"conversation {args.index} (dataset row {item['row_id']}): tokens {len(item['input_ids'])}, "
-              f"trained {int(item['loss_mask'].sum())}, hidden_states {tuple(hs.shape)} {str(hs.dtype).replace('torch.', '')}")
+              f"trained {int(item['loss_mask'].sum())}, "
+              f"hidden_states {tuple(hs.shape)} {str(hs.dtype).replace('torch.', '')}")
     if "aux_hidden_states" in item:
         counts += f", aux_hidden_states {tuple(item['aux_hidden_states'].shape)}"
     print(to_terminal(runs))

@@ -2,7 +2,8 @@
 
     python train/train.py                                   # embedded SmolLM2 on data_out/eagle2
     python train/train.py --data DIR1 DIR2 --model meta-llama/Llama-3.1-8B-Instruct --epochs 10
-    torchrun --nproc_per_node 8 train/train.py ...          # DDP (or: accelerate launch --multi_gpu --num_processes 8 train/train.py)
+    torchrun --nproc_per_node 8 train/train.py ...          # DDP
+    accelerate launch --multi_gpu --num_processes 8 train/train.py ...   # the same, through accelerate
 
 Checkpoints go to OUTPUT_DIR/checkpoint-*; the final draft is exported to OUTPUT_DIR/draft in the
 SGLang/vLLM layout (config.json + model.safetensors) and the official EAGLE one (pytorch_model.bin);
