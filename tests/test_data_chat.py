@@ -12,13 +12,15 @@ def sg(*turns):
 
 
 def test_normalise_sharegpt_and_messages():
-    row = sg(("gpt", "leftover"), ("human", "hi"), ("chatgpt", "hello"), ("user", "q"), ("bard", "a"), ("human", "tail"))
+    row = sg(("gpt", "leftover"), ("human", "hi"), ("chatgpt", "hello"), ("user", "q"), ("bard", "a"),
+             ("human", "tail"))
     assert row_to_messages(row) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                                     {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     msgs = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u"},
                          {"role": "assistant", "content": "a"}]}
     assert row_to_messages(msgs, system_prompt="other")[0] == {"role": "system", "content": "S"}
-    assert row_to_messages(sg(("human", "u"), ("bing", "a")), system_prompt="P")[0] == {"role": "system", "content": "P"}
+    default_system = row_to_messages(sg(("human", "u"), ("bing", "a")), system_prompt="P")[0]
+    assert default_system == {"role": "system", "content": "P"}
 
 
 @pytest.mark.parametrize("row,reason", [

@@ -6,7 +6,8 @@ import socket
 
 import pytest
 
-from modules.data.regenerate import LocalGenerator, OpenAIGenerator, RegenerationError, regenerate_cached, regenerate_rows
+from modules.data.regenerate import (LocalGenerator, OpenAIGenerator, RegenerationError, regenerate_cached,
+                                     regenerate_rows)
 
 ROWS = [
     (0, {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "old 1"},

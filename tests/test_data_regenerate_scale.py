@@ -144,7 +144,8 @@ def test_server_regeneration_loads_the_target_only_for_the_features(tmp_path, mo
         events.clear()
         assert generate_data_fused_features.main(cmd + ["--outdir", str(tmp_path / "two"), "--regenerate-only"]) == 0
         assert "target loaded" not in events and events.count("server reply") >= 4
-        assert list((tmp_path / "two").glob("regenerated-*.jsonl")) and not (tmp_path / "two" / "manifest.json").exists()
+        assert list((tmp_path / "two").glob("regenerated-*.jsonl"))
+        assert not (tmp_path / "two" / "manifest.json").exists()
     finally:
         server.shutdown()
     # ... then the same command without it, server gone: features from the kept replies

@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 from modules.paths import embedded_gguf
-from modules.data.regenerate import OpenAIGenerator, RegenerationError, regenerate_rows
+from modules.data.regenerate import OpenAIGenerator, regenerate_rows
 
 if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("uvicorn") is None:
     pytest.skip("needs llama-cpp-python[server] (built from source, not in the default test install)",

@@ -22,7 +22,8 @@ def _patch_eagle_llm_for_transformers5(monkeypatch):
         def _init_rope(self, mod=mod, orig=orig):
             rs = self.config.rope_scaling
             if isinstance(rs, dict) and rs.get("rope_type", rs.get("type")) == "default":
-                self.rotary_emb = mod.LlamaRotaryEmbedding(self.head_dim, max_position_embeddings=self.max_position_embeddings)
+                self.rotary_emb = mod.LlamaRotaryEmbedding(self.head_dim,
+                                                           max_position_embeddings=self.max_position_embeddings)
             else:
                 orig(self)
 
@@ -56,7 +57,8 @@ def test_official_eamodel_loads_export_strictly_and_decodes_losslessly(tmp_path,
     from eagle.model.ea_model import EaModel
 
     # eagle-llm's KV-Llama and draft ignore rope_theta (always 10000): use a target with that base
-    target = save_tiny_target(tmp_path / "target", "llama", rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    target = save_tiny_target(tmp_path / "target", "llama",
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     _save_tokenizer(tmp_path / "target", target.config.vocab_size)
     torch.manual_seed(0)
     draft = EagleDraft.from_target(tmp_path / "target").eval()

@@ -130,7 +130,8 @@ def test_bench_eagle_sweep(tiny_bench_dirs, tmp_path):
 
     out = tmp_path / "s.json"
     res = bench_eagle.main(["--model", str(tiny_bench_dirs / "target"), "--draft", str(tiny_bench_dirs / "draft"),
-                            "--num-questions", "1", "--max-new-tokens", "6", "--out", str(out), "--sweep", "--threads", "1"])
+                            "--num-questions", "1", "--max-new-tokens", "6", "--out", str(out), "--sweep",
+                            "--threads", "1"])
     eagle = [m for m in res["summary"] if m.startswith("eagle")]
     assert len(eagle) == len(bench_eagle.SWEEP_SHAPES)
     assert res["best_shape"] in eagle

@@ -23,6 +23,7 @@ def test_tiny_run_writes_side_by_side_figures(tmp_path, capsys, attention_only):
     assert eager["loss"] == pytest.approx(sdpa["loss"], rel=1e-5)
     assert eager["grad_norm"] == pytest.approx(sdpa["grad_norm"], rel=1e-4)
     for r in (eager, sdpa):
-        assert r["step_s"] > 0 and r["process_peak_gb"] >= r["process_before_gb"] > 0 and r["step_peak_gb"] > 0 and r["device"] == "cpu"
+        assert r["step_s"] > 0 and r["process_peak_gb"] >= r["process_before_gb"] > 0 and r["step_peak_gb"] > 0
+        assert r["device"] == "cpu"
     assert out.with_suffix(".png").is_file()
     assert "eager" in capsys.readouterr().out

@@ -93,8 +93,8 @@ def test_stored_feature_equals_forward_and_no_padding(tiny, tmp_path, capsys):
 
     model_dir, data = tiny
     out = tmp_path / "out"
-    code, _, err = main_in_process(generate_data, gen_cmd(model_dir, data, out, "--end", "6", "--store-dtype", "fp32")[2:],
-                                   capsys)
+    cmd = gen_cmd(model_dir, data, out, "--end", "6", "--store-dtype", "fp32")[2:]
+    code, _, err = main_in_process(generate_data, cmd, capsys)
     assert code == 0, err
     ds = EagleDataset(out)
     model, tok = load_target(model_dir, dtype="fp32", device="cpu")
@@ -148,8 +148,8 @@ def test_view_data(tiny, tmp_path, capsys):
     model, data = tiny
     out = tmp_path / "v"
     assert main_in_process(generate_data, gen_cmd(model, data, out, "--end", "3")[2:], capsys)[0] == 0
-    code, stdout, err = main_in_process(view_data, ["--data", str(out), "--index", "1", "--html", str(tmp_path / "v.html")],
-                                        capsys)
+    cmd = ["--data", str(out), "--index", "1", "--html", str(tmp_path / "v.html")]
+    code, stdout, err = main_in_process(view_data, cmd, capsys)
     assert code == 0, err
     assert "\033[32m" in stdout and "\033[31m" in stdout and "hidden_states (" in stdout
     page = (tmp_path / "v.html").read_text()

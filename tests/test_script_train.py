@@ -76,7 +76,7 @@ def test_bad_input_is_one_clear_line(setup, tmp_path, capsys):
     assert "no manifest.json" in _bad(main, capsys, base + ["--data", str(tmp_path / "empty")])
     # data made for another target: the manifest names another model / another hidden size
     assert "generated for model 'meta-llama" in _bad(main, capsys, base + ["--data", str(_renamed(root, tmp_path))])
-    wide = save_tiny_target(tmp_path / "wide", "llama", hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
+    save_tiny_target(tmp_path / "wide", "llama", hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
     err = _bad(main, capsys, ["--model", str(tmp_path / "wide"), "--output-dir", str(tmp_path / "o"), *FAST,
                               "--data", str(root / "data"), "--allow-other-model"])
     assert "hidden_size 64" in err and "32" in err

@@ -1,11 +1,9 @@
 """The EAGLE-3 script pair on a tiny local target: fused-feature data -> TTT training -> export,
 online training without stored features, regenerated data, and clear errors."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 
 import generate_data_fused_features
@@ -57,8 +55,9 @@ def test_online_training_needs_no_feature_files(tiny, tmp_path):
     base, model, rows, data = tiny
     out = tmp_path / "online"
     rc = train_eagle_ttt.main(["--model", model, "--online", "--dataset", rows, "--start", "0", "--end", "8",
-                               "--output-dir", str(out), "--max-steps", "3", "--ttt-steps", "2", "--eval-fraction", "0.25",
-                               "--grad-accum", "1", "--max-length", "384", "--target-dtype", "fp32"])
+                               "--output-dir", str(out), "--max-steps", "3", "--ttt-steps", "2",
+                               "--eval-fraction", "0.25", "--grad-accum", "1", "--max-length", "384",
+                               "--target-dtype", "fp32"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["online"] and summary["steps"] == 3

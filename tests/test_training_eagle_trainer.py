@@ -1,6 +1,5 @@
 """EagleTrainer on a tiny random target: CE gradient, collator alignment, simulated tau,
 training with accumulation/padding/eval/checkpoints/resume, NaN stop, lr schedule."""
-import math
 import os
 
 import pytest
@@ -35,8 +34,11 @@ def _args(tmp_path, **kw):
 
 def test_collator_shifts_and_pads():
     H = 4
-    item = lambda T: {"input_ids": torch.arange(T), "loss_mask": torch.tensor([0, 0] + [1] * (T - 2)),
-                      "hidden_states": torch.arange(T).float()[:, None].expand(T, H), "row_id": 0}
+
+    def item(T):
+        return {"input_ids": torch.arange(T), "loss_mask": torch.tensor([0, 0] + [1] * (T - 2)),
+                "hidden_states": torch.arange(T).float()[:, None].expand(T, H), "row_id": 0}
+
     b = EagleCollator()([item(6), item(4)])
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [1, 2, 3, 0, 0]]
     assert b["hidden_states"][0, :, 0].tolist() == [0, 1, 2, 3, 4]
@@ -126,8 +128,8 @@ def test_training_accumulation_eval_checkpoint_resume(tmp_path, target):
                            train_dataset=train_ds, eval_dataset=eval_ds)
     trainer.train()
     logs = trainer.state.log_history
-    train_logs = [l for l in logs if "loss" in l and "reg_loss" in l]
-    eval_logs = [l for l in logs if "eval_tau_sim" in l]
+    train_logs = [entry for entry in logs if "loss" in entry and "reg_loss" in entry]
+    eval_logs = [entry for entry in logs if "eval_tau_sim" in entry]
     assert len(train_logs) == 3 and len(eval_logs) == 2
     for key in ("reg_loss", "cls_loss", "top1_acc", "top2_acc", "top3_acc", "tokens_per_s", "learning_rate"):
         assert key in train_logs[0]
@@ -162,7 +164,8 @@ def test_nan_loss_stops_and_keeps_the_good_checkpoint(tmp_path, target):
     ckpts = sorted(os.listdir(tmp_path / "out"))
     assert ckpts == ["checkpoint-2"]
     from safetensors.torch import load_file
-    assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "out" / "checkpoint-2" / "model.safetensors")).values())
+    kept = load_file(str(tmp_path / "out" / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in kept.values())
 
 
 def test_schedule_warmup_then_linear_to_min_ratio(tmp_path, target):
