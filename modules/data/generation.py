@@ -423,13 +423,15 @@ def add_generation_args(parser, defaults: dict):
     a("--outdir", default=defaults["OUTDIR"], help="output folder")
     a("--max-length", type=int, default=defaults["MAX_LENGTH"], help="truncate conversations to this many tokens")
     a("--dtype", default=defaults["DTYPE"], help="dtype the target runs in: auto, bf16, fp16, fp32")
-    a("--store-dtype", default=defaults["STORE_DTYPE"], choices=["bf16", "fp16", "fp32"], help="dtype of stored features")
+    a("--store-dtype", default=defaults["STORE_DTYPE"], choices=["bf16", "fp16", "fp32"],
+      help="dtype of stored features")
     a("--device", default=defaults["DEVICE"], help="auto (this process's GPU if any, cuda:LOCAL_RANK under torchrun), "
       "cpu, cuda, cuda:1, ... (modules/placement.py)")
     a("--spread-target", action=argparse.BooleanOptionalAction, default=defaults["SPREAD_TARGET"],
       help="spread the target over every visible GPU (device_map=auto; for targets too large for one GPU)")
     a("--threads", type=int, default=None, help="CPU threads for torch (allocation.py splits the cores)")
-    a("--batch-tokens", type=int, default=defaults["BATCH_TOKENS"], help="padded tokens per forward (0: auto, 16384 on GPU, one conversation per forward on CPU)")
+    a("--batch-tokens", type=int, default=defaults["BATCH_TOKENS"],
+      help="padded tokens per forward (0: auto, 16384 on GPU, one conversation per forward on CPU)")
     a("--rows-per-shard", type=int, default=0, help="rows per shard file (0: auto, shards <= --shard-bytes)")
     a("--shard-bytes", type=int, default=defaults["SHARD_BYTES"],
       help="auto rows per shard keeps a shard of max-length rows within this many bytes")
@@ -476,7 +478,8 @@ def run_from_args(args, aux_layers_fn=None, rows_fn=None, extra_manifest: dict |
     out_dir = Path(args.outdir) / f"part-{args.index:04d}" if args.index is not None else Path(args.outdir)
     rows = load_rows(args.dataset, args.start, args.end, args.split)
     if not rows:
-        raise GenerationError(f"no rows in range start={args.start} end={args.end} of {dataset_display_name(args.dataset)}")
+        raise GenerationError(f"no rows in range start={args.start} end={args.end} "
+                              f"of {dataset_display_name(args.dataset)}")
     end = rows[-1][0] + 1 if args.end is None else min(args.end, rows[-1][0] + 1)
     tokenizer = load_tokenizer(args.model, args.chat_template)  # cheap checks before the model loads
     if not getattr(tokenizer, "chat_template", None):
@@ -537,7 +540,8 @@ def run_with_clear_errors(fn) -> int:
 
 def print_summary(out_dir, m: dict, seconds: float) -> None:
     tokens = max(m["tokens"], 1)
-    feature_bytes = m["hidden_size"] * torch.finfo(getattr(torch, m["dtype"])).bits // 8 * (1 + len(m["aux_layers"] or []))
+    bytes_per_value = torch.finfo(getattr(torch, m["dtype"])).bits // 8
+    feature_bytes = m["hidden_size"] * bytes_per_value * (1 + len(m["aux_layers"] or []))
     print(f"{out_dir}: rows {m['start_row']}-{m['end_row']} written {m['rows_written']} "
           f"(truncated {m['truncated']}), skipped {sum(m['skipped'].values())} {m['skipped']}")
     print(f"  tokens {m['tokens']:,} trained {m['trained_tokens']:,}  shards {m['shards']}  "
