@@ -18,17 +18,11 @@ tau, trains faster (small draft-vocabulary head) and drafts ~5x cheaper (benchma
 Rerunning skips the stages that finished with the same settings; after Ctrl-C (or a crash) each
 stage resumes: data by shards, training from its last checkpoint, the benchmark from scratch.
 """
-import json
-import os
-import shlex
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from modules.paths import REPO_ROOT
+from modules.stages import run_stage
 from modules.training.settings import parse_settings, setting
 
 
@@ -83,32 +77,6 @@ def stage_commands(args) -> dict[str, list[str]]:
                       "--draft-vocab-data", str(out / "data"),
                       "--out", str(out / "benchmark" / "results.json")],
     }
-
-
-def run_stage(name: str, cmd: list[str], done_dir: Path) -> float:
-    """Run one stage unless it already finished with the same command; returns its seconds."""
-    marker = done_dir / f"{name}.json"
-    if marker.is_file():
-        done = json.loads(marker.read_text())
-        if done.get("cmd") == cmd:
-            print(f"== {name}: done earlier in {done['seconds']:.0f} s (delete {marker} to redo)")
-            return done["seconds"]
-    print(f"\n== {name}: {shlex.join(cmd)}", flush=True)
-    start = time.time()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env)
-    seconds = time.time() - start
-    if proc.returncode != 0:
-        if proc.returncode in (-signal.SIGINT, 130):
-            raise KeyboardInterrupt
-        sys.exit(f"error: stage '{name}' failed with exit code {proc.returncode} after {seconds:.0f} s; "
-                 f"fix the cause and rerun the demo: finished stages are skipped and this one resumes")
-    done_dir.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"cmd": cmd, "seconds": seconds}))
-    os.replace(tmp, marker)
-    print(f"== {name}: {seconds:.0f} s", flush=True)
-    return seconds
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,7 @@
     training/          stage 2: the Trainer subclasses and their config dataclasses
     decode/            stage 3: lossless tree speculative decoding
     export/            stage 4: engine conventions and exports for SGLang / vLLM / official EAGLE
+    stages.py          run a pipeline stage (a script) once, skipped on rerun: demo.py, learning curve
     demo_report.py     the `make demo` report
 
 Why subpackages rather than one flat folder: a newcomer adding a dataset format, a draft kind or an

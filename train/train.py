@@ -53,7 +53,7 @@ def load_data(args):
     display = model_display_name(args.model)
     cfg = target_config(args.model)
     check_data_fits_target(ds, cfg, display, args.allow_other_model)
-    train_ds, eval_ds = split(ds, args.eval_fraction, args.seed)
+    train_ds, eval_ds = split(ds, args.eval_fraction, args.seed, args.train_conversations)
     return ds, train_ds, eval_ds, cfg, display
 
 

@@ -105,14 +105,16 @@ def online_data(args):
     return ListDataset(examples), target
 
 
-def draft_vocab_ids(args, ds, vocab_size):
-    """Target ids of the draft vocabulary, counted over the training conversations' trained tokens."""
-    from modules.draft.vocab import count_tokens, select_draft_vocab, shard_token_pairs
+def draft_vocab_ids(args, train_ds, vocab_size):
+    """Target ids of the draft vocabulary, counted over the training conversations' trained tokens
+    (the held-out ones are not counted)."""
+    from modules.draft.vocab import count_tokens, select_draft_vocab
 
+    ds, rows = train_ds.dataset, train_ds.indices
     if args.online:
-        pairs = ((it["input_ids"], it["loss_mask"]) for it in ds.items)
+        pairs = ((ds.items[i]["input_ids"], ds.items[i]["loss_mask"]) for i in rows)
     else:
-        pairs = shard_token_pairs(ds.folders)
+        pairs = ds.token_pairs(rows)
     try:
         counts = count_tokens(pairs, vocab_size)
         ids, covered = select_draft_vocab(counts, size=args.draft_vocab_size, coverage=args.draft_vocab_coverage)
@@ -147,9 +149,9 @@ def build_trainer(args, kind, cfg, display, ds, aux_layers, target):
     from modules.target_weights import load_embed_and_head
     from modules.training.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
 
-    train_ds, eval_ds = split(ds, args.eval_fraction, args.seed)
+    train_ds, eval_ds = split(ds, args.eval_fraction, args.seed, args.train_conversations)
     embed, head = load_embed_and_head(args.model)
-    ids, covered = draft_vocab_ids(args, ds, cfg.vocab_size) if kind.own_vocab else (None, 1.0)
+    ids, covered = draft_vocab_ids(args, train_ds, cfg.vocab_size) if kind.own_vocab else (None, 1.0)
     draft = kind.build(cfg, weights=(embed, head), draft_ids=ids, aux_layers=aux_layers, bias=args.bias)
     draft.config.target_model = display
     draft.config._attn_implementation = pick_attention(args.attn)

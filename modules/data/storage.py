@@ -301,6 +301,14 @@ class EagleDataset(torch.utils.data.Dataset):
         """Token count of every conversation (for length-grouped batching)."""
         return self._end - self._start
 
+    def token_pairs(self, indices=None):
+        """(input_ids, loss_mask) of the given conversations (default all), reading only those two
+        tensors (the hidden states, 99% of the bytes, are never touched)."""
+        for i in range(len(self)) if indices is None else indices:
+            k, a, b = int(self._shard[i]), int(self._start[i]), int(self._end[i])
+            f = self._open(k)
+            yield f.get_slice("input_ids")[a:b], f.get_slice("loss_mask")[a:b]
+
     def _open(self, k: int):
         """The open handle of shard k: at most max_open_shards memory maps per process, least
         recently read closed first. A forked DataLoader worker drops the maps it inherited and

@@ -135,6 +135,8 @@ class TrainingSettings:
     grad_accum: int = setting(4, "micro-batches per optimizer step", hf="gradient_accumulation_steps")
     max_length: int = setting(2048, "tokens per conversation (longer ones are cut)")
     eval_fraction: float = setting(0.02, "conversations held out for eval (top-k accuracy, simulated tau)")
+    train_conversations: int = setting(0, "train on only the first N conversations of the seeded split (the eval "
+                                          "ones stay the same; benchmark/bench_learning_curve.py); 0 = all")
     sim_steps: int = setting(5, "chain length of the simulated acceptance length", hf="sim_steps")
     w_reg: float | None = setting(None, "SmoothL1 feature loss weight; None = the draft kind's (EAGLE-1/2: 1.0, "
                                         "EAGLE-3: 0)", hf="w_reg")

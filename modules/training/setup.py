@@ -27,14 +27,22 @@ def check_data_fits_target(ds, target_cfg, model_display, allow_other_model):
                          f"'{model_display}' (pass --allow-other-model if they are the same weights)")
 
 
-def split(ds, eval_fraction, seed):
-    """Random conversation-level split (the same on every rank: seeded)."""
+def split(ds, eval_fraction, seed, train_conversations=0):
+    """Random conversation-level split (the same on every rank: seeded). train_conversations > 0 keeps
+    only the first N training conversations: smaller runs train on nested subsets, evaluated on the
+    same held-out conversations."""
     import torch
 
     idx = list(range(len(ds)))
     random.Random(seed).shuffle(idx)
     n_eval = 0 if eval_fraction <= 0 or len(idx) < 2 else max(1, round(eval_fraction * len(idx)))
-    return torch.utils.data.Subset(ds, idx[n_eval:]), (torch.utils.data.Subset(ds, idx[:n_eval]) if n_eval else None)
+    train_idx = idx[n_eval:]
+    if train_conversations > 0:
+        if train_conversations > len(train_idx):
+            raise UsageError(f"--train-conversations {train_conversations}: the data has only {len(train_idx)} "
+                             f"training conversations ({len(ds)} in all, {n_eval} held out for eval)")
+        train_idx = train_idx[:train_conversations]
+    return torch.utils.data.Subset(ds, train_idx), (torch.utils.data.Subset(ds, idx[:n_eval]) if n_eval else None)
 
 
 def training_arguments(settings, has_eval, cls=None):

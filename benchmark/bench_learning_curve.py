@@ -1,0 +1,288 @@
+"""Learning curve: MT-bench acceptance length (tau) against training tokens, for drafts trained on nested
+subsets of generated data.
+
+    # the data, once: fused features serve both drafts (EAGLE-2 training reads only the last layer)
+    python allocation.py --outdir /tmp/lc_data --end 1200 --script generate_data_fused_features.py -- --max-length 640
+    python benchmark/bench_learning_curve.py --data sharegpt=/tmp/lc_data
+    # another kind of data beside it, e.g. the target's own greedy replies to the same user turns
+    python generate_data_fused_features.py --replies greedy --end 160 --max-length 640 --outdir /tmp/lc_greedy
+    python benchmark/bench_learning_curve.py --data sharegpt=/tmp/lc_data greedy=/tmp/lc_greedy --conversations 100
+
+Each cell (data kind x draft x conversations) is a real training run (train/train_eagle_ttt.py for EAGLE-3,
+train/train.py for EAGLE-2, with --train-conversations N) of EPOCHS passes over its N conversations, evaluated on
+the same held-out conversations (simulated tau). Then one process loads the target once, decodes MT-bench with
+plain greedy decoding and with every cell's draft (our EAGLE tree decoder, lossless: each output is compared
+with plain greedy's) and records tau. A cell with more conversations than the data holds is skipped and named.
+Finished trainings and measurements are kept under OUT: a rerun (or a bigger grid) only does what is missing.
+Writes RESULT (.json + .png).
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from modules.data.storage import atomic_write_text
+from modules.paths import DEFAULT_DATA_DIR, REPO_ROOT
+
+# ----------------------------------------------------------------------------- SETTINGS
+DATA = [f"sharegpt={DEFAULT_DATA_DIR}"]  # NAME=FOLDER of generated data (fused features for EAGLE-3 cells)
+ARCHS = ["eagle3", "eagle2"]
+CONVERSATIONS = [125, 250, 500, 1000]    # training conversations per cell (nested subsets of one split)
+EPOCHS = 2                     # passes over each cell's conversations: training tokens grow with the data
+EVAL_CONVERSATIONS = 20        # held out, the same for every cell of a data kind
+MAX_LENGTH = 640
+LR = 3e-4
+GRAD_ACCUM = 4
+TTT_STEPS = 4                  # EAGLE-3 unrolled steps (the demo's; official 7)
+QUESTIONS = 6                  # MT-bench questions, both turns
+MAX_NEW_TOKENS = 96
+TREE = (8, 4, 2)               # total tokens, depth, top-k (the demo's tree)
+SEED = 0
+OUT = str(REPO_ROOT / "outputs" / "learning_curve")
+RESULT = "benchmark/results/learning_curve.json"
+TRAINERS = {"eagle3": ["train/train_eagle_ttt.py", "--ttt-steps", str(TTT_STEPS)], "eagle2": ["train/train.py"]}
+# ----------------------------------------------------------------------------- end of SETTINGS
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", nargs="+", default=DATA, help="NAME=FOLDER of generated data, one or more")
+    p.add_argument("--archs", nargs="+", choices=list(TRAINERS), default=ARCHS)
+    p.add_argument("--conversations", nargs="+", type=int, default=CONVERSATIONS)
+    p.add_argument("--epochs", type=float, default=EPOCHS)
+    p.add_argument("--eval-conversations", type=int, default=EVAL_CONVERSATIONS)
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH)
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--grad-accum", type=int, default=GRAD_ACCUM)
+    p.add_argument("--questions", type=int, default=QUESTIONS)
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    p.add_argument("--tree", nargs=3, type=int, default=list(TREE), metavar=("TOTAL", "DEPTH", "TOP_K"))
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--out", default=OUT, help="cells' training runs and measurements")
+    p.add_argument("--result", default=RESULT)
+    p.add_argument("--model", default=None, help="target (default: embedded SmolLM2-135M-Instruct)")
+    args = p.parse_args(argv)
+    kinds = {}
+    for spec in args.data:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            p.error(f"--data {spec!r}: expected NAME=FOLDER, e.g. sharegpt=/tmp/lc_data")
+        kinds[name] = folder
+    args.data = kinds
+    return args
+
+
+# ---- the grid ---------------------------------------------------------------------------------
+
+def plan_cells(args):
+    """Every cell with what it trains on: its folder, eval fraction, trained tokens per epoch; and the
+    cells skipped (more conversations than the data holds)."""
+    from modules.data.storage import DataFormatError, EagleDataset
+    from modules.training.setup import split
+
+    cells, skipped = [], []
+    for kind, folder in args.data.items():
+        try:
+            ds = EagleDataset(folder, read_aux=False)
+        except (DataFormatError, FileNotFoundError) as e:
+            sys.exit(f"error: --data {kind}={folder}: {e}")
+        if len(ds) <= args.eval_conversations:
+            sys.exit(f"error: --data {kind}={folder}: {len(ds)} conversations, not more than "
+                     f"--eval-conversations {args.eval_conversations}")
+        eval_fraction = args.eval_conversations / len(ds)
+        available = len(ds) - args.eval_conversations
+        for arch in args.archs:
+            if arch == "eagle3" and not ds.has_aux:
+                skipped.append(f"{kind} {arch}: {folder} has no fused features (generate_data_fused_features.py)")
+                continue
+            for n in args.conversations:
+                if n > available:
+                    skipped.append(f"{kind} {arch} {n}: the data holds {available} training conversations")
+                    continue
+                train_ds, _ = split(ds, eval_fraction, args.seed, n)
+                tokens = trained = 0
+                for ids, mask in ds.token_pairs(train_ds.indices):
+                    tokens += min(len(ids), args.max_length)
+                    trained += int(mask[:args.max_length].sum())
+                cells.append({"name": f"{kind}-{arch}-{n}", "data": kind, "arch": arch, "conversations": n,
+                              "folder": folder, "eval_fraction": eval_fraction, "tokens_per_epoch": tokens,
+                              "trained_tokens_per_epoch": trained,
+                              "training_tokens": round(trained * args.epochs)})
+    return cells, skipped
+
+
+def train_command(args, cell):
+    steps_per_epoch = -(-cell["conversations"] // args.grad_accum)
+    return [sys.executable, *TRAINERS[cell["arch"]], "--data", cell["folder"],
+            "--output-dir", str(Path(args.out) / cell["name"]), "--train-conversations", str(cell["conversations"]),
+            "--eval-fraction", f"{cell['eval_fraction']:.8f}", "--epochs", str(args.epochs),
+            "--max-length", str(args.max_length), "--lr", str(args.lr), "--batch-size", "1",
+            "--grad-accum", str(args.grad_accum), "--seed", str(args.seed),
+            "--save-steps", str(max(20, steps_per_epoch // 2)), "--logging-steps", str(max(1, steps_per_epoch // 10)),
+            "--resume", "auto", *(["--model", args.model] if args.model else [])]
+
+
+# ---- MT-bench tau of every trained cell, one target load ----------------------------------------
+
+def mt_bench_turns(target, tokenizer, args):
+    """[(question id, turn, prompt ids, plain greedy tokens, seconds)] of MT-bench, each turn following
+    plain greedy decoding's answer."""
+    from tqdm import tqdm
+
+    from benchmark.methods import run_plain
+    from benchmark.mt_bench import conversation, prompt_ids
+    from benchmark.prompt_sets import load_prompt_set
+
+    questions, _ = load_prompt_set("mt-bench", args.questions)
+    eos = tokenizer.eos_token_id
+    run_plain(target, prompt_ids(tokenizer, conversation(["Say hello."], [])), 8, eos)  # warm-up
+    turns = []
+    for q in tqdm(questions, desc="plain greedy"):
+        answers = []
+        for t in range(len(q["turns"])):
+            ids = prompt_ids(tokenizer, conversation(q["turns"][:t + 1], answers))
+            tokens, sec, _ = run_plain(target, ids, args.max_new_tokens, eos)
+            turns.append((q["question_id"], t + 1, ids, tokens, sec))
+            answers.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    return turns
+
+
+def measure_cell(args, cell, target, turns, eos):
+    """The cell's draft decoding every turn: tau, speed against plain, outputs equal to plain greedy."""
+    from benchmark.bench_eagle import draft_vocab_ids, resolve_draft_dir
+    from benchmark.methods import run_eagle, summarize
+    from modules.decode.tree_decoding import EagleDecoder
+    from modules.draft.kinds import kind_of
+    from modules.draft.loading import load_draft
+    from modules.placement import output_device
+    from modules.target import pick_dtype
+
+    draft_dir = resolve_draft_dir(Path(args.out) / cell["name"])
+    device = output_device(target)
+    draft = load_draft(draft_dir, target_model=target, dtype=pick_dtype("auto", device)).to(device).eval()
+    kind = kind_of(draft)
+    vocab_ids = None if kind.own_vocab else draft_vocab_ids(16384, cell["folder"], draft.lm_head.weight.shape[0],
+                                                            eos)[0]  # bench_eagle.py's default for EAGLE-1/2
+    total, depth, top_k = args.tree
+    decoder = EagleDecoder(target, kind.tree_adapter(draft, vocab_ids), total_tokens=total, depth=depth, top_k=top_k,
+                           timing=True)
+    run_eagle(target, turns[0][2][:16], 8, eos, decoder=decoder)  # warm-up
+    records = []
+    for qid, turn, ids, plain_tokens, plain_s in turns:
+        tokens, sec, extra = run_eagle(target, ids, args.max_new_tokens, eos, decoder=decoder)
+        records.append({"method": "plain", "question_id": qid, "turn": turn, "new_tokens": len(plain_tokens),
+                        "seconds": plain_s, "matches_plain": True})
+        records.append({"method": "eagle", "question_id": qid, "turn": turn, "new_tokens": len(tokens),
+                        "seconds": sec, "matches_plain": tokens == plain_tokens, **extra})
+    s = summarize(records, depth)["eagle"]
+    return {"mt_bench_tau": s["tau"], "speedup": s["speedup"], "matched_plain": s["matched_plain"],
+            "turns": len(turns)}
+
+
+def measure(args, cells):
+    """MT-bench tau of every trained cell not measured yet (kept as OUT/<cell>/mt_bench.json)."""
+    todo = [c for c in cells if not (Path(args.out) / c["name"] / "mt_bench.json").is_file()]
+    if not todo:
+        return
+    from modules.target import load_target
+
+    target, tokenizer = load_target(args.model, dtype="fp32")
+    eos = tokenizer.eos_token_id
+    print(f"MT-bench: {args.questions} questions x 2 turns, {args.max_new_tokens} new tokens, plain greedy first")
+    turns = mt_bench_turns(target, tokenizer, args)
+    for cell in todo:
+        t = time.time()
+        m = measure_cell(args, cell, target, turns, eos)
+        print(f"{cell['name']}: MT-bench tau {m['mt_bench_tau']:.3f}, {m['speedup']:.2f}x plain, "
+              f"{m['matched_plain']}/{m['turns']} outputs = plain greedy ({time.time() - t:.0f} s)", flush=True)
+        atomic_write_text(Path(args.out) / cell["name"] / "mt_bench.json", json.dumps(m, indent=2))
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+def collect(args, cells):
+    rows = []
+    for cell in cells:
+        run = Path(args.out) / cell["name"]
+        summary = json.loads((run / "summary.json").read_text())
+        mt = json.loads((run / "mt_bench.json").read_text())
+        rows.append({k: v for k, v in cell.items() if k != "folder"} | {
+            "steps": summary.get("steps"), "train_runtime_s": summary.get("train_runtime_s"),
+            "eval_top1_acc": summary.get("eval_top1_acc"), "eval_tau_sim": summary.get("eval_tau_sim"), **mt})
+    return rows
+
+
+def print_table(rows):
+    print(f"\n{'data':<10} {'draft':<7} {'convs':>6} {'train tokens':>13} {'steps':>6} {'train s':>8} "
+          f"{'eval top1':>9} {'sim tau':>8} {'MT tau':>7} {'speed':>6} {'= plain':>8}")
+    for r in rows:
+        print(f"{r['data']:<10} {r['arch']:<7} {r['conversations']:>6} {r['training_tokens']:>13,} {r['steps']:>6} "
+              f"{r['train_runtime_s'] or 0:>8.0f} {r['eval_top1_acc']:>9.3f} {r['eval_tau_sim']:>8.3f} "
+              f"{r['mt_bench_tau']:>7.3f} {r['speedup']:>5.2f}x {r['matched_plain']:>4}/{r['turns']}")
+
+
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    lines = sorted({(r["data"], r["arch"]) for r in rows})
+    for i, (kind, arch) in enumerate(lines):
+        rs = sorted((r for r in rows if (r["data"], r["arch"]) == (kind, arch)), key=lambda r: r["training_tokens"])
+        x = [r["training_tokens"] for r in rs]
+        color = f"C{i}"
+        ax.plot(x, [r["mt_bench_tau"] for r in rs], "o-", color=color, label=f"{arch}, {kind} replies: MT-bench")
+        ax.plot(x, [r["eval_tau_sim"] for r in rs], "s--", color=color, alpha=0.6, label=f"{arch}, {kind}: simulated")
+        for r in rs:
+            ax.annotate(f"{r['conversations']}", (r["training_tokens"], r["mt_bench_tau"]), fontsize=8,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens (loss-masked tokens x epochs; labels: conversations)")
+    ax.set_ylabel("acceptance length tau (tokens per target forward)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    from modules.stages import run_stage
+    from modules.target import model_display_name
+
+    args = parse_args(argv)
+    cells, skipped = plan_cells(args)
+    for s in skipped:
+        print(f"skipped: {s}")
+    if not cells:
+        sys.exit("error: no cell to run (see 'skipped' above)")
+    print(f"{len(cells)} cells: " + ", ".join(c["name"] for c in cells))
+    try:
+        for cell in cells:
+            run_stage(cell["name"], train_command(args, cell), Path(args.out) / ".done")
+        measure(args, cells)
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    rows = collect(args, cells)
+    print_table(rows)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "result", "data", "model")}
+    # names, not machine paths
+    settings["data"] = sorted(args.data)
+    settings["model"] = Path(model_display_name(args.model)).name
+    result = {"settings": settings, "skipped": skipped, "cells": rows}
+    out = Path(args.result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=2))
+    total, depth, top_k = args.tree
+    plot(rows, out.with_suffix(".png"), f"Learning curve: SmolLM2-135M target, {args.epochs:g} epochs per cell, "
+                                        f"tree {total}/{depth}/{top_k}, {args.questions} MT-bench questions x 2 turns")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

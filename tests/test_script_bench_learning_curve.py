@@ -1,0 +1,89 @@
+"""benchmark/bench_learning_curve.py end to end on a tiny target (real training subprocesses, real decoding),
+and --train-conversations, the training setting it is built on."""
+import json
+
+import pytest
+import torch
+
+from tests._helpers_decode import one_thread  # noqa: F401 (autouse: restores torch threads)
+from tests._helpers_eagle import write_fake_data
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, smollm2):
+    """A tiny random Llama with SmolLM2's tokenizer (MT-bench prompts need its chat template) and 14
+    conversations of its features."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    _, tokenizer = smollm2
+    root = tmp_path_factory.mktemp("curve")
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(root / "target")
+    tokenizer.save_pretrained(root / "target")
+    write_fake_data(root / "data", model, model_name=str(root / "target"), n=14)
+    return root
+
+
+def test_split_keeps_eval_and_nests_training_subsets(tiny_run):
+    from modules.data.storage import EagleDataset
+    from modules.training.setup import UsageError, split
+
+    ds = EagleDataset(tiny_run / "data", read_aux=False)
+    full_train, full_eval = split(ds, 4 / 14, seed=0)
+    small_train, small_eval = split(ds, 4 / 14, seed=0, train_conversations=3)
+    assert small_eval.indices == full_eval.indices and len(full_eval.indices) == 4
+    assert small_train.indices == full_train.indices[:3]
+    assert not set(small_train.indices) & set(small_eval.indices)
+    with pytest.raises(UsageError, match="only 10 training conversations"):
+        split(ds, 4 / 14, seed=0, train_conversations=11)
+
+
+def test_token_pairs_reads_the_asked_conversations(tiny_run):
+    from modules.data.storage import EagleDataset
+
+    ds = EagleDataset(tiny_run / "data", read_aux=False)
+    pairs = list(ds.token_pairs([5, 2]))
+    assert torch.equal(pairs[0][0], ds[5]["input_ids"]) and torch.equal(pairs[1][1], ds[2]["loss_mask"])
+    assert len(list(ds.token_pairs())) == len(ds)
+
+
+def test_learning_curve_end_to_end(tiny_run, tmp_path, capsys):
+    from benchmark import bench_learning_curve
+
+    result = tmp_path / "curve.json"
+    argv = ["--model", str(tiny_run / "target"), "--data", f"fake={tiny_run / 'data'}", "--archs", "eagle2",
+            "--conversations", "4", "8", "40", "--epochs", "1", "--eval-conversations", "4", "--questions", "1",
+            "--max-new-tokens", "8", "--tree", "4", "2", "2", "--max-length", "64",
+            "--out", str(tmp_path / "runs"), "--result", str(result)]
+    assert bench_learning_curve.main(argv) == 0
+    saved = json.loads(result.read_text())
+    assert result.with_suffix(".png").stat().st_size > 1000
+    assert saved["skipped"] == ["fake eagle2 40: the data holds 10 training conversations"]
+    cells = {c["conversations"]: c for c in saved["cells"]}
+    assert set(cells) == {4, 8}
+    for n, c in cells.items():
+        assert c["steps"] == n // 4  # one epoch, 4 conversations per optimizer step
+        assert c["matched_plain"] == c["turns"] == 2  # lossless on both MT-bench turns
+        assert c["mt_bench_tau"] >= 1.0 and c["eval_tau_sim"] >= 1.0
+        run_config = json.loads((tmp_path / "runs" / f"fake-eagle2-{n}" / "run_config.json").read_text())
+        assert run_config["train_conversations"] == n
+    assert 0 < cells[4]["training_tokens"] < cells[8]["training_tokens"]
+    assert str(tiny_run) not in result.read_text()  # no machine paths in the result
+    assert "MT tau" in capsys.readouterr().out
+
+    # A rerun does nothing again: trainings and measurements are kept.
+    assert bench_learning_curve.main(argv) == 0
+    again = capsys.readouterr().out
+    assert again.count("done earlier") == 2 and "plain greedy first" not in again
+
+
+def test_bad_data_spec_is_a_clear_error(capsys):
+    from benchmark import bench_learning_curve
+
+    with pytest.raises(SystemExit):
+        bench_learning_curve.parse_args(["--data", "/no/name/given"])
+    assert "expected NAME=FOLDER" in capsys.readouterr().err
