@@ -9,7 +9,8 @@ Stages, each a plain script a user can run by hand (the demo prints every comman
                 or generate_data.py (--arch eagle2): ShareGPT rows -> SmolLM2 features
   2. train      train/train_eagle_ttt.py (EAGLE-3: fused features, training-time test, draft vocab)
                 or train/train.py (EAGLE-2); evaluated with top-1 accuracy and simulated tau
-  3. benchmark  benchmark/bench_eagle.py: plain greedy vs prompt lookup vs EAGLE on MT-bench
+  3. benchmark  benchmark/bench_eagle.py: plain greedy vs prompt lookup vs EAGLE vs EAGLE + a prompt-lookup
+                branch (hybrid tree) on MT-bench
   4. report     OUT/report.md + PNG plots, also printed
 
 EAGLE-3 is the default because it is the best draft type here: on the same data it reached a higher
@@ -36,7 +37,7 @@ class Settings:
     ttt_steps: int = setting(4, "EAGLE-3 unrolled steps (official 7; each one costs a draft forward)")
     rows: int = setting(600, "ShareGPT rows turned into training data")
     workers: int = setting(2, "CPU processes for data generation (threads are split between them)")
-    max_length: int = setting(1024, "tokens per conversation (shorter than the 2048 default: CPU time)")
+    max_length: int = setting(640, "tokens per conversation (shorter than the 2048 default: CPU time)")
     steps: int = setting(360, "optimizer steps of draft training (x --grad-accum conversations each)")
     batch_size: int = setting(1, "conversations per micro-batch")
     grad_accum: int = setting(4, "micro-batches per optimizer step")
@@ -45,6 +46,8 @@ class Settings:
     max_new_tokens: int = setting(96, "tokens generated per turn")
     tree: list[int] = setting([8, 4, 2], "total tokens, depth, top-k: small trees suit a 2-core CPU "
                                          "(bench_eagle.py --sweep)", nargs=3, metavar=("TOTAL", "DEPTH", "TOP_K"))
+    hybrid_lookup: int = setting(8, "also benchmark EAGLE trees with a prompt-lookup branch of this many tokens "
+                                    "(verified in the same forward; 0 = off)")
     eval_fraction: float | None = setting(None, "held-out share of conversations (default: enough for ~10 of them)")
 # ----------------------------------------------------------------------------- end of SETTINGS
 
@@ -74,7 +77,7 @@ def stage_commands(args) -> dict[str, list[str]]:
         "benchmark": [py, "benchmark/bench_eagle.py", "--draft", str(out / "train" / "draft"),
                       "--num-questions", str(args.questions), "--max-new-tokens", str(args.max_new_tokens),
                       "--total-tokens", str(args.tree[0]), "--depth", str(args.tree[1]), "--top-k", str(args.tree[2]),
-                      "--draft-vocab-data", str(out / "data"),
+                      "--hybrid-lookup", str(args.hybrid_lookup), "--draft-vocab-data", str(out / "data"),
                       "--out", str(out / "benchmark" / "results.json")],
     }
 

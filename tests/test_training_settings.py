@@ -32,7 +32,7 @@ FLAGS_BEFORE = {
             "--max-new-tokens --tree --eval-fraction",
 }
 # Flags added since (a new setting is one field: it must show up here and nowhere else).
-FLAGS_ADDED = {"train": "--train-conversations", "ttt": "--train-conversations", "demo": ""}
+FLAGS_ADDED = {"train": "--train-conversations", "ttt": "--train-conversations", "demo": "--hybrid-lookup"}
 # The values the scripts' SETTINGS blocks held before (folders aside), after the draft kind's loss weights.
 DEFAULTS_BEFORE = dict(model=None, epochs=4, max_steps=-1, lr=3e-4, min_lr_ratio=0.1, warmup=0.05, batch_size=1,
                        grad_accum=4, max_length=2048, eval_fraction=0.02, sim_steps=5, bias=False, grad_clip=0.5,
@@ -45,9 +45,10 @@ TTT_DEFAULTS_BEFORE = dict(DEFAULTS_BEFORE, arch="eagle3", ttt_steps=7, ttt_deca
                            dataset="sharegpt", start=0, end=2000, aux_layers=None, target_dtype="auto",
                            system_prompt=None, regenerate=False, temperature=0.8, max_new_tokens=512)
 
-DEMO_DEFAULTS_BEFORE = dict(out="demo_out", arch="eagle3", ttt_steps=4, rows=600, workers=2, max_length=1024, steps=360,
+# Changed since, on purpose (issue #13): max_length 1024 -> 640 (a demo under 30 minutes), hybrid_lookup added.
+DEMO_DEFAULTS_BEFORE = dict(out="demo_out", arch="eagle3", ttt_steps=4, rows=600, workers=2, max_length=640, steps=360,
                             batch_size=1, grad_accum=4, lr=3e-4, questions=6, max_new_tokens=96, tree=[8, 4, 2],
-                            eval_fraction=None)
+                            hybrid_lookup=8, eval_fraction=None)
 
 
 def _load(name):
