@@ -7,6 +7,9 @@ subsets of generated data.
     # another kind of data beside it, e.g. the target's own greedy replies to the same user turns
     python generate_data_fused_features.py --replies greedy --end 160 --max-length 640 --outdir /tmp/lc_greedy
     python benchmark/bench_learning_curve.py --data sharegpt=/tmp/lc_data greedy=/tmp/lc_greedy --conversations 100
+    # a recipe variant: arguments after -- go to every training command; --tag names its cells
+    python benchmark/bench_learning_curve.py --data sharegpt=/tmp/lc_data --archs eagle3 --conversations 500 \
+        --tag vocab32k --result benchmark/results/recipe_vocab32k.json -- --draft-vocab-size 32000
 
 Each cell (data kind x draft x conversations) is a real training run (train/train_eagle_ttt.py for EAGLE-3,
 train/train.py for EAGLE-2, with --train-conversations N) of EPOCHS passes over its N conversations, evaluated on
@@ -62,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=OUT, help="cells' training runs and measurements")
     p.add_argument("--result", default=RESULT)
     p.add_argument("--model", default=None, help="target (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--tag", default="", help="suffix of the cells' names (a recipe variant beside the default one)")
+    p.add_argument("train_args", nargs="*", help="after --: extra flags for every training command")
     args = p.parse_args(argv)
     kinds = {}
     for spec in args.data:
@@ -105,7 +110,8 @@ def plan_cells(args):
                 for ids, mask in ds.token_pairs(train_ds.indices):
                     tokens += min(len(ids), args.max_length)
                     trained += int(mask[:args.max_length].sum())
-                cells.append({"name": f"{kind}-{arch}-{n}", "data": kind, "arch": arch, "conversations": n,
+                name = f"{kind}-{arch}-{n}" + (f"-{args.tag}" if args.tag else "")
+                cells.append({"name": name, "data": kind, "arch": arch, "conversations": n,
                               "folder": folder, "eval_fraction": eval_fraction, "tokens_per_epoch": tokens,
                               "trained_tokens_per_epoch": trained,
                               "training_tokens": round(trained * args.epochs)})
@@ -120,7 +126,7 @@ def train_command(args, cell):
             "--max-length", str(args.max_length), "--lr", str(args.lr), "--batch-size", "1",
             "--grad-accum", str(args.grad_accum), "--seed", str(args.seed),
             "--save-steps", str(max(20, steps_per_epoch // 2)), "--logging-steps", str(max(1, steps_per_epoch // 10)),
-            "--resume", "auto", *(["--model", args.model] if args.model else [])]
+            "--resume", "auto", *(["--model", args.model] if args.model else []), *args.train_args]
 
 
 # ---- MT-bench tau of every trained cell, one target load ----------------------------------------

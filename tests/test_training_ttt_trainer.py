@@ -124,3 +124,32 @@ def test_simulated_tau_equals_sequential_decoding(tmp_path):
     assert sums["sim_count"] == sum(c for _, c in expected)
     assert sums["sim_accepted"] == sum(a for a, _ in expected)
     assert sums["sim_accepted"] > 0  # the check is not vacuous
+
+
+def test_topk_distillation_term(tmp_path):
+    from modules.training.ttt_trainer import topk_distillation
+
+    # by hand: target p = (0.5, 0.3, 0.2) over 3 tokens, K = 2 keeps tokens 0 and 1
+    target_logp = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    pred = torch.tensor([[1.0, 2.0, 3.0]])
+    logq = torch.log_softmax(pred, -1)[0]
+    expected = -(0.5 * logq[0] + 0.3 * logq[1])
+    torch.testing.assert_close(topk_distillation(pred, target_logp, 2)[0], expected)
+    # K >= vocabulary: the full soft cross-entropy
+    full = -(target_logp.exp() * torch.log_softmax(pred, -1)).sum()
+    torch.testing.assert_close(topk_distillation(pred, target_logp, 10)[0], full)
+
+    # In the trainer: with K = the draft vocabulary and weight w, the loss is (1 + w) x the plain one.
+    target = tiny_target()
+    items = make_items(target, n=3)
+    draft = Eagle3Draft.from_target(target, draft_ids=torch.arange(0, 60), aux_layers=AUX).eval()
+    plain = make_trainer(tmp_path / "a", draft, target, items)
+    hass = make_trainer(tmp_path / "b", draft, target, items)
+    hass.args.topk_distill, hass.args.topk_distill_weight = 60, 0.5
+    batch = TTTCollator(64)(items)
+    loss_plain, _ = plain.eagle_loss(draft, batch)
+    loss_hass, _ = hass.eagle_loss(draft, batch)
+    torch.testing.assert_close(loss_hass, 1.5 * loss_plain)
+    hass.args.topk_distill = 3  # a real top-K: a smaller, different term
+    loss_top3, _ = hass.eagle_loss(draft, batch)
+    assert loss_plain < loss_top3 < loss_hass

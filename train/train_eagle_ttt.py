@@ -41,6 +41,9 @@ class Settings(TrainingSettings):
                               hf="output_dir")
     ttt_steps: int = setting(7, "unrolled draft steps (official EAGLE-3: 7)", hf="ttt_steps")
     ttt_decay: float = setting(0.8, "step k's loss weight: TTT_DECAY ** k", hf="ttt_decay")
+    topk_distill: int = setting(0, "HASS top-K distillation: add -sum of p_target * log p_draft over the target's "
+                                   "K most likely tokens (HASS: K=10); 0 = off", hf="topk_distill")
+    topk_distill_weight: float = setting(1.0, "weight of the top-K term", hf="topk_distill_weight")
     draft_vocab_size: int | None = setting(None, "N most frequent trained tokens (eagle3); None = smallest N "
                                                  "covering --draft-vocab-coverage of the trained tokens")
     draft_vocab_coverage: float = setting(0.95, "share of the trained tokens the draft vocabulary covers (used "

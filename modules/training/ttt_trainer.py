@@ -14,7 +14,9 @@ Attention per step: modules/draft/ttt_attention.py (the paper's scheme). Positio
 
 Loss = sum_k decay^k * mean over valid slots of the soft cross-entropy between the draft's
 distribution and the target's, both restricted to the DRAFT vocabulary (= forward KL up to a
-constant). Valid: x_{t+2+k} is a trained token (loss mask) and the target's argmax at f_{t+1+k}
+constant), plus, with topk_distill = K > 0, HASS's top-K term (the same sum over the target's K
+most likely tokens only, weight topk_distill_weight).
+Valid: x_{t+2+k} is a trained token (loss mask) and the target's argmax at f_{t+1+k}
 is inside the draft vocabulary. With arch="eagle2" the draft vocabulary is the full one and the
 EAGLE-1 feature regression (w_reg * SmoothL1) is added per step.
 
@@ -37,6 +39,8 @@ from modules.draft.ttt_attention import TTTCache, step0_mask
 class TTTTrainingArguments(EagleTrainingArguments):
     ttt_steps: int = field(default=7, metadata={"help": "unrolled draft steps (official EAGLE-3: 7)"})
     ttt_decay: float = field(default=0.8, metadata={"help": "step k's loss weight is decay**k"})
+    topk_distill: int = field(default=0, metadata={"help": "HASS top-K distillation term; 0 = off"})
+    topk_distill_weight: float = field(default=1.0, metadata={"help": "weight of the top-K term"})
 
 
 class TTTCollator:
@@ -82,6 +86,14 @@ def shift_left(x, k, fill=0):
 
 
 @torch.no_grad()
+def topk_distillation(pred_logits, target_logp, k):
+    """Per-row -sum over the target's K most likely tokens of p_target * log p_pred (HASS's harmonized
+    objective: the loss spent where acceptance is decided, on the tokens a tree would propose)."""
+    top_logp, top = target_logp.float().topk(min(k, target_logp.shape[-1]), dim=-1)
+    logq = torch.log_softmax(pred_logits.float(), dim=-1).gather(-1, top)
+    return -(top_logp.exp() * logq).sum(-1)
+
+
 def target_logprobs(features, head_weight, draft_ids=None, chunk=1024, argmax_head=None):
     """(log-probs over the draft vocab [N, Nd] float32, full-vocab argmax [N]) of head(features) [N, H].
 
@@ -230,6 +242,8 @@ class TTTTrainer(EagleTrainer):
         r = rows[k, b, t]
         ce = soft_cross_entropy(logits, tgt_logp[r])
         per_row = args.w_cls * ce
+        if args.topk_distill > 0:
+            per_row = per_row + args.topk_distill_weight * topk_distillation(logits, tgt_logp[r], args.topk_distill)
         if args.w_reg > 0:
             reg = F.smooth_l1_loss(h.float(), s["last"][b, t + k].float(), reduction="none").mean(-1)
             per_row = per_row + args.w_reg * reg
