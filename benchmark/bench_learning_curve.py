@@ -41,6 +41,7 @@ TTT_STEPS = 4                  # EAGLE-3 unrolled steps (the demo's; official 7)
 QUESTIONS = 6                  # MT-bench questions, both turns
 MAX_NEW_TOKENS = 96
 TREE = (8, 4, 2)               # total tokens, depth, top-k (the demo's tree)
+HYBRID_LOOKUP = 8              # > 0: also measure the hybrid tree (EAGLE + a prompt-lookup branch of N tokens)
 SEED = 0
 OUT = str(REPO_ROOT / "outputs" / "learning_curve")
 RESULT = "benchmark/results/learning_curve.json"
@@ -61,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--questions", type=int, default=QUESTIONS)
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     p.add_argument("--tree", nargs=3, type=int, default=list(TREE), metavar=("TOTAL", "DEPTH", "TOP_K"))
+    p.add_argument("--hybrid-lookup", type=int, default=HYBRID_LOOKUP)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", default=OUT, help="cells' training runs and measurements")
     p.add_argument("--result", default=RESULT)
@@ -155,7 +157,8 @@ def mt_bench_turns(target, tokenizer, args):
 
 
 def measure_cell(args, cell, target, turns, eos):
-    """The cell's draft decoding every turn: tau, speed against plain, outputs equal to plain greedy."""
+    """The cell's draft decoding every turn, alone and (with --hybrid-lookup) with a prompt-lookup branch:
+    tau, speed against plain, outputs equal to plain greedy."""
     from benchmark.bench_eagle import draft_vocab_ids, resolve_draft_dir
     from benchmark.methods import run_eagle, summarize
     from modules.decode.tree_decoding import EagleDecoder
@@ -171,24 +174,43 @@ def measure_cell(args, cell, target, turns, eos):
     vocab_ids = None if kind.own_vocab else draft_vocab_ids(16384, cell["folder"], draft.lm_head.weight.shape[0],
                                                             eos)[0]  # bench_eagle.py's default for EAGLE-1/2
     total, depth, top_k = args.tree
-    decoder = EagleDecoder(target, kind.tree_adapter(draft, vocab_ids), total_tokens=total, depth=depth, top_k=top_k,
-                           timing=True)
-    run_eagle(target, turns[0][2][:16], 8, eos, decoder=decoder)  # warm-up
-    records = []
-    for qid, turn, ids, plain_tokens, plain_s in turns:
-        tokens, sec, extra = run_eagle(target, ids, args.max_new_tokens, eos, decoder=decoder)
-        records.append({"method": "plain", "question_id": qid, "turn": turn, "new_tokens": len(plain_tokens),
-                        "seconds": plain_s, "matches_plain": True})
-        records.append({"method": "eagle", "question_id": qid, "turn": turn, "new_tokens": len(tokens),
-                        "seconds": sec, "matches_plain": tokens == plain_tokens, **extra})
-    s = summarize(records, depth)["eagle"]
-    return {"mt_bench_tau": s["tau"], "speedup": s["speedup"], "matched_plain": s["matched_plain"],
-            "turns": len(turns)}
+    adapter = kind.tree_adapter(draft, vocab_ids)
+    decoders = {"eagle": EagleDecoder(target, adapter, total_tokens=total, depth=depth, top_k=top_k, timing=True)}
+    if args.hybrid_lookup > 0:
+        decoders["hybrid"] = EagleDecoder(target, adapter, total_tokens=total, depth=depth, top_k=top_k,
+                                          lookup_tokens=args.hybrid_lookup, timing=True)
+    records = [{"method": "plain", "question_id": qid, "turn": turn, "new_tokens": len(plain_tokens),
+                "seconds": plain_s, "matches_plain": True} for qid, turn, _, plain_tokens, plain_s in turns]
+    for name, decoder in decoders.items():
+        run_eagle(target, turns[0][2][:16], 8, eos, decoder=decoder)  # warm-up
+        for qid, turn, ids, plain_tokens, _ in turns:
+            tokens, sec, extra = run_eagle(target, ids, args.max_new_tokens, eos, decoder=decoder)
+            records.append({"method": name, "question_id": qid, "turn": turn, "new_tokens": len(tokens),
+                            "seconds": sec, "matches_plain": tokens == plain_tokens, **extra})
+    summary = summarize(records, depth)
+    out = {"measured_with": measure_settings(args), "turns": len(turns)}
+    for name, prefix in (("eagle", ""), ("hybrid", "hybrid_")):
+        if name in summary:
+            s = summary[name]
+            out |= {f"{prefix}mt_bench_tau": s["tau"], f"{prefix}speedup": s["speedup"],
+                    f"{prefix}matched_plain": s["matched_plain"]}
+    return out
+
+
+def measure_settings(args):
+    """What a cell's measurement depends on besides its draft: a change re-measures."""
+    return {"questions": args.questions, "max_new_tokens": args.max_new_tokens, "tree": list(args.tree),
+            "hybrid_lookup": args.hybrid_lookup}
+
+
+def measured(args, cell):
+    path = Path(args.out) / cell["name"] / "mt_bench.json"
+    return path.is_file() and json.loads(path.read_text()).get("measured_with") == measure_settings(args)
 
 
 def measure(args, cells):
     """MT-bench tau of every trained cell not measured yet (kept as OUT/<cell>/mt_bench.json)."""
-    todo = [c for c in cells if not (Path(args.out) / c["name"] / "mt_bench.json").is_file()]
+    todo = [c for c in cells if not measured(args, c)]
     if not todo:
         return
     from modules.target import load_target
@@ -200,8 +222,10 @@ def measure(args, cells):
     for cell in todo:
         t = time.time()
         m = measure_cell(args, cell, target, turns, eos)
+        hybrid = (f"; + lookup {args.hybrid_lookup}: tau {m['hybrid_mt_bench_tau']:.3f}, {m['hybrid_speedup']:.2f}x, "
+                  f"{m['hybrid_matched_plain']}/{m['turns']}") if "hybrid_mt_bench_tau" in m else ""
         print(f"{cell['name']}: MT-bench tau {m['mt_bench_tau']:.3f}, {m['speedup']:.2f}x plain, "
-              f"{m['matched_plain']}/{m['turns']} outputs = plain greedy ({time.time() - t:.0f} s)", flush=True)
+              f"{m['matched_plain']}/{m['turns']} outputs = plain greedy{hybrid} ({time.time() - t:.0f} s)", flush=True)
         atomic_write_text(Path(args.out) / cell["name"] / "mt_bench.json", json.dumps(m, indent=2))
 
 
@@ -212,7 +236,7 @@ def collect(args, cells):
     for cell in cells:
         run = Path(args.out) / cell["name"]
         summary = json.loads((run / "summary.json").read_text())
-        mt = json.loads((run / "mt_bench.json").read_text())
+        mt = {k: v for k, v in json.loads((run / "mt_bench.json").read_text()).items() if k != "measured_with"}
         rows.append({k: v for k, v in cell.items() if k != "folder"} | {
             "steps": summary.get("steps"), "train_runtime_s": summary.get("train_runtime_s"),
             "eval_top1_acc": summary.get("eval_top1_acc"), "eval_tau_sim": summary.get("eval_tau_sim"), **mt})
@@ -221,11 +245,13 @@ def collect(args, cells):
 
 def print_table(rows):
     print(f"\n{'data':<10} {'draft':<7} {'convs':>6} {'train tokens':>13} {'steps':>6} {'train s':>8} "
-          f"{'eval top1':>9} {'sim tau':>8} {'MT tau':>7} {'speed':>6} {'= plain':>8}")
+          f"{'eval top1':>9} {'sim tau':>8} {'MT tau':>7} {'speed':>6} {'= plain':>8} {'hybrid tau':>10} {'speed':>6}")
     for r in rows:
+        hybrid = (f" {r['hybrid_mt_bench_tau']:>10.3f} {r['hybrid_speedup']:>5.2f}x"
+                  if "hybrid_mt_bench_tau" in r else "")
         print(f"{r['data']:<10} {r['arch']:<7} {r['conversations']:>6} {r['training_tokens']:>13,} {r['steps']:>6} "
               f"{r['train_runtime_s'] or 0:>8.0f} {r['eval_top1_acc']:>9.3f} {r['eval_tau_sim']:>8.3f} "
-              f"{r['mt_bench_tau']:>7.3f} {r['speedup']:>5.2f}x {r['matched_plain']:>4}/{r['turns']}")
+              f"{r['mt_bench_tau']:>7.3f} {r['speedup']:>5.2f}x {r['matched_plain']:>4}/{r['turns']}{hybrid}")
 
 
 def plot(rows, path, title):
@@ -241,6 +267,9 @@ def plot(rows, path, title):
         color = f"C{i}"
         ax.plot(x, [r["mt_bench_tau"] for r in rs], "o-", color=color, label=f"{arch}, {kind} replies: MT-bench")
         ax.plot(x, [r["eval_tau_sim"] for r in rs], "s--", color=color, alpha=0.6, label=f"{arch}, {kind}: simulated")
+        if all("hybrid_mt_bench_tau" in r for r in rs):
+            ax.plot(x, [r["hybrid_mt_bench_tau"] for r in rs], "^:", color=color,
+                    label=f"{arch}, {kind}: MT-bench, + prompt-lookup branch")
         for r in rs:
             ax.annotate(f"{r['conversations']}", (r["training_tokens"], r["mt_bench_tau"]), fontsize=8,
                         xytext=(3, 3), textcoords="offset points")
