@@ -102,6 +102,10 @@ def _benchmark_section(bench: dict, bench_dir: Path) -> list[str]:
     if eagle.get("tokens_per_s") and lookup.get("tokens_per_s"):
         lines.append(f"\nEAGLE vs prompt lookup: {eagle['tokens_per_s'] / lookup['tokens_per_s']:.2f}x; "
                      f"decoder overhead {eagle.get('overhead_pct')}% of a cycle")
+    if any(n.startswith("eagle + lookup") for n in methods):
+        lines.append("\n`eagle + lookup N`: the same EAGLE tree plus a prompt-lookup branch of up to N tokens, "
+                     "verified "
+                     "in the same target forward (a hybrid tree, docs/decoding.md); still lossless.")
     pngs = sorted(bench_dir.glob("*.png"))
     for png in pngs:
         lines.append(f"\n![benchmark]({os.path.relpath(png, bench_dir.parent)})")
