@@ -104,8 +104,7 @@ def _benchmark_section(bench: dict, bench_dir: Path) -> list[str]:
                      f"decoder overhead {eagle.get('overhead_pct')}% of a cycle")
     if any(n.startswith("eagle + lookup") for n in methods):
         lines.append("\n`eagle + lookup N`: the same EAGLE tree plus a prompt-lookup branch of up to N tokens, "
-                     "verified "
-                     "in the same target forward (a hybrid tree, docs/decoding.md); still lossless.")
+                     "verified in the same target forward (a hybrid tree, docs/decoding.md); still lossless.")
     pngs = sorted(bench_dir.glob("*.png"))
     for png in pngs:
         lines.append(f"\n![benchmark]({os.path.relpath(png, bench_dir.parent)})")
