@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=OUT, help="cells' training runs and measurements")
     p.add_argument("--result", default=RESULT)
     p.add_argument("--model", default=None, help="target (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and measure nothing: report the planned cells that are done, name the others")
     p.add_argument("--tag", default="", help="suffix of the cells' names (a recipe variant beside the default one)")
     p.add_argument("train_args", nargs="*", help="after --: extra flags for every training command")
     args = p.parse_args(argv)
@@ -235,6 +237,8 @@ def collect(args, cells):
     rows = []
     for cell in cells:
         run = Path(args.out) / cell["name"]
+        if args.report_only and not ((run / "summary.json").is_file() and measured(args, cell)):
+            continue
         summary = json.loads((run / "summary.json").read_text())
         mt = {k: v for k, v in json.loads((run / "mt_bench.json").read_text()).items() if k != "measured_with"}
         rows.append({k: v for k, v in cell.items() if k != "folder"} | {
@@ -296,13 +300,18 @@ def main(argv=None):
         sys.exit("error: no cell to run (see 'skipped' above)")
     print(f"{len(cells)} cells: " + ", ".join(c["name"] for c in cells))
     try:
-        for cell in cells:
+        for cell in cells if not args.report_only else []:
             run_stage(cell["name"], train_command(args, cell), Path(args.out) / ".done")
-        measure(args, cells)
+        if not args.report_only:
+            measure(args, cells)
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume", file=sys.stderr)
         return 130
     rows = collect(args, cells)
+    done = {r["name"] for r in rows}
+    skipped += [f"{c['data']} {c['arch']} {c['conversations']}: not run" for c in cells if c["name"] not in done]
+    if not rows:
+        sys.exit("error: no finished cell to report")
     print_table(rows)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "result", "data", "model")}
     # names, not machine paths

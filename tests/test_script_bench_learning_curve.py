@@ -81,6 +81,14 @@ def test_learning_curve_end_to_end(tiny_run, tmp_path, capsys):
     again = capsys.readouterr().out
     assert again.count("done earlier") == 2 and "plain greedy first" not in again
 
+    # --report-only: a bigger planned grid, reported as far as it is done; nothing is trained.
+    bigger = [a if a != "40" else "9" for a in argv] + ["--report-only"]
+    assert bench_learning_curve.main(bigger) == 0
+    saved = json.loads(result.read_text())
+    assert {c["conversations"] for c in saved["cells"]} == {4, 8}
+    assert saved["skipped"] == ["fake eagle2 9: not run"]
+    assert not (tmp_path / "runs" / "fake-eagle2-9").exists()
+
 
 def test_bad_data_spec_is_a_clear_error(capsys):
     from benchmark import bench_learning_curve
