@@ -82,7 +82,7 @@ test-vllm: $(VLLM_REPO_STAMP)
 
 DEMO_OUT ?= demo_out
 DEMO_ROWS ?= 600
-DEMO_STEPS ?= 360
+DEMO_STEPS ?= 320
 DEMO_QUESTIONS ?= 6
 demo: $(REPO_STAMP)
 	$(PY) demo.py --out $(DEMO_OUT) --rows $(DEMO_ROWS) --steps $(DEMO_STEPS) --questions $(DEMO_QUESTIONS)

@@ -38,7 +38,7 @@ class Settings:
     rows: int = setting(600, "ShareGPT rows turned into training data")
     workers: int = setting(2, "CPU processes for data generation (threads are split between them)")
     max_length: int = setting(640, "tokens per conversation (shorter than the 2048 default: CPU time)")
-    steps: int = setting(360, "optimizer steps of draft training (x --grad-accum conversations each)")
+    steps: int = setting(320, "optimizer steps of draft training (x --grad-accum conversations each)")
     batch_size: int = setting(1, "conversations per micro-batch")
     grad_accum: int = setting(4, "micro-batches per optimizer step")
     lr: float = setting(3e-4, "peak learning rate")

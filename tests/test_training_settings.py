@@ -46,8 +46,9 @@ TTT_DEFAULTS_BEFORE = dict(DEFAULTS_BEFORE, arch="eagle3", ttt_steps=7, ttt_deca
                            dataset="sharegpt", start=0, end=2000, aux_layers=None, target_dtype="auto",
                            system_prompt=None, regenerate=False, temperature=0.8, max_new_tokens=512)
 
-# Changed since, on purpose (issue #13): max_length 1024 -> 640 (a demo under 30 minutes), hybrid_lookup added.
-DEMO_DEFAULTS_BEFORE = dict(out="demo_out", arch="eagle3", ttt_steps=4, rows=600, workers=2, max_length=640, steps=360,
+# Changed since, on purpose (issue #13): max_length 1024 -> 640 and steps 360 -> 320 (a demo under 30 minutes),
+# hybrid_lookup added.
+DEMO_DEFAULTS_BEFORE = dict(out="demo_out", arch="eagle3", ttt_steps=4, rows=600, workers=2, max_length=640, steps=320,
                             batch_size=1, grad_accum=4, lr=3e-4, questions=6, max_new_tokens=96, tree=[8, 4, 2],
                             hybrid_lookup=8, eval_fraction=None)
 
