@@ -78,3 +78,16 @@ class ListDataset(torch.utils.data.Dataset):
 from pathlib import Path  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def save_tiny_chat_target(path, tokenizer, seed=0):
+    """A tiny random Llama with a real tokenizer's vocabulary and chat template (prompts go through
+    the template: MT-bench benchmarks), saved with that tokenizer to `path`."""
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model

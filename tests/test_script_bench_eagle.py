@@ -4,7 +4,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-import torch
 
 from tests._helpers_decode import one_thread  # noqa: F401 (autouse: restores torch threads)
 
@@ -34,19 +33,12 @@ def test_bundled_mt_bench_has_80_two_turn_questions():
 @pytest.fixture(scope="module")
 def tiny_bench_dirs(tmp_path_factory, smollm2):
     """A tiny random Llama with SmolLM2's vocabulary and tokenizer, plus a random draft."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from modules.draft.eagle_draft import EagleDraft
+    from tests._helpers_eagle import save_tiny_chat_target
 
     _, tokenizer = smollm2
     root = tmp_path_factory.mktemp("bench")
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=2048,
-                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(root / "target")
-    tokenizer.save_pretrained(root / "target")
+    model = save_tiny_chat_target(root / "target", tokenizer)
     EagleDraft.from_target(model).save_pretrained(root / "draft")
     return root
 

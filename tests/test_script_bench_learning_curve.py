@@ -6,24 +6,16 @@ import pytest
 import torch
 
 from tests._helpers_decode import one_thread  # noqa: F401 (autouse: restores torch threads)
-from tests._helpers_eagle import write_fake_data
+from tests._helpers_eagle import save_tiny_chat_target, write_fake_data
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, smollm2):
     """A tiny random Llama with SmolLM2's tokenizer (MT-bench prompts need its chat template) and 14
     conversations of its features."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     _, tokenizer = smollm2
     root = tmp_path_factory.mktemp("curve")
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=2048,
-                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    model.save_pretrained(root / "target")
-    tokenizer.save_pretrained(root / "target")
+    model = save_tiny_chat_target(root / "target", tokenizer)
     write_fake_data(root / "data", model, model_name=str(root / "target"), n=14)
     return root
 
