@@ -161,7 +161,7 @@ def mt_bench_turns(target, tokenizer, args):
 def measure_cell(args, cell, target, turns, eos):
     """The cell's draft decoding every turn, alone and (with --hybrid-lookup) with a prompt-lookup branch:
     tau, speed against plain, outputs equal to plain greedy."""
-    from benchmark.bench_eagle import draft_vocab_ids, resolve_draft_dir
+    from benchmark.bench_eagle import DRAFT_VOCAB, draft_vocab_ids, resolve_draft_dir
     from benchmark.methods import run_eagle, summarize
     from modules.decode.tree_decoding import EagleDecoder
     from modules.draft.kinds import kind_of
@@ -173,8 +173,9 @@ def measure_cell(args, cell, target, turns, eos):
     device = output_device(target)
     draft = load_draft(draft_dir, target_model=target, dtype=pick_dtype("auto", device)).to(device).eval()
     kind = kind_of(draft)
-    vocab_ids = None if kind.own_vocab else draft_vocab_ids(16384, cell["folder"], draft.lm_head.weight.shape[0],
-                                                            eos)[0]  # bench_eagle.py's default for EAGLE-1/2
+    # EAGLE-1/2: the full-vocabulary head restricted as bench_eagle.py does by default
+    vocab_ids = None if kind.own_vocab else draft_vocab_ids(DRAFT_VOCAB, cell["folder"],
+                                                            draft.lm_head.weight.shape[0], eos)[0]
     total, depth, top_k = args.tree
     adapter = kind.tree_adapter(draft, vocab_ids)
     decoders = {"eagle": EagleDecoder(target, adapter, total_tokens=total, depth=depth, top_k=top_k, timing=True)}
