@@ -1,5 +1,7 @@
 """What one decoding cycle costs on this machine, piece by piece: the target forward over q new tokens
-(a plain step is q=1, a tree verify is q=tree size) in fp32 and bf16, and one draft forward.
+(a plain step is q=1, a tree verify is q=tree size) in fp32 and bf16, and one draft forward. fp32 runs
+both with oneDNN pre-packed linear layers (modules/cpu_linear.py, what every script uses on CPU) and with
+torch's own MKL path (`fp32 mkl`), side by side.
 
     python benchmark/bench_decode_cost.py                                  # embedded SmolLM2, outputs/eagle3 draft
     python benchmark/bench_decode_cost.py --draft demo_out/train/draft --dtypes fp32 bf16 --sizes 1 4 8 16
@@ -26,6 +28,7 @@ from modules.data.storage import atomic_write_text
 MODEL = None              # target: hub id, local folder or .gguf; None = embedded SmolLM2-135M-Instruct
 DRAFT = "outputs/eagle3"  # a draft folder (or a training output folder); "" = target only
 DTYPES = ["fp32", "bf16"]
+LINEAR = ["packed", "mkl"]  # fp32 linear kernels: oneDNN pre-packed (modules/cpu_linear.py, the default) / torch's own
 SIZES = [1, 2, 4, 8, 16]  # new tokens per forward: 1 = a plain decoding step, >1 = a tree verify
 CONTEXT = 300             # tokens already in the KV cache
 REPEATS = 30
@@ -39,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=MODEL)
     p.add_argument("--draft", default=DRAFT)
     p.add_argument("--dtypes", nargs="+", default=DTYPES)
+    p.add_argument("--linear", nargs="+", default=LINEAR, choices=["packed", "mkl"],
+                   help="fp32 linear kernels to measure, side by side (bf16 always runs torch's own)")
     p.add_argument("--sizes", type=int, nargs="+", default=SIZES)
     p.add_argument("--context", type=int, default=CONTEXT)
     p.add_argument("--repeats", type=int, default=REPEATS)
@@ -121,26 +126,33 @@ def plain_generate_ms(target, repeats):
 
 
 def measure(args):
+    from modules.cpu_linear import unpack_linears
     from modules.draft.loading import load_draft
     from modules.target import load_target, pick_dtype
 
     rows = {}
     for name in args.dtypes:
-        target, _ = load_target(args.model, dtype=name, device="cpu")
         dtype = pick_dtype(name)
-        draft = None
-        if args.draft:
-            draft = load_draft(resolve(args.draft), target_model=target, dtype=dtype).eval()
-        aux = draft is not None and getattr(draft.config, "eagle_aux_hidden_state_layer_ids", None) is not None
-        with torch.no_grad():
-            row = {"target_ms": target_costs(target, args.sizes, args.context, args.repeats, aux),
-                   "hf_generate_ms_per_token": plain_generate_ms(target, args.repeats)}
-            if draft is not None:
-                row["draft_ms"] = draft_costs(draft, [s for s in args.sizes if s <= 16], args.context,
-                                              args.repeats, dtype)
-        rows[name] = row
-        print_row(name, row, args.sizes)
-        del target, draft
+        for linear in (args.linear if dtype == torch.float32 else ["packed"]):
+            target, _ = load_target(args.model, dtype=name, device="cpu")
+            draft = None
+            if args.draft:
+                draft = load_draft(resolve(args.draft), target_model=target, dtype=dtype).eval()
+            if linear == "mkl":
+                unpack_linears(target)
+                if draft is not None:
+                    unpack_linears(draft)
+            aux = draft is not None and getattr(draft.config, "eagle_aux_hidden_state_layer_ids", None) is not None
+            with torch.no_grad():
+                row = {"target_ms": target_costs(target, args.sizes, args.context, args.repeats, aux),
+                       "hf_generate_ms_per_token": plain_generate_ms(target, args.repeats)}
+                if draft is not None:
+                    row["draft_ms"] = draft_costs(draft, [s for s in args.sizes if s <= 16], args.context,
+                                                  args.repeats, dtype)
+            label = name if dtype != torch.float32 or linear == "packed" else f"{name} {linear}"
+            rows[label] = row
+            print_row(label, row, args.sizes)
+            del target, draft
     return rows
 
 

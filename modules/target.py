@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from modules.cpu_linear import pack_linears
 from modules.paths import EMBEDDED_MODEL_NAME, embedded_gguf
 from modules.placement import PlacementError, pick_device
 
@@ -220,7 +221,8 @@ def load_target_model(model: str | None = None, dtype: str | torch.dtype = "auto
                       attn_implementation: str = "sdpa", spread: bool = False):
     """The target model alone (eval mode, gradients off) in `dtype`, on this process's device
     (modules.placement.pick_device: cuda:LOCAL_RANK under torchrun), or with `spread` over every
-    visible GPU (device_map="auto"; its outputs are on placement.output_device(model))."""
+    visible GPU (device_map="auto"; its outputs are on placement.output_device(model)). On CPU in fp32
+    its linear layers run oneDNN on pre-packed weights (modules/cpu_linear.py: same weights, faster)."""
     from transformers import AutoModelForCausalLM
 
     path, gguf = _source(model)
@@ -237,6 +239,7 @@ def load_target_model(model: str | None = None, dtype: str | torch.dtype = "auto
         raise TargetLoadError(f"cannot load model '{model}': {_first_line(err)}") from None
     if not spread:
         target.to(device)
+    pack_linears(target)  # CPU fp32 only: oneDNN pre-packed weights (modules/cpu_linear.py); else a no-op
     return target.eval().requires_grad_(False)
 
 

@@ -13,4 +13,6 @@ def test_writes_costs_for_each_size_and_dtype(tmp_path, capsys):
     assert set(row["target_ms"]) == {"1", "4"} and all(v > 0 for v in row["target_ms"].values())
     assert row["hf_generate_ms_per_token"] > 0 and "draft_ms" not in row
     assert out.with_suffix(".png").is_file()
+    assert set(report["rows"]) == {"fp32", "fp32 mkl"}, "fp32 is measured packed and unpacked, side by side"
+    assert all(v > 0 for v in report["rows"]["fp32 mkl"]["target_ms"].values())
     assert "x step(1)" in capsys.readouterr().out

@@ -5,6 +5,7 @@ or None (= the `target_model` recorded in the draft's config.json).
 """
 import torch
 
+from modules.cpu_linear import pack_linears
 from modules.draft.kinds import kind_of_folder
 
 
@@ -14,4 +15,9 @@ def draft_kind(draft_dir):
 
 
 def load_draft(draft_dir, target_model=None, dtype=torch.float32, attn_implementation="sdpa"):
-    return kind_of_folder(draft_dir).load(draft_dir, target_model, dtype=dtype, attn_implementation=attn_implementation)
+    """The draft in `dtype`; its fp32 linear layers run oneDNN packed weights when used on CPU without
+    autograd (modules/cpu_linear.py: packed lazily on first use, so moving it to a GPU costs nothing)."""
+    kind = kind_of_folder(draft_dir)
+    draft = kind.load(draft_dir, target_model, dtype=dtype, attn_implementation=attn_implementation)
+    pack_linears(draft)
+    return draft
