@@ -181,3 +181,22 @@ def test_schedule_warmup_then_linear_to_min_ratio(tmp_path, target):
     assert lrs[0] < lrs[1] < lrs[3] < lrs[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
     assert lrs[-1] == pytest.approx(0.2 + 0.8 * (1 - 15 / 16)) and min(lrs) >= 0.2 - 1e-9
+
+
+def test_schedule_cosine_decays_from_peak_to_min_ratio(tmp_path, target):
+    import math
+
+    trainer = EagleTrainer(model=_draft(target), args=_args(tmp_path, warmup_steps=4, min_lr_ratio=0.2,
+                                                          learning_rate=1.0, lr_schedule="cosine"))
+    trainer.create_optimizer()
+    sched = trainer.create_scheduler(20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(sched.get_last_lr()[0])
+        trainer.optimizer.step()
+        sched.step()
+    assert lrs[4] == pytest.approx(1.0) and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[12] == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 8 / 16)))  # halfway: 0.6
+    assert lrs[-1] == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    # the cosine stays above the linear decay in its first half
+    assert lrs[8] > 0.2 + 0.8 * (1 - 4 / 16)

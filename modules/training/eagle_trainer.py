@@ -43,7 +43,8 @@ class EagleTrainingArguments(TrainingArguments):
     w_cls: float = field(default=0.1, metadata={"help": "weight of the soft cross-entropy"})
     noise_std: float = field(default=0.2, metadata={"help": "uniform feature noise (EAGLE: 0.2); 0 = off"})
     detach_cls_pred: bool = field(default=False, metadata={"help": "BaldEagle recipe: no CE gradient"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "lr decays linearly to lr * this"})
+    lr_schedule: str = field(default="linear", metadata={"help": "decay after warmup: linear or cosine"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "lr decays to lr * this at the last step"})
     sim_steps: int = field(default=5, metadata={"help": "draft chain length for the simulated tau"})
 
     @property
@@ -322,16 +323,19 @@ class EagleTrainer(Trainer):
 
     # ---- schedule -----------------------------------------------------------------------
     def create_scheduler(self, num_training_steps, optimizer=None):
-        """Linear warmup, then linear decay to lr * min_lr_ratio at the last step."""
+        """Linear warmup, then a linear (or cosine) decay to lr * min_lr_ratio at the last step."""
         if self.lr_scheduler is None:
             warmup = self.args.get_warmup_steps(num_training_steps)
-            floor = self.args.min_lr_ratio
+            floor, schedule = self.args.min_lr_ratio, self.args.lr_schedule
+            if schedule not in ("linear", "cosine"):
+                raise ValueError(f"lr_schedule must be 'linear' or 'cosine', got {schedule!r}")
 
             def factor(step):
                 if step < warmup:
                     return (step + 1) / (warmup + 1)
-                frac = (step - warmup) / max(1, num_training_steps - warmup)
-                return max(floor, 1.0 - (1.0 - floor) * frac)
+                frac = min(1.0, (step - warmup) / max(1, num_training_steps - warmup))
+                decay = 1.0 - frac if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+                return floor + (1.0 - floor) * decay
 
             self.lr_scheduler = LambdaLR(optimizer if optimizer is not None else self.optimizer, factor)
         return self.lr_scheduler

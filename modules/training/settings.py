@@ -128,7 +128,9 @@ class TrainingSettings:
     max_steps: int = setting(-1, "optimizer steps; > 0 overrides --epochs", hf="max_steps")
     lr: float = setting(3e-4, "peak learning rate; small data: higher than the official 3e-5 (which used 68k "
                               "conversations)", hf="learning_rate")
-    min_lr_ratio: float = setting(0.1, "linear decay from LR to LR * MIN_LR_RATIO after warmup", hf="min_lr_ratio")
+    lr_schedule: str = setting("linear", "decay after warmup, from LR to LR * MIN_LR_RATIO: linear (ours) or cosine "
+                                         "(SpecForge)", hf="lr_schedule", choices=["linear", "cosine"])
+    min_lr_ratio: float = setting(0.1, "the learning rate at the last step, as a share of LR", hf="min_lr_ratio")
     warmup: float = setting(0.05, "warmup steps (>= 1) or fraction of all steps (< 1)", hf="warmup_steps")
     batch_size: int = setting(1, "conversations per device and micro-batch (padded on the right)",
                               hf="per_device_train_batch_size")
