@@ -11,7 +11,7 @@ row's cost. Measured on a 2-core AMD EPYC (AVX-512) with SmolLM2-135M on a 300-t
 A PackedLinear IS an nn.Linear: same `weight`/`bias` Parameters (tied weights stay tied,
 state_dict and exports are unchanged); the packed copy is a plain attribute, rebuilt if the weight
 changes in place, so it never serves stale weights. It falls back to `F.linear` where oneDNN does
-not apply (autograd, another dtype or device). Costs one extra copy of the weights in memory.
+not apply (autograd, another dtype or device, 1-D or empty input). Costs one extra copy of the weights in memory.
 Results equal F.linear's to fp32 rounding (summation order differs), and plain decoding and tree
 verify run the same kernels, so greedy decoding stays lossless (tests/test_cpu_linear.py).
 """
@@ -47,6 +47,7 @@ class PackedLinear(nn.Linear):
     def forward(self, x):
         w = self.weight
         usable = (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+                  and x.dim() >= 2 and x.numel() > 0
                   and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
         if not usable:
             return F.linear(x, w, self.bias)

@@ -31,6 +31,15 @@ def test_packed_linear_computes_what_linear_computes(rows, bias):
     assert packed._packed is not None, "the oneDNN path was not taken"
 
 
+def test_one_dimensional_and_empty_inputs_fall_back():
+    torch.manual_seed(0)
+    plain = nn.Linear(8, 4)
+    packed = PackedLinear.from_linear(copy.deepcopy(plain))
+    with torch.no_grad():
+        for x in (torch.randn(8), torch.randn(0, 8), torch.randn(2, 0, 8)):
+            assert torch.allclose(packed(x), plain(x), atol=1e-6) and packed(x).shape == plain(x).shape
+
+
 def test_pack_linears_keeps_parameters_and_follows_in_place_changes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4, bias=False))
