@@ -168,16 +168,22 @@ def test_nan_loss_stops_and_keeps_the_good_checkpoint(tmp_path, target):
     assert all(torch.isfinite(v).all() for v in kept.values())
 
 
-def test_schedule_warmup_then_linear_to_min_ratio(tmp_path, target):
+def _scheduled_lrs(tmp_path, target, steps=20, **schedule):
+    """The learning rate at each of `steps` steps (peak 1.0, 4 warmup steps, floor 0.2)."""
     trainer = EagleTrainer(model=_draft(target), args=_args(tmp_path, warmup_steps=4, min_lr_ratio=0.2,
-                                                          learning_rate=1.0))
+                                                          learning_rate=1.0, **schedule))
     trainer.create_optimizer()
-    sched = trainer.create_scheduler(20)
+    sched = trainer.create_scheduler(steps)
     lrs = []
-    for _ in range(20):
+    for _ in range(steps):
         lrs.append(sched.get_last_lr()[0])
         trainer.optimizer.step()
         sched.step()
+    return lrs
+
+
+def test_schedule_warmup_then_linear_to_min_ratio(tmp_path, target):
+    lrs = _scheduled_lrs(tmp_path, target)
     assert lrs[0] < lrs[1] < lrs[3] < lrs[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
     assert lrs[-1] == pytest.approx(0.2 + 0.8 * (1 - 15 / 16)) and min(lrs) >= 0.2 - 1e-9
@@ -186,15 +192,7 @@ def test_schedule_warmup_then_linear_to_min_ratio(tmp_path, target):
 def test_schedule_cosine_decays_from_peak_to_min_ratio(tmp_path, target):
     import math
 
-    trainer = EagleTrainer(model=_draft(target), args=_args(tmp_path, warmup_steps=4, min_lr_ratio=0.2,
-                                                          learning_rate=1.0, lr_schedule="cosine"))
-    trainer.create_optimizer()
-    sched = trainer.create_scheduler(20)
-    lrs = []
-    for _ in range(20):
-        lrs.append(sched.get_last_lr()[0])
-        trainer.optimizer.step()
-        sched.step()
+    lrs = _scheduled_lrs(tmp_path, target, lr_schedule="cosine")
     assert lrs[4] == pytest.approx(1.0) and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
     assert lrs[12] == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 8 / 16)))  # halfway: 0.6
     assert lrs[-1] == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
