@@ -126,23 +126,22 @@ def plain_generate_ms(target, repeats):
 
 
 def measure(args):
-    from modules.cpu_linear import unpack_linears
+    from modules.cpu_linear import pack_linears, unpack_linears
     from modules.draft.loading import load_draft
     from modules.target import load_target, pick_dtype
 
     rows = {}
     for name in args.dtypes:
         dtype = pick_dtype(name)
+        target, _ = load_target(args.model, dtype=name, device="cpu")
+        draft = None
+        if args.draft:
+            draft = load_draft(resolve(args.draft), target_model=target, dtype=dtype).eval()
+        aux = draft is not None and getattr(draft.config, "eagle_aux_hidden_state_layer_ids", None) is not None
         for linear in (args.linear if dtype == torch.float32 else ["packed"]):
-            target, _ = load_target(args.model, dtype=name, device="cpu")
-            draft = None
-            if args.draft:
-                draft = load_draft(resolve(args.draft), target_model=target, dtype=dtype).eval()
-            if linear == "mkl":
-                unpack_linears(target)
-                if draft is not None:
-                    unpack_linears(draft)
-            aux = draft is not None and getattr(draft.config, "eagle_aux_hidden_state_layer_ids", None) is not None
+            for model in (target, draft):  # the same loaded weights, switched between the two kernels
+                if model is not None:
+                    (pack_linears if linear == "packed" else unpack_linears)(model)
             with torch.no_grad():
                 row = {"target_ms": target_costs(target, args.sizes, args.context, args.repeats, aux),
                        "hf_generate_ms_per_token": plain_generate_ms(target, args.repeats)}
@@ -152,7 +151,7 @@ def measure(args):
             label = name if dtype != torch.float32 or linear == "packed" else f"{name} {linear}"
             rows[label] = row
             print_row(label, row, args.sizes)
-            del target, draft
+        del target, draft
     return rows
 
 

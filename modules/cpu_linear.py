@@ -4,8 +4,8 @@ Why: PyTorch's fp32 `F.linear` on CPU calls MKL, whose product for a few rows (2
 costs 2-3x its one-row path, and whose one-row path for a wide layer (the 49k-row LM head) is slow
 too. oneDNN with the weight reordered once into its blocked layout runs 1-16 rows at nearly one
 row's cost. Measured on a 2-core AMD EPYC (AVX-512) with SmolLM2-135M on a 300-token cache
-(benchmark/bench_decode_cost.py --linear packed mkl): a plain step 84 -> 60 ms, a 16-token verify
-167 -> 73 ms, a 400-token prefill 1.28 -> 0.86 s.
+(benchmark/bench_decode_cost.py, benchmark/results/decode_cost.json): a plain step 75.5 -> 54.6 ms,
+a 12-token verify 143.6 -> 67.6 ms.
 
 `pack_linears(model)` swaps every fp32 `nn.Linear` of a CPU model for a `PackedLinear` in place.
 A PackedLinear IS an nn.Linear: same `weight`/`bias` Parameters (tied weights stay tied,
@@ -60,30 +60,31 @@ class PackedLinear(nn.Linear):
         return state
 
 
+def _replace_children(model: nn.Module, wanted, build) -> int:
+    """Replace every submodule `wanted(child)` accepts by `build(child)`, in place; returns how many."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if wanted(child):
+                setattr(parent, name, build(child))
+                count += 1
+    return count
+
+
 def pack_linears(model: nn.Module) -> int:
     """Swap the fp32 nn.Linear layers of a CPU model for PackedLinear, in place; returns how many.
     A no-op (0) for GPU models, other dtypes, or a torch build without oneDNN."""
     if not packing_available():
         return 0
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if (type(child) is nn.Linear and child.weight.device.type == "cpu"
-                    and child.weight.dtype == torch.float32):
-                setattr(parent, name, PackedLinear.from_linear(child))
-                count += 1
-    return count
+    return _replace_children(
+        model, lambda m: type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32,
+        PackedLinear.from_linear)
 
 
 def unpack_linears(model: nn.Module) -> int:
     """The inverse of pack_linears (plain nn.Linear again, same Parameters); returns how many."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, PackedLinear):
-                plain = nn.Linear.__new__(nn.Linear)
-                plain.__dict__.update(child.__getstate__())
-                del plain._packed, plain._packed_version
-                setattr(parent, name, plain)
-                count += 1
-    return count
+    def plain(packed):
+        linear = nn.Linear.__new__(nn.Linear)
+        linear.__dict__.update({k: v for k, v in packed.__dict__.items() if k not in ("_packed", "_packed_version")})
+        return linear
+    return _replace_children(model, lambda m: isinstance(m, PackedLinear), plain)
