@@ -5,6 +5,7 @@ import torch
 
 from modules.draft import kinds as draft_kinds
 from modules.draft.loading import draft_kind, load_draft
+from modules.decode.parallel import ParallelDecoder
 from modules.decode.tree_decoding import EagleDecoder
 from modules.training.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
 from tests._helpers_decode import plain_greedy
@@ -42,6 +43,13 @@ def train_one_step(kind, draft, target, out_dir):
     return trainer.draft_module(), result.training_loss
 
 
+def decoder(kind, target, draft):
+    """Our decoder for the kind: one draft forward per cycle for parallel kinds, an EAGLE-2 tree otherwise."""
+    if kind.parallel:
+        return ParallelDecoder(target, draft)
+    return EagleDecoder(target, draft, total_tokens=8, depth=3, top_k=2)
+
+
 @pytest.mark.parametrize("name", list(draft_kinds.KINDS))
 def test_kind_round_trips(name, target_dir, tmp_path):
     torch.manual_seed(0)
@@ -59,7 +67,7 @@ def test_kind_round_trips(name, target_dir, tmp_path):
 
     draft.eval()
     prompt = torch.randint(3, VOCAB, (9,), generator=torch.Generator().manual_seed(1))
-    decoded = EagleDecoder(target, draft, total_tokens=8, depth=3, top_k=2).generate(prompt, 16)
+    decoded = decoder(kind, target, draft).generate(prompt, 16)
     assert decoded.tokens == plain_greedy(target, prompt, 16)  # lossless
 
     out = kind.export(draft, tmp_path / "export", target=target_dir, dtype=torch.float32)
@@ -71,7 +79,7 @@ def test_kind_round_trips(name, target_dir, tmp_path):
     saved = loaded.state_dict()
     for k in changed:  # the trained weights came back
         torch.testing.assert_close(saved[k], draft.state_dict()[k], rtol=0, atol=0)
-    again = EagleDecoder(target, loaded, total_tokens=8, depth=3, top_k=2).generate(prompt, 16)
+    again = decoder(kind, target, loaded).generate(prompt, 16)
     assert again.tokens == decoded.tokens
     assert again.accept_lengths == decoded.accept_lengths  # the same proposals
 

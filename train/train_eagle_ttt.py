@@ -34,12 +34,15 @@ ONLINE = "online training (features computed by the target inside the loop)"  # 
 # and --noise-std default to the draft kind's loss weights.
 @dataclass
 class Settings(TrainingSettings):
-    arch: str = setting("eagle3", "eagle3 | eagle2 (EAGLE-1/2 draft with the TTT loss)",
+    arch: str = setting("eagle3", "eagle3 | eagle2 (EAGLE-1/2 draft with the TTT loss) | peagle (P-EAGLE: EAGLE-3 "
+                                  "proposing --parallel-tokens tokens in one forward)",
                         choices=list(draft_kinds.KINDS))
     data: list[str] = setting([str(DEFAULT_FUSED_DATA_DIR)], "offline data folders (ignored with --online)")
     output_dir: str = setting(str(DEFAULT_TTT_TRAIN_DIR), "checkpoints, the exported draft and the run's json files",
                               hf="output_dir")
     ttt_steps: int = setting(7, "unrolled draft steps (official EAGLE-3: 7)", hf="ttt_steps")
+    parallel_tokens: int = setting(4, "parallel kinds (peagle): tokens proposed per draft forward (the block size K, "
+                                      "saved in the draft's config); they unroll K steps, not --ttt-steps")
     ttt_decay: float = setting(0.8, "step k's loss weight: TTT_DECAY ** k", hf="ttt_decay")
     topk_distill: int = setting(0, "HASS top-K distillation: add -sum of p_target * log p_draft over the target's "
                                    "K most likely tokens (HASS: K=10); 0 = off", hf="topk_distill")
@@ -155,7 +158,8 @@ def build_trainer(args, kind, cfg, display, ds, aux_layers, target):
     train_ds, eval_ds = split(ds, args.eval_fraction, args.seed, args.train_conversations)
     embed, head = load_embed_and_head(args.model)
     ids, covered = draft_vocab_ids(args, train_ds, cfg.vocab_size) if kind.own_vocab else (None, 1.0)
-    draft = kind.build(cfg, weights=(embed, head), draft_ids=ids, aux_layers=aux_layers, bias=args.bias)
+    draft = kind.build(cfg, weights=(embed, head), draft_ids=ids, aux_layers=aux_layers, bias=args.bias,
+                       parallel_tokens=args.parallel_tokens)
     draft.config.target_model = display
     draft.config._attn_implementation = pick_attention(args.attn)
     trainer = TTTTrainer(model=draft, args=training_arguments(args, eval_ds is not None, cls=TTTTrainingArguments),
@@ -177,12 +181,13 @@ def save_outputs(args, kind, trainer, result, metrics, covered, t0):
     out = Path(args.output_dir) / "draft"
     if not args.no_export:
         kind.save_trained(trainer.draft_module(), out, target=args.model)
-    summary = {"arch": args.arch, "ttt_steps": args.ttt_steps, "online": args.online, "steps": result.global_step,
+    unrolled = kind.unroll_steps(trainer.draft_module(), args.ttt_steps)  # a parallel kind: its block size
+    summary = {"arch": args.arch, "ttt_steps": unrolled, "online": args.online, "steps": result.global_step,
                "train_loss": round(result.training_loss, 5), "draft_vocab_coverage": round(covered, 4),
                "train_runtime_s": round(time.time() - t0, 1), **{k: round(v, 4) for k, v in metrics.items()},
                "draft": None if args.no_export else str(out)}
     save_run_outputs(args.output_dir, trainer.state.log_history, summary,
-                     title=f"{args.arch} + TTT ({args.ttt_steps} steps): loss, step-0 accuracy, simulated tau")
+                     title=f"{args.arch} + TTT ({unrolled} steps): loss, step-0 accuracy, simulated tau")
 
 
 def main(argv=None):
@@ -205,7 +210,8 @@ def main(argv=None):
         trainer, covered = build_trainer(args, kind, cfg, display, ds, aux_layers, target)
         if trainer.is_world_process_zero():
             save_run_config(args, args.output_dir)
-            print(f"{args.arch} + TTT ({args.ttt_steps} steps): {len(trainer.train_dataset)} train / "
+            unrolled = kind.unroll_steps(trainer.draft_module(), args.ttt_steps)  # a parallel kind: its block size
+            print(f"{args.arch} + TTT ({unrolled} steps): {len(trainer.train_dataset)} train / "
                   f"{len(trainer.eval_dataset) if trainer.eval_dataset else 0} eval conversations, "
                   f"{'online' if args.online else 'offline'} features; trainable params "
                   f"{sum(p.numel() for p in trainer.model.parameters() if p.requires_grad):,}", flush=True)

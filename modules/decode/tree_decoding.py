@@ -468,13 +468,10 @@ class EagleDecoder:
     def _prefill(self, ids, buf, generator, result):
         """Target over the prompt (causal, HF builds the mask), the first token (the first root), then
         the draft's catch-up over the prompt. Returns (root, draft hidden [1,1,H_d], log-probs [1,V_d])."""
-        P = ids.shape[1]
         last, hs = self._target(ids, None, None, buf.tcache)
         feats = self.adapter.target_features(last, hs)
         root = self._choose(self.lm_head(last[:, -1]), generator)[0]
-        pos = torch.arange(P, device=self.device).unsqueeze(0)
-        h, lp = self._draft(torch.cat([ids[:, 1:], root.view(1, 1)], 1), feats, pos,
-                            buf.dmask.causal_after(0, P), buf.dcache, result, last_only=True)
+        h, lp = self._draft_context(torch.cat([ids[:, 1:], root.view(1, 1)], 1), feats, 0, buf, result)
         return root, h, lp
 
     def _verify(self, tree, n, buf, generator, result):
@@ -496,8 +493,13 @@ class EagleDecoder:
     def _catch_up(self, new, path, last, hs, n, buf, result):
         """Draft catch-up: the accepted tokens `new` (at positions n..) with the target's real features
         at the path; the last output starts the next tree. Returns (hidden, log-probs)."""
-        L = new.shape[0]
         feats = self.adapter.target_features(last, hs)[:, path]
-        pos = torch.arange(n, n + L, device=self.device).unsqueeze(0)
-        return self._draft(new.unsqueeze(0), feats, pos, buf.dmask.causal_after(n, L), buf.dcache, result,
-                           last_only=True)
+        return self._draft_context(new.unsqueeze(0), feats, n, buf, result)
+
+    def _draft_context(self, ids, feats, start, buf, result):
+        """The draft over accepted context: tokens ids [1, L] at positions start.., each with the target's
+        feature; its cache keeps them. Returns (hidden, log-probs) of the last one, which start the next
+        tree (modules/decode/parallel.py appends its block of mask slots here)."""
+        L = ids.shape[1]
+        pos = torch.arange(start, start + L, device=self.device).unsqueeze(0)
+        return self._draft(ids, feats, pos, buf.dmask.causal_after(start, L), buf.dcache, result, last_only=True)

@@ -388,6 +388,8 @@ class Eagle3Kind(DraftKind):
     export_files = ("config.json", "model.safetensors")
 
     def owns_config(self, config):
+        if config.get("parallel_drafting"):  # P-EAGLE's layout (modules/draft/peagle_draft.py)
+            return False
         return config.get("eagle_version") == 3 or any("Eagle3" in a for a in config.get("architectures") or [])
 
     def build(self, target, draft_ids=None, aux_layers=None, weights=None, **_):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-KINDS = {"eagle2": "modules.draft.eagle_draft", "eagle3": "modules.draft.eagle3_draft"}  # name -> module defining KIND
+KINDS = {"eagle2": "modules.draft.eagle_draft", "eagle3": "modules.draft.eagle3_draft",
+         "peagle": "modules.draft.peagle_draft"}  # name -> module defining KIND
 
 
 class DraftKind:
@@ -31,6 +32,12 @@ class DraftKind:
     own_vocab = False       # the draft's head covers its own draft vocabulary (ids mapped by to_target_ids)
     loss_weights = {}       # TTT defaults of w_reg (feature loss), w_cls (cross-entropy) and noise_std
     export_files = ()       # what export() writes
+    parallel = False        # proposes a block of tokens in one forward (P-EAGLE): modules/decode/parallel.py
+
+    def unroll_steps(self, draft, requested: int) -> int:
+        """Draft steps the TTT trainer unrolls and simulates: `requested` (--ttt-steps / --sim-steps) for a
+        sequential draft; a parallel kind trains and proposes exactly its block size."""
+        return requested
 
     def owns_config(self, config: dict) -> bool:
         """True when a saved draft's config.json describes a draft of this kind."""
@@ -69,10 +76,11 @@ def all_kinds() -> list[DraftKind]:
 
 
 def kind_of(draft) -> DraftKind:
-    """The kind of a draft model (an instance of some kind's draft_class)."""
-    for kind in all_kinds():
-        if isinstance(draft, kind.draft_class):
-            return kind
+    """The kind of a draft model (an instance of some kind's draft_class; the most derived class wins:
+    a P-EAGLE draft is also an EAGLE-3 draft)."""
+    owners = [kind for kind in all_kinds() if isinstance(draft, kind.draft_class)]
+    if owners:
+        return max(owners, key=lambda kind: len(kind.draft_class.__mro__))
     raise ValueError(f"{type(draft).__name__} is not a registered draft kind ({', '.join(KINDS)})")
 
 

@@ -219,8 +219,9 @@ class TTTTrainer(EagleTrainer):
 
     # ---- the loss -------------------------------------------------------------------------------
     def eagle_loss(self, model, inputs):
-        return self.ttt_loss(model, self.slots(self.draft_module(model), inputs, noise=model.training),
-                             self.args.ttt_steps)
+        draft = self.draft_module(model)
+        return self.ttt_loss(model, self.slots(draft, inputs, noise=model.training),
+                             self.kind.unroll_steps(draft, self.args.ttt_steps))
 
     def ttt_loss(self, model, s, steps):
         """(loss, metric sums as device tensors) of `steps` unrolled steps over the slots `s`."""
@@ -290,11 +291,12 @@ class TTTTrainer(EagleTrainer):
     def eval_batch(self, model, inputs):
         """Loss metrics plus a simulated chain acceptance (as modules/trainer.simulated_acceptance):
         while the chain is alive, the draft's tokens equal the data tokens, so the unrolled TTT
-        steps (which read data tokens) are exactly the draft's chain at decoding time."""
+        steps (which read data tokens) are exactly the draft's chain at decoding time. A parallel draft
+        (P-EAGLE) reads mask inputs after step 0, so its unroll is exactly its one-forward block proposal."""
         draft = self.draft_module(model)
         s = self.slots(draft, inputs, noise=False)
-        _, metrics = self.ttt_loss(model, s, self.args.ttt_steps)
-        steps, mask = max(self.args.sim_steps, 1), s["mask"]
+        _, metrics = self.ttt_loss(model, s, self.kind.unroll_steps(draft, self.args.ttt_steps))
+        steps, mask = self.kind.unroll_steps(draft, max(self.args.sim_steps, 1)), s["mask"]
         # the draft's greedy token of step k at every trained origin t (the chain's k-th token)
         k, b, t = mask.expand(steps, -1, -1).nonzero(as_tuple=True)
         _, logits = self.unroller(model)(s["ids"], s["feats"], s["am"], steps, (k, b, t))
