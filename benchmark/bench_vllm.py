@@ -81,18 +81,15 @@ def mt_bench_prompts(target, n):
                                     tokenize=True, return_dict=False) for r in rows]
 
 
-def draft_method(draft):
-    from modules.draft.loading import draft_kind
-    return "eagle3" if draft_kind(draft) == "eagle3" else "eagle"
-
-
 def speculative_config(method, draft, k, ngram_max):
+    from modules.draft.kinds import kind_of_folder
+
     if method == "plain":
         return None
     if method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": ngram_max,
                 "prompt_lookup_min": 1}
-    return {"method": draft_method(draft), "model": str(draft), "num_speculative_tokens": k}
+    return kind_of_folder(draft).vllm_speculative_config(draft, k)  # the draft's kind decides (modules/draft/kinds.py)
 
 
 def spec_counters(llm):
@@ -138,17 +135,24 @@ def run_vllm(target, prompts, max_new_tokens, dtype, spec=None, kv_fraction=KV_C
 
 
 def run_ours(target, draft, prompts, max_new_tokens, dtype, k):
-    """Our decoder as a chain of k draft tokens (top-1, depth k) with the same draft and target folder."""
+    """Our decoder as a chain of k draft tokens (top-1, depth k) with the same draft and target folder; a
+    parallel draft (P-EAGLE) proposes the block it was trained for in one forward (modules/decode/parallel.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from modules.draft.kinds import kind_of
     from modules.draft.loading import load_draft
+    from modules.decode.parallel import ParallelDecoder
     from modules.decode.tree_decoding import EagleDecoder
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, attn_implementation="sdpa").eval()
     drafter = load_draft(draft, target_model=model, dtype=torch_dtype)
-    decoder = EagleDecoder(model, drafter, total_tokens=k + 1, depth=k, top_k=1)
+    if kind_of(drafter).parallel:
+        decoder = ParallelDecoder(model, drafter)
+        k = decoder.block
+    else:
+        decoder = EagleDecoder(model, drafter, total_tokens=k + 1, depth=k, top_k=1)
     eos = model.generation_config.eos_token_id
     decoder.generate(prompts[0][:16], max_new_tokens=8, eos_token_id=eos)  # warm-up
     outputs, lengths, t0 = [], [], time.perf_counter()

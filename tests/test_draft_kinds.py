@@ -1,7 +1,10 @@
 """Every registered draft kind (modules/draft/kinds.py) round-trips: build from a target -> one TTT
 training step -> lossless tree decoding -> export for the engines -> load, through the registry alone."""
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from modules.draft import kinds as draft_kinds
 from modules.draft.loading import draft_kind, load_draft
@@ -73,6 +76,11 @@ def test_kind_round_trips(name, target_dir, tmp_path):
     out = kind.export(draft, tmp_path / "export", target=target_dir, dtype=torch.float32)
     assert sorted(p.name for p in out.iterdir()) == sorted(kind.export_files)
     assert draft_kind(out) == name
+    if kind.parallel:  # what vLLM's parallel drafting reads (modules/export/engines.py)
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["parallel_drafting"] and cfg["parallel_draft_tokens"] == draft.parallel_tokens
+        assert cfg["mask_token_id"] == draft.mask_token_id
+        assert load_file(str(out / "model.safetensors"))["mask_hidden"].shape == (1, 3 * target.config.hidden_size)
 
     loaded = load_draft(out, target_model=target_dir).eval()
     assert draft_kinds.kind_of(loaded) is kind

