@@ -1,9 +1,12 @@
-"""Worker of tests/test_training_ttt_ddp.py: TTTTrainer for 3 optimizer steps on 4 equal-length
-conversations, in three setups (EAGLE-3 with stored features, EAGLE-3 online, EAGLE-1/2 arch),
-then each rank writes its trained weights and how many all-reduces the trainer made.
+"""Worker of tests/test_training_ttt_ddp.py and tests/test_training_fsdp.py: TTTTrainer for 3 optimizer
+steps on 4 equal-length conversations, in three setups (EAGLE-3 with stored features, EAGLE-3 online,
+EAGLE-1/2 arch), and EagleTrainer (train/train.py's trainer) in a fourth, "eagle2_plain"; then each rank
+writes its trained weights (under FSDP: rank 0 the consolidated ones) and how many all-reduces the
+trainer made.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/_worker_ttt_ddp.py OUT 1   # 2 ranks x batch 1
-    python tests/_worker_ttt_ddp.py OUT 2                                               # 1 process x batch 2
+    python -m torch.distributed.run --nproc_per_node 2 tests/_worker_ttt_ddp.py OUT 1        # 2 ranks x batch 1
+    python -m torch.distributed.run --nproc_per_node 2 tests/_worker_ttt_ddp.py OUT 1 fsdp   # the same, FSDP2
+    python tests/_worker_ttt_ddp.py OUT 2                                                    # 1 process x batch 2
 
 Both see the same global batch: 4 conversations per optimizer step (batch x ranks x 2 accumulation
 micro-steps), i.e. the whole data set, so the sample order does not matter. Every conversation has
@@ -19,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SETUPS = ("eagle3", "eagle3_online", "eagle2")
+ALL_SETUPS = SETUPS + ("eagle2_plain",)  # + EagleTrainer
 STEPS, GRAD_ACCUM, N_ITEMS, LENGTH = 3, 2, 4, 16
 
 
@@ -45,14 +49,16 @@ def make_draft(setup, target):
     from tests._helpers_eagle3 import AUX, VOCAB
 
     torch.manual_seed(1)
-    if setup == "eagle2":
+    if setup.startswith("eagle2"):
         return EagleDraft.from_target(target)
     return Eagle3Draft.from_target(target, draft_ids=torch.arange(VOCAB), aux_layers=AUX)
 
 
-def run(out_dir, batch_size, setup):
+def run(out_dir, batch_size, setup, fsdp=False):
     from safetensors.torch import save_file
 
+    from modules.data.collate import EagleCollator
+    from modules.training.eagle_trainer import EagleTrainer, EagleTrainingArguments
     from modules.training.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
     from tests._helpers_eagle3 import tiny_target
 
@@ -62,23 +68,53 @@ def run(out_dir, batch_size, setup):
     if online:
         data = [{k: v for k, v in it.items() if "hidden" not in k} for it in data]
     draft = make_draft(setup, target)
-    eagle3 = setup != "eagle2"
-    args = TTTTrainingArguments(
+    eagle3 = not setup.startswith("eagle2")
+    plain = setup == "eagle2_plain"
+    kw = dict(
         output_dir=str(Path(out_dir) / setup), max_steps=STEPS, learning_rate=1e-2, warmup_steps=0,
         per_device_train_batch_size=batch_size, gradient_accumulation_steps=GRAD_ACCUM,
-        logging_steps=STEPS, report_to=[], save_strategy="no", use_cpu=True,
-        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        logging_steps=STEPS, report_to=[], save_strategy="steps", save_steps=STEPS,
+        use_cpu=True, ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False, noise_std=0.0, w_reg=0.0 if eagle3 else 1.0,
-        w_cls=1.0 if eagle3 else 0.1, ttt_steps=3, dataloader_num_workers=0, seed=0)
-    trainer = TTTTrainer(model=draft, args=args, train_dataset=data, data_collator=TTTCollator(64),
-                         target_head=target.lm_head.weight if eagle3 else None,
-                         target=target if online else None, online=online)
+        w_cls=1.0 if eagle3 else 0.1, dataloader_num_workers=0, seed=0)
+    if fsdp:
+        kw.update(fsdp=True, fsdp_config={"version": 2})
+    if plain:
+        trainer = EagleTrainer(model=draft, args=EagleTrainingArguments(**kw), train_dataset=data,
+                               data_collator=EagleCollator(64))
+    else:
+        trainer = TTTTrainer(model=draft, args=TTTTrainingArguments(**kw, ttt_steps=3), train_dataset=data,
+                             data_collator=TTTCollator(64), target_head=target.lm_head.weight if eagle3 else None,
+                             target=target if online else None, online=online)
+    if fsdp:
+        fsdp_on_cpu(trainer)
+    args = trainer.args
     reduces = CountAllReduces()
     trainer.train()
-    weights = {n: p.detach().contiguous() for n, p in trainer.draft_module().named_parameters() if p.requires_grad}
+    n_reduces = reduces.stop()
+    whole = trainer.full_draft()  # under FSDP: gathered on every rank, a plain copy on rank 0
+    if whole is None:
+        return
+    weights = {n: p.detach().contiguous() for n, p in whole.named_parameters() if p.requires_grad}
+    in_optimizer = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
     save_file(weights, str(Path(out_dir) / f"{setup}-rank{args.process_index}.safetensors"),
               metadata={"world_size": str(args.world_size), "global_step": str(trainer.state.global_step),
-                        "all_reduce_calls": str(reduces.stop())})
+                        "all_reduce_calls": str(n_reduces), "fsdp": str(trainer.is_fsdp_enabled),
+                        "wrapped": type(trainer.model_wrapped).__name__, "optimizer_numel": str(in_optimizer)})
+
+
+def fsdp_on_cpu(trainer):
+    """The CPU stand-in for FSDP: accelerate 1.15 turns its FSDP plugin on only for accelerator process
+    groups (AcceleratorState: MULTI_GPU, MULTI_NPU, ...; MULTI_CPU is left out), so on CPU the Trainer
+    would silently train under DDP. Switched on here by hand, after the Trainer built its accelerator and
+    before train() wraps the model, exactly as the CUDA path has it then."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP  # both shared states
+    trainer.is_fsdp_enabled = True
 
 
 class CountAllReduces:
@@ -100,8 +136,9 @@ class CountAllReduces:
 
 if __name__ == "__main__":
     out, batch = sys.argv[1], int(sys.argv[2])
-    for name in SETUPS:
-        run(out, batch, name)
+    mode = sys.argv[3] if len(sys.argv) > 3 else "ddp"
+    for name in ALL_SETUPS:
+        run(out, batch, name, fsdp=mode == "fsdp")
     if torch.distributed.is_initialized():
         # Tear gloo down before the interpreter does: left to exit, its threads can abort the process
         # ("terminate called without an active exception", seen once in a clean-clone run).

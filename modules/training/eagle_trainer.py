@@ -309,7 +309,7 @@ class EagleTrainer(Trainer):
         model.eval()
         sums = {}
         start = time.time()
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), self.unsharded():
             for inputs in dataloader:
                 inputs = self._prepare_inputs(inputs)
                 add_sums(sums, self.eval_batch(model, inputs))
@@ -372,11 +372,73 @@ class EagleTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.save_draft(self.draft_module(), output_dir)
+        # under FSDP the Trainer hands rank 0 the consolidated weights (gathered on every rank)
+        draft = self.plain_draft(state_dict) if self.is_fsdp_enabled and state_dict else self.draft_module()
+        self.save_draft(draft, output_dir)
         # JSON, not the pickled training_args.bin of the stock Trainer
         with open(os.path.join(output_dir, "training_args.json.tmp"), "w") as f:
             f.write(self.args.to_json_string())
         os.replace(os.path.join(output_dir, "training_args.json.tmp"), os.path.join(output_dir, "training_args.json"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.is_fsdp_enabled:  # called after sharding: the whole weights go into each rank's shards
+            plain = self.plain_draft(self._full_state_dict())
+            self.load_draft_weights(plain, resume_from_checkpoint)
+            self._load_full_state_dict(plain.state_dict())
+            return
         self.load_draft_weights(self.draft_module(model), resume_from_checkpoint)
+
+    # ---- FSDP (--fsdp): the draft's weights are sharded over the ranks -----------------------------
+    # Training, the optimizer and the gradient reduction are the HF Trainer's (accelerate's FSDP2 plugin);
+    # what reads whole weights outside the wrapped forward (saving, exporting, evaluation) comes here.
+    def _draft_prefix(self):
+        """The draft's name inside the trainer's model ('' or 'draft.' for TTTUnroll), for state-dict keys."""
+        draft = self.draft_module()
+        name = next(n for n, m in self.model.named_modules() if m is draft)
+        return name + "." if name else ""
+
+    def _full_state_dict(self):
+        """The whole weights of the trainer's model on the CPU of every rank (a collective under FSDP)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _load_full_state_dict(self, draft_state_dict):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        prefix = self._draft_prefix()
+        set_model_state_dict(self.model, {prefix + k: v for k, v in draft_state_dict.items()},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def plain_draft(self, state_dict):
+        """An unsharded CPU copy of the draft holding `state_dict` (the trainer model's whole weights):
+        what checkpoints and exports are written from under FSDP, in the same layout as without it."""
+        draft = self.draft_module()
+        prefix = self._draft_prefix()
+        plain = type(draft)(draft.config)
+        sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        missing, unexpected = plain.load_state_dict(sd, strict=False)
+        if unexpected or any(not k.startswith("rotary_emb.") for k in missing):
+            raise ValueError(f"consolidated FSDP weights do not fit {type(draft).__name__}: missing {missing}, "
+                             f"unexpected {unexpected}")
+        return plain
+
+    def full_draft(self):
+        """The trained draft, whole: the draft itself, or under FSDP a plain copy on rank 0 (None on the
+        other ranks). Every rank must call it (the gathering is a collective)."""
+        if not self.is_fsdp_enabled:
+            return self.draft_module()
+        sd = self._full_state_dict()
+        return self.plain_draft(sd) if self.args.should_save else None
+
+    @contextmanager
+    def unsharded(self):
+        """Whole weights inside the block (evaluation calls the draft outside the wrapped forward)."""
+        if not self.is_fsdp_enabled:
+            yield
+            return
+        self.model.unshard()
+        try:
+            yield
+        finally:
+            self.model.reshard()
