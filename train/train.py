@@ -80,13 +80,14 @@ def dump_rank_weights(trainer, output_dir):
               metadata={"world_size": str(trainer.args.world_size), "global_step": str(trainer.state.global_step)})
 
 
-def save_outputs(args, trainer, result, metrics, t0):
-    """Rank 0: the draft export (unless --no-export), summary.json, log_history.json, training_curves.png."""
+def save_outputs(args, trainer, draft, result, metrics, t0):
+    """Rank 0: the draft export (unless --no-export), summary.json, log_history.json, training_curves.png.
+    draft: the whole trained draft (trainer.full_draft(): under --fsdp consolidated from the shards)."""
     from modules.training.curves import save_run_outputs
 
     out = Path(args.output_dir) / "draft"
     if not args.no_export:
-        KIND.save_trained(trainer.draft_module(), out, target=args.model)
+        KIND.save_trained(draft, out, target=args.model)
     summary = {"steps": result.global_step, "train_loss": round(result.training_loss, 5),
                "train_runtime_s": round(time.time() - t0, 1), **{k: round(v, 4) for k, v in metrics.items()},
                "draft": None if args.no_export else str(out)}
@@ -127,10 +128,11 @@ def main(argv=None):
     metrics = trainer.evaluate() if eval_ds is not None else {}
     if args.dump_rank_weights:
         dump_rank_weights(trainer, args.output_dir)
+    draft = trainer.full_draft()  # every rank: under --fsdp the weights are gathered from all of them
     if not trainer.is_world_process_zero():
         return 0
     try:
-        save_outputs(args, trainer, result, metrics, t0)
+        save_outputs(args, trainer, draft, result, metrics, t0)
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -174,14 +174,15 @@ def build_trainer(args, kind, cfg, display, ds, aux_layers, target):
     return trainer, covered
 
 
-def save_outputs(args, kind, trainer, result, metrics, covered, t0):
-    """Rank 0: the draft export (unless --no-export), summary.json, log_history.json, training_curves.png."""
+def save_outputs(args, kind, trainer, draft, result, metrics, covered, t0):
+    """Rank 0: the draft export (unless --no-export), summary.json, log_history.json, training_curves.png.
+    draft: the whole trained draft (trainer.full_draft(): under --fsdp consolidated from the shards)."""
     from modules.training.curves import save_run_outputs
 
     out = Path(args.output_dir) / "draft"
     if not args.no_export:
-        kind.save_trained(trainer.draft_module(), out, target=args.model)
-    unrolled = kind.unroll_steps(trainer.draft_module(), args.ttt_steps)  # a parallel kind: its block size
+        kind.save_trained(draft, out, target=args.model)
+    unrolled = kind.unroll_steps(draft, args.ttt_steps)  # a parallel kind: its block size
     summary = {"arch": args.arch, "ttt_steps": unrolled, "online": args.online, "steps": result.global_step,
                "train_loss": round(result.training_loss, 5), "draft_vocab_coverage": round(covered, 4),
                "train_runtime_s": round(time.time() - t0, 1), **{k: round(v, 4) for k, v in metrics.items()},
@@ -228,8 +229,9 @@ def main(argv=None):
         return 3
 
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    draft = trainer.full_draft()  # every rank: under --fsdp the weights are gathered from all of them
     if trainer.is_world_process_zero():
-        save_outputs(args, kind, trainer, result, metrics, covered, t0)
+        save_outputs(args, kind, trainer, draft, result, metrics, covered, t0)
     return 0
 
 
