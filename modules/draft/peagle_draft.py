@@ -101,8 +101,10 @@ class PEagleAdapter(Eagle3Adapter):
     def block_size(self):
         return self.draft.parallel_tokens
 
-    def mask_inputs(self, length):
-        return self.draft.mask_inputs(1, length)
+    def propose_block(self, ids, feats, start, cache, masks):
+        from modules.decode.parallel import mask_slot_block
+        mask_ids, mask_feats = self.draft.mask_inputs(1, self.block_size - 1)
+        return mask_slot_block(self, ids, feats, start, cache, masks, mask_ids, mask_feats)
 
 
 class PEagleKind(Eagle3Kind):
