@@ -73,19 +73,20 @@ def test_eagle2_arch_with_ttt(tiny, tmp_path):
     assert json.loads((out / "summary.json").read_text())["arch"] == "eagle2"
 
 
-def test_peagle_arch_trains_its_block_exports_and_resumes(tiny, tmp_path):
-    """--arch peagle: the TTT unroll is the block (--parallel-tokens), not --ttt-steps; simulated tau over the
-    block; the saved draft is a P-EAGLE one; --resume auto continues from the last checkpoint."""
+@pytest.mark.parametrize("arch,cls", [("peagle", "PEagleDraft"), ("dflash", "DFlashDraft")])
+def test_parallel_arch_trains_its_block_and_resumes(tiny, tmp_path, arch, cls):
+    """--arch peagle|dflash: the unroll is the block (--parallel-tokens), not --ttt-steps; simulated tau over the
+    block; the saved draft is of the kind; --resume auto continues from the last checkpoint."""
     base, model, rows, data = tiny
-    out = tmp_path / "pe"
-    common = ["--arch", "peagle", "--parallel-tokens", "3", "--ttt-steps", "7", "--model", model, "--data", str(data),
+    out = tmp_path / arch
+    common = ["--arch", arch, "--parallel-tokens", "3", "--ttt-steps", "7", "--model", model, "--data", str(data),
               "--output-dir", str(out), "--eval-fraction", "0.2", "--grad-accum", "1", "--save-steps", "2"]
     assert train_eagle_ttt.main(common + ["--max-steps", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["arch"] == "peagle" and summary["ttt_steps"] == 3
+    assert summary["arch"] == arch and summary["ttt_steps"] == 3
     assert "eval_step2_acc" in summary and "eval_step3_acc" not in summary and "eval_tau_sim" in summary
     draft = load_draft(out / "draft", target_model=model)
-    assert type(draft).__name__ == "PEagleDraft" and draft.parallel_tokens == 3
+    assert type(draft).__name__ == cls and draft.parallel_tokens == 3
     assert train_eagle_ttt.main(common + ["--max-steps", "4", "--resume", "auto"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
 

@@ -69,7 +69,7 @@ def test_fp32_training_keeps_frozen_weights_fp32_and_limit_zero_keeps_all(tmp_pa
     assert sorted(os.listdir(tmp_path / "out")) == [f"checkpoint-{k}" for k in range(1, 5)]
 
 
-@pytest.mark.parametrize("kind", ["eagle3", "peagle"])
+@pytest.mark.parametrize("kind", ["eagle3", "peagle", "dflash"])
 def test_eagle3_checkpoint_has_no_embedding_and_resumes(tmp_path, kind):
     target = _helpers_eagle3.tiny_target()
     items = make_items(target, n=8)

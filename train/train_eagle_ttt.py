@@ -35,14 +35,16 @@ ONLINE = "online training (features computed by the target inside the loop)"  # 
 @dataclass
 class Settings(TrainingSettings):
     arch: str = setting("eagle3", "eagle3 | eagle2 (EAGLE-1/2 draft with the TTT loss) | peagle (P-EAGLE: EAGLE-3 "
-                                  "proposing --parallel-tokens tokens in one forward)",
+                                  "proposing --parallel-tokens tokens in one forward) | dflash (DFlash block drafter)",
                         choices=list(draft_kinds.KINDS))
     data: list[str] = setting([str(DEFAULT_FUSED_DATA_DIR)], "offline data folders (ignored with --online)")
     output_dir: str = setting(str(DEFAULT_TTT_TRAIN_DIR), "checkpoints, the exported draft and the run's json files",
                               hf="output_dir")
     ttt_steps: int = setting(7, "unrolled draft steps (official EAGLE-3: 7)", hf="ttt_steps")
-    parallel_tokens: int = setting(4, "parallel kinds (peagle): tokens proposed per draft forward (the block size K, "
-                                      "saved in the draft's config); they unroll K steps, not --ttt-steps")
+    parallel_tokens: int = setting(4, "parallel kinds (peagle, dflash): tokens proposed per draft forward (the "
+                                      "block size K, saved in the draft's config); they unroll K steps, not "
+                                      "--ttt-steps")
+    draft_layers: int = setting(2, "dflash: decoder layers of the draft")
     ttt_decay: float = setting(0.8, "step k's loss weight: TTT_DECAY ** k", hf="ttt_decay")
     topk_distill: int = setting(0, "HASS top-K distillation: add -sum of p_target * log p_draft over the target's "
                                    "K most likely tokens (HASS: K=10); 0 = off", hf="topk_distill")
@@ -159,7 +161,7 @@ def build_trainer(args, kind, cfg, display, ds, aux_layers, target):
     embed, head = load_embed_and_head(args.model)
     ids, covered = draft_vocab_ids(args, train_ds, cfg.vocab_size) if kind.own_vocab else (None, 1.0)
     draft = kind.build(cfg, weights=(embed, head), draft_ids=ids, aux_layers=aux_layers, bias=args.bias,
-                       parallel_tokens=args.parallel_tokens)
+                       parallel_tokens=args.parallel_tokens, draft_layers=args.draft_layers)
     draft.config.target_model = display
     draft.config._attn_implementation = pick_attention(args.attn)
     trainer = TTTTrainer(model=draft, args=training_arguments(args, eval_ds is not None, cls=TTTTrainingArguments),

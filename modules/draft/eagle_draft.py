@@ -291,8 +291,9 @@ class Eagle2Kind(DraftKind):
     vllm_method = "eagle"  # vLLM 0.32: config/speculative.py
 
     def owns_config(self, config):
-        # ours say eagle_version 2; official and engine checkpoints carry no version and are not EAGLE-3
-        return config.get("eagle_version", 2) == 2 and not any("Eagle3" in a for a in config.get("architectures") or [])
+        # ours say eagle_version 2; official and engine checkpoints carry no version and are not EAGLE-3 / DFlash
+        return config.get("eagle_version", 2) == 2 and not any("Eagle3" in a or "DFlash" in a
+                                                               for a in config.get("architectures") or [])
 
     def build(self, target, bias=False, attn_implementation="sdpa", weights=None, **_):
         draft = EagleDraft.from_target(target, bias=bias, attn_implementation=attn_implementation,

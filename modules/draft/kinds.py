@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 KINDS = {"eagle2": "modules.draft.eagle_draft", "eagle3": "modules.draft.eagle3_draft",
-         "peagle": "modules.draft.peagle_draft"}  # name -> module defining KIND
+         "peagle": "modules.draft.peagle_draft", "dflash": "modules.draft.dflash_draft"}  # name -> module of KIND
 
 
 class DraftKind:

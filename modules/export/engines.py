@@ -156,6 +156,21 @@ def parallel_drafting_fields(block_size: int, mask_token_id: int, vocab_size: in
     return {"parallel_drafting": True, "mask_token_id": int(mask_token_id), PARALLEL_TOKENS_KEY: int(block_size)}
 
 
+# ---- DFlash ------------------------------------------------------------------------------------
+# vLLM 0.32 serves it as method "dflash" (config/speculative.py sets parallel_drafting itself), class
+# DFlashQwen3ForCausalLM for architectures ["DFlashDraftModel"] (models/registry.py), Qwen3-style layers
+# with q/k norms (model_executor/models/qwen3_dflash.py). It reads `dflash_config`: mask_token_id
+# (also llm_base_proposer.py, first in its list), `causal` (False: non-causal block, unless is_causal is
+# set), target_layer_ids in the OUTPUT-of-layer convention (v1/worker/gpu/spec_decode/eagle/eagle3_utils.py
+# adds 1), read only when the top-level eagle_aux_hidden_state_layer_ids (ours, read first) is absent.
+# Weights: fc, hidden_norm, layers.i.*, norm, lm_head (+ d2t over a draft vocabulary, embed_tokens
+# optional); a `mask_hidden` tensor is refused (load_weights asserts). num_speculative_tokens = K mask slots.
+def dflash_config_fields(mask_token_id: int, aux_layers) -> dict:
+    """The `dflash_config` of a DFlash draft whose capture layers are `aux_layers` (our ids)."""
+    return {"mask_token_id": int(mask_token_id), "target_layer_ids": [int(i) - 1 for i in aux_layers],
+            "causal": False}
+
+
 # ---- fields no engine should see -------------------------------------------------------------
 MACHINE_FIELDS = ("_name_or_path", "_attn_implementation_autoset", "_commit_hash")
 

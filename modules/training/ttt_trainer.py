@@ -134,6 +134,9 @@ class TTTUnroll(nn.Module):
         attention mask [B,T]). select: index tensors (k, b, t) [N] naming the (step, row, slot)
         outputs wanted. Returns (draft outputs [N, h], draft logits [N, draft vocab])."""
         draft = self.draft
+        if hasattr(draft, "block_unroll"):  # a drafter that fills its whole block in one pass (DFlash)
+            h = draft.block_unroll(slot_ids, features, slot_am, steps, select)
+            return h, draft.compute_logits(h)
         mask0 = step0_mask(slot_am, slot_ids.shape[1], slot_ids.device)
         cache, h, outs = TTTCache(), features, []
         for k in range(steps):
