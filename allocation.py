@@ -1,34 +1,51 @@
 """Split a row range over GPUs (or CPU processes) and run one generator per device group.
 
-    python allocation.py --outdir data_out/eagle2 --end 20000                 # all visible GPUs, 1 each
-    python allocation.py --outdir data_out/eagle2 --gpus 0,1 2,3 --end 20000  # 2 workers, each target over 2 GPUs
-    python allocation.py --outdir data_out/eagle2 --workers 2 --end 200       # no GPU: 2 CPU processes
-    python allocation.py --outdir D --num-shards 4 --shard-index 1            # node 1 of 4 takes its quarter
-    python allocation.py --outdir D --script generate_data_fused_features.py -- --max-length 1024
+    python allocation.py --output-dir data_out/eagle2 --end 20000                 # all visible GPUs, 1 each
+    python allocation.py --output-dir data_out/eagle2 --gpus 0,1 2,3 --end 20000  # 2 workers, each target on 2 GPUs
+    python allocation.py --output-dir data_out/eagle2 --workers 2 --end 200       # no GPU: 2 CPU processes
+    python allocation.py --output-dir D --num-shards 4 --shard-index 1            # node 1 of 4 takes its quarter
+    python allocation.py --output-dir D --script generate_data_fused_features.py -- --max-length 1024
 
-Each worker writes OUTDIR/part-<index:04d>/ for its slice (no gap, no overlap) and logs to
-OUTDIR/logs/. Rerunning the same command resumes every worker. Flags after `--` (and unknown
-flags) go to the generator unchanged. GPU ids are indexes into the GPUs this process sees: with
+Each worker writes OUTPUT_DIR/part-<index:04d>/ for its slice (no gap, no overlap) and logs to
+OUTPUT_DIR/logs/; the progress bar follows the rows the workers have done (their progress.json).
+Rerunning the same command resumes every worker. Flags after `--` (and unknown flags) go to the
+generator unchanged. GPU ids are indexes into the GPUs this process sees: with
 CUDA_VISIBLE_DEVICES=4,5 already set, `--gpus 0 1` (and the default) run on physical GPUs 4 and 5.
 A worker given several GPUs gets --spread-target (its target is spread over them).
 """
-import argparse
+import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from modules.paths import DEFAULT_DATA_DIR, REPO_ROOT
+from modules.data.generation_cli import GenerateSettings
+from modules.paths import REPO_ROOT
+from modules.settings import like, parse_settings, setting
+
 
 # ----------------------------------------------------------------------------- SETTINGS
-SCRIPT = "generate_data.py"   # the generator each worker runs (generate_data_fused_features.py for EAGLE-3)
-DATASET = "sharegpt"
-START = 0
-END = None                    # None: to the end of the dataset
-OUTDIR = str(DEFAULT_DATA_DIR)
-POLL_SECONDS = 0.5
+# Edit a default here or pass the flag (--workers 2). The row range, dataset and output folder are the
+# generators' settings (GenerateSettings, modules/data/generation_cli.py), passed to every worker;
+# any other generator flag goes after `--`.
+@dataclass
+class Settings:
+    script: str = setting("generate_data.py", "generator script to run per worker (generate_data_fused_features.py "
+                                              "for EAGLE-3)")
+    output_dir: str = like(GenerateSettings, "output_dir")
+    dataset: str = like(GenerateSettings, "dataset")
+    split: str | None = like(GenerateSettings, "split")
+    start: int = like(GenerateSettings, "start")
+    end: int | None = like(GenerateSettings, "end")
+    gpus: list[str] | None = setting(None, "GPU ids per worker, e.g. 0,1 2,3 (default: each visible GPU)", nargs="*")
+    workers: int | None = setting(None, "CPU worker processes (machines without GPUs)")
+    num_shards: int = setting(1, "nodes sharing the range")
+    shard_index: int = setting(0, "this node's part (0-based)")
 # ----------------------------------------------------------------------------- end of SETTINGS
+
+POLL_SECONDS = 0.5  # how often the progress bar reads the workers' progress
 
 
 def split_range(start: int, end: int, parts: int) -> list[tuple[int, int]]:
@@ -84,11 +101,12 @@ def worker_plan(args) -> list[dict]:
 
 
 def launch(worker: dict, args, extra: list[str]) -> subprocess.Popen:
-    log_dir = Path(args.outdir) / "logs"
+    log_dir = Path(args.output_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     worker["log"] = log_dir / f"worker-{worker['index']:04d}.log"
     cmd = [sys.executable, str(REPO_ROOT / args.script), "--start", str(worker["start"]), "--end", str(worker["end"]),
-           "--index", str(worker["index"]), "--outdir", args.outdir, "--dataset", args.dataset, "--no-progress"]
+           "--index", str(worker["index"]), "--output-dir", args.output_dir, "--dataset", args.dataset,
+           "--no-progress"]
     if args.split:
         cmd += ["--split", args.split]
     if worker["threads"]:
@@ -102,30 +120,26 @@ def launch(worker: dict, args, extra: list[str]) -> subprocess.Popen:
 
 
 def rows_done(outdir: str, worker: dict) -> int:
-    """Rows covered by whole shards in a worker's folder (progress without talking to the worker)."""
+    """Rows a worker has done (progress without talking to it): those its progress.json counts (shards
+    on disk + rows computed in the window at work, modules/data/generation.py), at least those its
+    whole shards cover."""
+    from modules.data.generation import PROGRESS
     from modules.data.storage import SHARD_RE
 
     folder = Path(outdir) / f"part-{worker['index']:04d}"
     if not folder.is_dir():
         return 0
-    return sum(int(m.group(2)) - int(m.group(1)) for p in folder.iterdir() if (m := SHARD_RE.match(p.name)))
+    in_shards = sum(int(m.group(2)) - int(m.group(1)) for p in folder.iterdir() if (m := SHARD_RE.match(p.name)))
+    try:
+        progress = json.loads((folder / PROGRESS).read_text())["rows_done"]
+    except (OSError, ValueError, KeyError, TypeError):  # not written yet (or by an older generator)
+        progress = 0
+    return min(max(in_shards, progress), worker["end"] - worker["start"])
 
 
 def parse_args(argv=None):
-    """(args, flags for the generator: unknown ones and those after `--`)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--outdir", default=OUTDIR)
-    parser.add_argument("--dataset", default=DATASET)
-    parser.add_argument("--split", default=None)
-    parser.add_argument("--start", type=int, default=START)
-    parser.add_argument("--end", type=int, default=END)
-    parser.add_argument("--gpus", nargs="*", default=None,
-                        help="GPU ids per worker, e.g. 0,1 2,3 (default: each visible GPU)")
-    parser.add_argument("--workers", type=int, default=None, help="CPU worker processes (machines without GPUs)")
-    parser.add_argument("--num-shards", type=int, default=1, help="nodes sharing the range")
-    parser.add_argument("--shard-index", type=int, default=0, help="this node's part (0-based)")
-    parser.add_argument("--script", default=SCRIPT, help="generator script to run per worker")
-    args, extra = parser.parse_known_args(argv)
+    """(settings, flags for the generator: unknown ones and those after `--`)."""
+    args, extra = parse_settings(Settings, argv, description=__doc__.splitlines()[0], known_only=True)
     return args, [x for x in extra if x != "--"]
 
 
@@ -196,8 +210,8 @@ def main(argv=None) -> int:
         return 2
     plan = worker_plan(args)
     launch_all(plan, args, extra)
-    wait_with_progress(plan, args.outdir)
-    return report(plan, args.outdir)
+    wait_with_progress(plan, args.output_dir)
+    return report(plan, args.output_dir)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,62 +8,36 @@ the fused low/middle/high-layer hidden states (`aux_hidden_states`, [tokens, 3 x
     python generate_data_fused_features.py --regenerate          # the target's own replies (T=0.8) first
     python generate_data_fused_features.py --regenerate --server-url http://localhost:30000/v1 --regenerate-only
     python generate_data_fused_features.py --regenerate --server-url http://localhost:30000/v1  # server stopped
-    python allocation.py --script generate_data_fused_features.py --outdir data_out/eagle3
+    python allocation.py --script generate_data_fused_features.py --output-dir data_out/eagle3
 
 Same storage, manifest, resume and allocation.py sharding as generate_data.py (modules/data/generation.py);
 only the aux layers (default: the official EAGLE-3 choice, inputs of layers 2, N//2, N-3) and the
-optional regeneration are added. Regenerated conversations are kept in OUTDIR/regenerated-*.jsonl,
+optional regeneration are added. Regenerated conversations are kept in OUTPUT_DIR/regenerated-*.jsonl,
 so a killed run resumes with the same replies. With --server-url the target is loaded only after the
 server has written every reply; --regenerate-only stops there, so the server can have the GPUs to
 itself, and the same command without it then computes the features from the kept replies.
 """
-import argparse
 import sys
+from dataclasses import dataclass
 
+from modules.data.generation_cli import FusedGenerateSettings, run, run_with_clear_errors
 from modules.paths import DEFAULT_FUSED_DATA_DIR
+from modules.settings import like, parse_settings
+
 
 # ----------------------------------------------------------------------------- SETTINGS
-MODEL = None              # hub id, local folder or .gguf file; None = embedded SmolLM2-135M-Instruct
-DATASET = "sharegpt"      # sharegpt (embedded), ultrachat, a .json/.jsonl file, or a hub dataset id
-START = 0
-END = None
-MAX_LENGTH = 2048
-DTYPE = "auto"
-STORE_DTYPE = "bf16"
-BATCH_TOKENS = 8192
-SYSTEM_PROMPT = None
-SHARD_BYTES = 2**30       # auto rows per shard: a shard of max-length rows stays within this many bytes
-OUTDIR = str(DEFAULT_FUSED_DATA_DIR)
-DEVICE = "auto"           # auto: this process's GPU (cuda:LOCAL_RANK under torchrun) or cpu; cpu, cuda:N
-SPREAD_TARGET = False     # spread the target over every visible GPU (targets too large for one GPU)
-AUX_LAYERS = None         # hidden_states ids of the fused layers; None = [2, N//2, N-3]
-REPLIES = "dataset"       # dataset: the rows' replies; greedy / sampled: the target's own, written while
-                          # its features are kept, in one pass (modules/data/self_distill.py; docs/data.md)
-REGENERATE = False        # replace every assistant reply by the target's own first (HF generate or a
-                          # server), then a second pass computes the features
-TEMPERATURE = 0.8         # sampling temperature of --replies sampled and of --regenerate
-MAX_NEW_TOKENS = 512      # per generated reply
-REGEN_BATCH_SIZE = 8      # conversations generated together (or requests in flight to a server)
-SERVER_URL = None         # an OpenAI-compatible server (SGLang, vLLM, llama-cpp) instead of local generate
-SERVER_MODEL = "default"  # the model name the server expects
-REGENERATE_ONLY = False   # write the regenerated replies and stop (no target loaded with SERVER_URL, no features)
+# Edit a default here or pass the flag (--aux-layers 2 16 29). Every setting (those of generate_data.py,
+# plus --aux-layers, --regenerate, --server-url, --server-model, --regenerate-only) is a field of
+# FusedGenerateSettings in modules/data/generation_cli.py, with its default and help; re-declare one
+# here to change its default. --batch-tokens is 0 (auto) as in generate_data.py (it was 8192: docs/settings.md).
+@dataclass
+class Settings(FusedGenerateSettings):
+    output_dir: str = like(FusedGenerateSettings, "output_dir", default=str(DEFAULT_FUSED_DATA_DIR))
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 
-def add_fused_args(parser):
-    a = parser.add_argument
-    a("--aux-layers", type=int, nargs="+", default=AUX_LAYERS, help="hidden_states ids to fuse (default: official)")
-    a("--regenerate", action=argparse.BooleanOptionalAction, default=REGENERATE,
-      help="replace assistant replies with the target's own (turn by turn)")
-    a("--server-url", default=SERVER_URL, help="regenerate through this OpenAI-compatible server")
-    a("--server-model", default=SERVER_MODEL, help="model name sent to the server")
-    a("--regenerate-only", action=argparse.BooleanOptionalAction, default=REGENERATE_ONLY,
-      help="write OUTDIR/regenerated-*.jsonl and stop; rerun without it for the features")
-    return parser
-
-
 def regenerate_rows_fn(args):
-    """rows_fn for modules.data.generation.run_from_args: regenerate (cached) before the features are computed.
+    """rows_fn for modules.data.generation_cli.run: regenerate (cached) before the features are computed.
     With --server-url the target is not loaded until the server has written every reply."""
     from pathlib import Path
 
@@ -72,12 +46,12 @@ def regenerate_rows_fn(args):
     def rows_fn(rows, get_model, tokenizer, out_dir):
         if args.server_url:
             gen = OpenAIGenerator(args.server_url, args.server_model, args.temperature, args.max_new_tokens,
-                                  concurrency=args.regen_batch_size)
+                                  concurrency=args.reply_batch_size)
         else:
             gen = LocalGenerator(get_model(), tokenizer, args.temperature, args.max_new_tokens, args.max_length,
                                  args.seed)
         cache = Path(out_dir) / f"regenerated-{args.start:08d}-{args.end if args.end is not None else 'end'}.jsonl"
-        return regenerate_cached(rows, gen, cache, args.system_prompt, args.regen_batch_size,
+        return regenerate_cached(rows, gen, cache, args.system_prompt, args.reply_batch_size,
                                  progress=not args.no_progress)
 
     return rows_fn
@@ -85,11 +59,8 @@ def regenerate_rows_fn(args):
 
 def main(argv=None) -> int:
     from modules.data.features import default_aux_layers
-    from modules.data.generation import add_generation_args, run_from_args, run_with_clear_errors
 
-    parser = add_generation_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), globals())
-    parser = add_fused_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_settings(Settings, argv, description=__doc__.splitlines()[0])
 
     def aux_layers_fn(num_layers):
         return list(args.aux_layers) if args.aux_layers else default_aux_layers(num_layers)
@@ -111,7 +82,7 @@ def main(argv=None) -> int:
         kwargs["rows_only"] = args.regenerate_only
     from modules.data.regenerate import RegenerationError
     try:
-        return run_with_clear_errors(lambda: run_from_args(args, **kwargs))
+        return run_with_clear_errors(lambda: run(args, **kwargs))
     except RegenerationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

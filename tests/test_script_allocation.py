@@ -27,7 +27,7 @@ def test_split_range_no_gap_no_overlap(start, end, parts):
 def test_nodes_and_workers_partition_the_range():
     covered = []
     for node in range(3):
-        args = allocation.argparse.Namespace(start=10, end=110, num_shards=3, shard_index=node, workers=4, gpus=None)
+        args = allocation.Settings(start=10, end=110, num_shards=3, shard_index=node, workers=4, gpus=None)
         plan = allocation.worker_plan(args)
         covered += [(w["start"], w["end"]) for w in plan]
         assert all(w["threads"] >= 1 and w["env"]["CUDA_VISIBLE_DEVICES"] == "" for w in plan)

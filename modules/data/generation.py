@@ -1,4 +1,5 @@
-"""The data-generation loop shared by generate_data.py and generate_data_fused_features.py.
+"""The data-generation loop shared by generate_data.py and generate_data_fused_features.py (their
+command line: modules/data/generation_cli.py).
 
 rows -> (tokenise + loss mask) -> length-sorted padded batches -> target forward -> packed shards.
 With --replies greedy|sampled the middle is self_distill.py instead: the target writes the replies and
@@ -13,11 +14,10 @@ Determinism and resume: a window's batches depend only on its own rows, so recom
 a kill gives exactly the bytes an uninterrupted run writes. Whole shards appear atomically; a rerun
 skips the windows whose shards are all on disk and writes only the missing shards of the others.
 """
-import argparse
-import functools
 import hashlib
+import json
 import os
-import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 from modules.data.chat import BadRow, row_to_messages
 from modules.data.features import target_features
 from modules.data.loss_mask import TemplateError, tokenize_conversation
-from modules.data.storage import (FORMAT, MANIFEST, SHARD_RE, list_shards, read_manifest, read_shard_stats,
-                             shard_name, write_manifest, write_shard)
+from modules.data.storage import (FORMAT, MANIFEST, SHARD_RE, DataFormatError, list_shards, read_manifest,
+                                  read_shard_stats, shard_name, write_manifest, write_shard,
+                                  atomic_write_text)
 
 SHARD_BYTES = 2**30  # default shard size bound: few files (and memory maps) for large targets, still easy to copy
 # A batching window holds this many full batches of max-length rows: length-sorting a window's rows
@@ -39,6 +40,9 @@ SHARD_BYTES = 2**30  # default shard size bound: few files (and memory maps) for
 BATCH_WINDOW = 8
 # Seconds to pause after each shard: lets the tests kill a run between shards deterministically.
 SHARD_DELAY = float(os.environ.get("EAGLE_DATA_SHARD_DELAY", "0"))
+# OUTPUT_DIR/progress.json: rows done so far (allocation.py's bar reads it), rewritten at most this often.
+PROGRESS = "progress.json"
+PROGRESS_SECONDS = 1.0
 
 
 class GenerationError(RuntimeError):
@@ -192,7 +196,8 @@ def pad_batch(batch, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def features_for_examples(model, examples, pad_id: int, batch_tokens: int, store_dtype: torch.dtype,
                           aux_layers=None, on_batch=None) -> list[dict]:
-    """Conversations ready for storage, in the order of `examples`; padded positions are dropped."""
+    """Conversations ready for storage, in the order of `examples`; padded positions are dropped.
+    on_batch(tokens, rows) after each forward."""
     device = next(model.parameters()).device
     out = {}
     for batch in make_batches(examples, batch_tokens):
@@ -209,7 +214,7 @@ def features_for_examples(model, examples, pad_id: int, batch_tokens: int, store
                 conv["aux_hidden_states"] = aux[b, :n]
             out[row_id] = conv
         if on_batch is not None:
-            on_batch(sum(len(ids) for _, ids, _ in batch))
+            on_batch(sum(len(ids) for _, ids, _ in batch), len(batch))
     return [out[row_id] for row_id, _, _ in examples]
 
 
@@ -248,8 +253,9 @@ def manifest_header(settings: GenerationSettings, tokenizer, config, device, ext
                     out_dir: Path | None = None) -> dict:
     """The manifest fields fixed by the settings (everything a resumed run must match), from the
     target's config alone: no weights needed, so a finished folder can be recognised cheaply.
-    With auto rows per shard, a folder begun with otherwise equal settings keeps its own rows per
-    shard (begun under another --shard-bytes or an older default), so its shards stay valid."""
+    With auto rows per shard or auto batch tokens, a folder begun with otherwise equal settings keeps
+    its own (begun under another --shard-bytes or an older default, e.g. the fused generator's former
+    8192 batch tokens), so its shards stay valid and a resume writes the same bytes."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = text.hidden_size
     store_dtype = STORE_TORCH_DTYPES[settings.dtype]
@@ -266,13 +272,15 @@ def manifest_header(settings: GenerationSettings, tokenizer, config, device, ext
     }
     if settings.replies != "dataset":  # absent for the dataset's replies: older folders still resume
         header["replies"] = settings.replies_manifest()
-    if not settings.rows_per_shard and out_dir is not None and (Path(out_dir) / MANIFEST).is_file():
+    auto = [key for key, value in (("rows_per_shard", settings.rows_per_shard),
+                                   ("batch_tokens", settings.batch_tokens)) if not value]
+    if auto and out_dir is not None and (Path(out_dir) / MANIFEST).is_file():
         try:
             old = read_manifest(out_dir)
-        except Exception:
-            return header  # _check_resume reports it
-        if old.get("rows_per_shard") and all(old.get(k) == header.get(k) for k in RESUME_KEYS if k != "rows_per_shard"):
-            header["rows_per_shard"] = old["rows_per_shard"]
+        except DataFormatError:
+            return header  # an unreadable manifest: _check_resume reads it again and raises this error
+        if all(old.get(k) == header.get(k) for k in RESUME_KEYS if k not in auto):
+            header.update({key: old[key] for key in auto if old.get(key)})
     return header
 
 
@@ -280,11 +288,24 @@ def finished_manifest(out_dir: Path, header: dict) -> dict | None:
     """The manifest of a complete folder made with exactly these settings, else None."""
     try:
         old = read_manifest(out_dir)
-    except Exception:
-        return None
+    except DataFormatError:
+        return None  # not a finished folder: generate_folder reads it again and reports the error
     same = all(old.get(k) == header.get(k) for k in RESUME_KEYS)
     done = sum(int(m.group(2)) - int(m.group(1)) for p in out_dir.iterdir() if (m := SHARD_RE.match(p.name)))
     return old if same and old.get("complete") and done == header["end_row"] - header["start_row"] else None
+
+
+def writable_folder(out_dir) -> Path:
+    """out_dir, created; a clear error when it cannot be written."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise GenerationError(f"cannot write to out dir {out_dir}: {err.strerror or err}") from err
+    return out_dir
 
 
 def generate_folder(model, tokenizer, rows, out_dir, settings: GenerationSettings, progress: bool = True,
@@ -293,103 +314,155 @@ def generate_folder(model, tokenizer, rows, out_dir, settings: GenerationSetting
     settings.replies greedy|sampled: the target writes the replies and its features are kept from
     those very forwards (modules/data/self_distill.py) instead of a forward over the dataset's replies."""
     check_reply_settings(settings)
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise GenerationError(f"cannot write to out dir {out_dir}: {err.strerror or err}") from None
+    out_dir = writable_folder(out_dir)
     if not getattr(tokenizer, "chat_template", None):
         raise GenerationError("the tokenizer has no chat template: pass --chat-template FILE (a Jinja template)")
-    store_dtype = STORE_TORCH_DTYPES[settings.dtype]
     device = next(model.parameters()).device
     manifest = manifest_header(settings, tokenizer, model.config, device, extra_manifest, out_dir)
     manifest["target_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    batch_tokens, rps = manifest["batch_tokens"], manifest["rows_per_shard"]
-    blocks = shard_blocks(settings.start, settings.end, rps)
-    done = _check_resume(out_dir, manifest, blocks)
-    _write_progress_manifest(out_dir, manifest, done, complete=len(done) == len(blocks))
+    job = FolderJob(model, tokenizer, rows, out_dir, settings, manifest)
+    todo = job.windows_to_do()
+    job.start_progress(sum(job.rows_missing(win) for win in todo), desc, progress)
+    run_windows(job, todo)
+    job.bar.close()
+    return read_manifest(out_dir)
 
-    by_block = {}
-    for row_id, row in rows:
-        by_block.setdefault((row_id - settings.start) // rps, []).append((row_id, row))
-    distill = None
-    if settings.replies != "dataset":
-        from modules.data.self_distill import SelfDistiller
 
-        distill = SelfDistiller(model, tokenizer, settings.max_length, settings.replies, settings.temperature,
-                                settings.max_new_tokens, settings.seed, settings.reply_batch_size,
-                                settings.aux_layers)
-        per_window = -(-settings.reply_batch_size // rps)  # enough shards for one batch of conversations
-    else:
-        per_window = batch_window_shards(rps, batch_tokens, settings.max_length)
-    windows = [list(enumerate(blocks))[w:w + per_window] for w in range(0, len(blocks), per_window)]
-    # a window with a missing shard is computed whole (its batches mix its shards' rows)
-    todo = [win for win in windows if any(shard_name(a, b) not in done for _, (a, b) in win)]
-    bar = tqdm(total=sum(b - a for win in todo for _, (a, b) in win if shard_name(a, b) not in done), unit="row",
-               desc=desc, disable=not progress, dynamic_ncols=True)
-    tokens_done, t0 = 0, time.perf_counter()
+class FolderJob:
+    """One data folder being written: its shard blocks, the shards already on disk, and the three steps
+    of a window of blocks (encode its rows, compute their features, save its shards)."""
 
-    def count_tokens(n):
-        nonlocal tokens_done
-        tokens_done += n
-        bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - t0, 1e-9):.0f}")
+    def __init__(self, model, tokenizer, rows, out_dir: Path, settings: GenerationSettings, manifest: dict):
+        self.model, self.tokenizer, self.out_dir, self.settings, self.manifest = (model, tokenizer, out_dir,
+                                                                                  settings, manifest)
+        self.store_dtype = STORE_TORCH_DTYPES[settings.dtype]
+        self.batch_tokens, self.rows_per_shard = manifest["batch_tokens"], manifest["rows_per_shard"]
+        self.blocks = shard_blocks(settings.start, settings.end, self.rows_per_shard)
+        self.done = _check_resume(out_dir, manifest, self.blocks)
+        self.write_manifest()
+        self.by_block = {}
+        for row_id, row in rows:
+            self.by_block.setdefault((row_id - settings.start) // self.rows_per_shard, []).append((row_id, row))
+        self.distill = None
+        if settings.replies != "dataset":
+            from modules.data.self_distill import SelfDistiller
 
-    def save(shards):
+            self.distill = SelfDistiller(model, tokenizer, settings.max_length, settings.replies, settings.temperature,
+                                         settings.max_new_tokens, settings.seed, settings.reply_batch_size,
+                                         settings.aux_layers)
+        self.bar = None
+        self.tokens_done, self.t0 = 0, time.perf_counter()
+        self.rows_computing = 0  # rows of the window being computed whose features are done
+        self.progress_lock, self.progress_written = threading.Lock(), 0.0
+
+    def write_manifest(self):
+        _write_progress_manifest(self.out_dir, self.manifest, self.done, complete=len(self.done) == len(self.blocks))
+
+    def windows_to_do(self) -> list[list]:
+        """Windows of consecutive (block index, (first row, end row)) with a missing shard: a window is
+        computed whole (its batches mix its shards' rows)."""
+        if self.distill is not None:  # enough shards for one batch of conversations
+            per_window = -(-self.settings.reply_batch_size // self.rows_per_shard)
+        else:
+            per_window = batch_window_shards(self.rows_per_shard, self.batch_tokens, self.settings.max_length)
+        blocks = list(enumerate(self.blocks))
+        windows = [blocks[w:w + per_window] for w in range(0, len(blocks), per_window)]
+        return [win for win in windows if self.rows_missing(win)]
+
+    def rows_missing(self, window) -> int:
+        return sum(b - a for _, (a, b) in window if shard_name(a, b) not in self.done)
+
+    def start_progress(self, total: int, desc: str, progress: bool):
+        self.bar = tqdm(total=total, unit="row", desc=desc, disable=not progress, dynamic_ncols=True)
+        self.rows_before = self.rows_on_disk()
+        self.show_progress(force=True)
+
+    def rows_on_disk(self) -> int:
+        return sum(int(m.group(2)) - int(m.group(1)) for name in self.done if (m := SHARD_RE.match(name)))
+
+    def show_progress(self, force=False):
+        """The bar and OUTPUT_DIR/progress.json ({"rows_done", "rows_total"}: rows of the shards on disk plus
+        those computed in the window at work; allocation.py reads it) move with the rows, not only per shard."""
+        with self.progress_lock:
+            done = self.rows_on_disk() + self.rows_computing
+            self.bar.n = max(self.bar.n, done - self.rows_before)
+            self.bar.set_postfix(tok_s=f"{self.tokens_done / max(time.perf_counter() - self.t0, 1e-9):.0f}",
+                                 refresh=False)
+            self.bar.refresh()
+            if force or time.perf_counter() - self.progress_written >= PROGRESS_SECONDS:
+                total = self.settings.end - self.settings.start
+                atomic_write_text(self.out_dir / PROGRESS, json.dumps({"rows_done": min(done, total),
+                                                                        "rows_total": total}))
+                self.progress_written = time.perf_counter()
+
+    def count_tokens(self, tokens: int, rows: int = 0):
+        """on_batch of the feature loops: tokens (and, when the loop reports them, rows) just computed."""
+        self.tokens_done += tokens
+        self.rows_computing += rows
+        self.show_progress()
+
+    def encode(self, window) -> list[tuple]:
+        """Per block of the window: (examples, skipped, truncated)."""
+        s = self.settings
+        if self.distill is not None:  # the replies are still to be written: (row_id, messages)
+            return [prompt_rows(self.by_block.get(k, []), s.system_prompt) for k, _ in window]
+        return [encode_rows(self.tokenizer, self.by_block.get(k, []), s.max_length, s.system_prompt)
+                for k, _ in window]
+
+    def compute(self, examples) -> list:
+        """Per example: a conversation ready for storage, or the reason it is skipped."""
+        self.rows_computing = 0
+        if self.distill is not None:
+            return self.distill(examples, self.store_dtype, on_batch=self.count_tokens)
+        return features_for_examples(self.model, examples, self.tokenizer.pad_token_id, self.batch_tokens,
+                                     self.store_dtype, self.settings.aux_layers, on_batch=self.count_tokens)
+
+    def shards_of(self, window, encoded) -> list[tuple]:
+        """(first row, end row, conversations, skipped, truncated) per block of a window, its features computed."""
+        examples = [ex for block_examples, _, _ in encoded for ex in block_examples]
+        results = iter(self.compute(examples))
+        shards = []
+        for (_, (a, b)), (block_examples, skipped, truncated) in zip(window, encoded):
+            convs, skipped = [], Counter(skipped)
+            for conv in (next(results) for _ in block_examples):
+                if isinstance(conv, str):
+                    skipped[conv] += 1
+                else:
+                    truncated += conv.pop("truncated", False)
+                    convs.append(conv)
+            shards.append((a, b, convs, skipped, truncated))
+        return shards
+
+    def save(self, shards):
         for a, b, convs, skipped, truncated in shards:
-            if shard_name(a, b) in done:
+            if shard_name(a, b) in self.done:
                 continue  # written before a kill; recomputed only as part of its window
-            done[shard_name(a, b)] = write_shard(out_dir, a, b, convs, dict(skipped), store_dtype, truncated)
-            _write_progress_manifest(out_dir, manifest, done, complete=len(done) == len(blocks))
-            bar.update(b - a)
+            stats = write_shard(self.out_dir, a, b, convs, dict(skipped), self.store_dtype, truncated)
+            with self.progress_lock:  # show_progress reads `done` from the computing thread
+                self.done[shard_name(a, b)] = stats
+            self.write_manifest()
+            self.show_progress(force=True)
             if SHARD_DELAY:
                 time.sleep(SHARD_DELAY)
 
-    def encode(win):
-        """Per block of the window: (examples, skipped, truncated)."""
-        if distill is not None:  # the replies are still to be written: (row_id, messages)
-            return [prompt_rows(by_block.get(k, []), settings.system_prompt) for k, _ in win]
-        return [encode_rows(tokenizer, by_block.get(k, []), settings.max_length, settings.system_prompt)
-                for k, _ in win]
 
-    def compute(examples):
-        """Per example: a conversation ready for storage, or the reason it is skipped."""
-        if distill is not None:
-            return distill(examples, store_dtype, on_batch=count_tokens)
-        return features_for_examples(model, examples, tokenizer.pad_token_id, batch_tokens, store_dtype,
-                                     settings.aux_layers, on_batch=count_tokens)
-
-    # Two helper threads keep the target busy: one tokenises the next window while the target runs
-    # (matters on GPU with a small target), one writes the previous window's shards. At most one
-    # window waits in memory, and shards land on disk in order.
+def run_windows(job: FolderJob, todo: list) -> None:
+    """Two helper threads keep the target busy: one tokenises the next window while the target runs
+    (matters on GPU with a small target), one writes the previous window's shards. At most one
+    window waits in memory, and shards land on disk in order."""
     with ThreadPoolExecutor(max_workers=1) as writer, ThreadPoolExecutor(max_workers=1) as encoder:
         pending = None
-        next_encoded = encoder.submit(encode, todo[0]) if todo else None
-        for i, win in enumerate(todo):
+        next_encoded = encoder.submit(job.encode, todo[0]) if todo else None
+        for i, window in enumerate(todo):
             encoded = next_encoded.result()
             if i + 1 < len(todo):
-                next_encoded = encoder.submit(encode, todo[i + 1])
-            examples = [ex for block_examples, _, _ in encoded for ex in block_examples]
-            results = iter(compute(examples))
-            shards = []
-            for (_, (a, b)), (block_examples, skipped, truncated) in zip(win, encoded):
-                convs, skipped = [], Counter(skipped)
-                for conv in (next(results) for _ in block_examples):
-                    if isinstance(conv, str):
-                        skipped[conv] += 1
-                    else:
-                        truncated += conv.pop("truncated", False)
-                        convs.append(conv)
-                shards.append((a, b, convs, skipped, truncated))
+                next_encoded = encoder.submit(job.encode, todo[i + 1])
+            shards = job.shards_of(window, encoded)
             if pending is not None:
                 pending.result()  # re-raises a write error (e.g. a full disk)
-            pending = writer.submit(save, shards)
+            pending = writer.submit(job.save, shards)
         if pending is not None:
             pending.result()
-    bar.close()
-    return read_manifest(out_dir)
 
 
 def _write_progress_manifest(out_dir: Path, manifest: dict, done: dict, complete: bool) -> None:
@@ -404,146 +477,3 @@ def _write_progress_manifest(out_dir: Path, manifest: dict, done: dict, complete
         skipped.update(s["skipped"])
     write_manifest(out_dir, {**manifest, **totals, "skipped": dict(sorted(skipped.items())),
                              "shards": len(done), "complete": complete})
-
-
-# ----------------------------------------------------------------------------- command line
-# Shared by generate_data.py and generate_data_fused_features.py: each script passes its SETTINGS.
-
-def add_generation_args(parser, defaults: dict):
-    """Flags of the generator scripts; `defaults` holds the script's SETTINGS block (UPPER CASE keys)."""
-    a = parser.add_argument
-    a("--model", default=defaults["MODEL"], help="hub id, local folder, or .gguf file (default: embedded SmolLM2)")
-    a("--dataset", default=defaults["DATASET"], help="sharegpt (embedded), ultrachat, a .json/.jsonl file or hub id")
-    a("--split", default=None, help="dataset split for hub datasets (default: train, ultrachat: train_sft)")
-    a("--start", type=int, default=defaults["START"], help="first dataset row")
-    a("--end", type=int, default=defaults["END"], help="end row (exclusive; default: the whole dataset)")
-    a("--index", type=int, default=None, help="worker index: writes OUTDIR/part-<index:04d> (allocation.py sets it)")
-    a("--gpu_index", type=int, nargs="*", default=None,
-      help="indexes of the visible GPUs this process may use (with CUDA_VISIBLE_DEVICES=4,5 set, 0 = GPU 4)")
-    a("--outdir", default=defaults["OUTDIR"], help="output folder")
-    a("--max-length", type=int, default=defaults["MAX_LENGTH"], help="truncate conversations to this many tokens")
-    a("--dtype", default=defaults["DTYPE"], help="dtype the target runs in: auto, bf16, fp16, fp32")
-    a("--store-dtype", default=defaults["STORE_DTYPE"], choices=["bf16", "fp16", "fp32"],
-      help="dtype of stored features")
-    a("--device", default=defaults["DEVICE"], help="auto (this process's GPU if any, cuda:LOCAL_RANK under torchrun), "
-      "cpu, cuda, cuda:1, ... (modules/placement.py)")
-    a("--spread-target", action=argparse.BooleanOptionalAction, default=defaults["SPREAD_TARGET"],
-      help="spread the target over every visible GPU (device_map=auto; for targets too large for one GPU)")
-    a("--threads", type=int, default=None, help="CPU threads for torch (allocation.py splits the cores)")
-    a("--batch-tokens", type=int, default=defaults["BATCH_TOKENS"],
-      help="padded tokens per forward (0: auto, 16384 on GPU, one conversation per forward on CPU)")
-    a("--rows-per-shard", type=int, default=0, help="rows per shard file (0: auto, shards <= --shard-bytes)")
-    a("--shard-bytes", type=int, default=defaults["SHARD_BYTES"],
-      help="auto rows per shard keeps a shard of max-length rows within this many bytes")
-    a("--system-prompt", default=defaults["SYSTEM_PROMPT"], help="system prompt for rows without one")
-    a("--chat-template", default=None, help="Jinja chat template file (for models without one)")
-    a("--no-progress", action="store_true", help="no tqdm bar (logs of background workers)")
-    a("--replies", default=defaults["REPLIES"], choices=REPLY_MODES,
-      help="who writes the assistant replies: dataset (as is), greedy or sampled (the target's own, "
-           "features kept from the generating forwards; modules/data/self_distill.py)")
-    a("--temperature", type=float, default=defaults["TEMPERATURE"],
-      help="sampling temperature of --replies sampled (and of --regenerate)")
-    a("--max-new-tokens", type=int, default=defaults["MAX_NEW_TOKENS"], help="tokens per generated reply")
-    a("--regen-batch-size", type=int, default=defaults["REGEN_BATCH_SIZE"],
-      help="conversations generated together (or requests in flight to a --server-url)")
-    a("--seed", type=int, default=0, help="sampling seed (--replies sampled: per-row seeds derive from it)")
-    return parser
-
-
-STORE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def run_from_args(args, aux_layers_fn=None, rows_fn=None, extra_manifest: dict | None = None,
-                  rows_only: bool = False) -> dict | None:
-    """Load target, tokenizer and rows from parsed flags, generate, print a summary; return the manifest.
-
-    aux_layers_fn(num_layers) -> list of ids turns on fused (EAGLE-3) features.
-    rows_fn(rows, get_model, tokenizer, out_dir) -> rows replaces the rows before the features are
-    computed (regeneration of the assistant replies); get_model() loads the target, only when rows_fn
-    needs it (a server regenerating next to this process keeps its GPUs until then); rows_only stops after
-    rows_fn (no target loaded unless rows_fn needed it, no features, returns None); extra_manifest adds manifest fields
-    (they must match on resume, like every other setting).
-    """
-    from modules.data.chat import dataset_display_name, load_rows
-    from modules.placement import PlacementError, physical_gpus, pick_device
-    from modules.target import load_target_config, load_target_model, load_tokenizer, model_display_name
-
-    if args.gpu_index:
-        try:
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(physical_gpus(args.gpu_index))
-        except PlacementError as err:
-            raise GenerationError(str(err)) from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out_dir = Path(args.outdir) / f"part-{args.index:04d}" if args.index is not None else Path(args.outdir)
-    rows = load_rows(args.dataset, args.start, args.end, args.split)
-    if not rows:
-        raise GenerationError(f"no rows in range start={args.start} end={args.end} "
-                              f"of {dataset_display_name(args.dataset)}")
-    end = rows[-1][0] + 1 if args.end is None else min(args.end, rows[-1][0] + 1)
-    tokenizer = load_tokenizer(args.model, args.chat_template)  # cheap checks before the model loads
-    if not getattr(tokenizer, "chat_template", None):
-        raise GenerationError("the tokenizer has no chat template: pass --chat-template FILE (a Jinja template)")
-    config = load_target_config(args.model)
-    n_layers = config.get_text_config().num_hidden_layers
-    settings = GenerationSettings(
-        model=model_display_name(args.model), dataset=dataset_display_name(args.dataset), split=args.split,
-        start=args.start, end=end, max_length=args.max_length, system_prompt=args.system_prompt,
-        dtype=STORE_DTYPES[args.store_dtype], aux_layers=aux_layers_fn(n_layers) if aux_layers_fn else None,
-        rows_per_shard=args.rows_per_shard, shard_bytes=args.shard_bytes, batch_tokens=args.batch_tokens,
-        replies=args.replies, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
-        reply_batch_size=args.regen_batch_size)
-    check_reply_settings(settings)
-    t0 = time.perf_counter()
-    # A finished folder (e.g. allocation.py rerun after one worker failed) exits without loading weights.
-    try:
-        device = pick_device(args.device, args.spread_target)
-    except PlacementError as err:
-        raise GenerationError(str(err)) from None
-    header = manifest_header(settings, tokenizer, config, device, extra_manifest, out_dir)
-    finished = finished_manifest(out_dir, header) if out_dir.is_dir() else None
-    if finished is not None:
-        print(f"{out_dir} is already complete for these settings: nothing to do")
-        print_summary(out_dir, finished, time.perf_counter() - t0)
-        return finished
-    get_model = functools.cache(lambda: load_target_model(args.model, dtype=args.dtype, device=args.device,
-                                                          spread=args.spread_target))
-    if rows_fn is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rows = rows_fn(rows, get_model, tokenizer, out_dir)
-        if rows_only:
-            print(f"{out_dir}: {len(rows)} rows ready in {time.perf_counter() - t0:,.1f} s; no features computed")
-            return None
-    model = get_model()
-    manifest = generate_folder(model, tokenizer, rows, out_dir, settings, progress=not args.no_progress,
-                               desc=f"rows {args.start}-{end}", extra_manifest=extra_manifest)
-    print_summary(out_dir, manifest, time.perf_counter() - t0)
-    return manifest
-
-
-def run_with_clear_errors(fn) -> int:
-    """The scripts' known failures (bad model, dataset, out dir, template) end with one line and exit code 2."""
-    from modules.data.chat import DatasetError
-    from modules.data.storage import DataFormatError
-    from modules.target import TargetLoadError
-
-    try:
-        fn()
-    except (TargetLoadError, DatasetError, GenerationError, TemplateError, DataFormatError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # e.g. a full disk while writing a shard (its temporary file is removed)
-        print(f"error: {err.strerror or err}: {getattr(err, 'filename', '') or ''}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def print_summary(out_dir, m: dict, seconds: float) -> None:
-    tokens = max(m["tokens"], 1)
-    bytes_per_value = torch.finfo(getattr(torch, m["dtype"])).bits // 8
-    feature_bytes = m["hidden_size"] * bytes_per_value * (1 + len(m["aux_layers"] or []))
-    print(f"{out_dir}: rows {m['start_row']}-{m['end_row']} written {m['rows_written']} "
-          f"(truncated {m['truncated']}), skipped {sum(m['skipped'].values())} {m['skipped']}")
-    print(f"  tokens {m['tokens']:,} trained {m['trained_tokens']:,}  shards {m['shards']}  "
-          f"{m['bytes'] / 2**20:,.1f} MiB = {m['bytes'] / tokens:,.0f} B/token "
-          f"(features {feature_bytes} B/token)  {seconds:,.1f} s this run, complete={m['complete']}")

@@ -1,94 +1,20 @@
-"""Settings of the training scripts, each defined once (TRL style: a dataclass per script).
+"""Settings of the training scripts (TRL style: a dataclass per script, on the mechanism of
+modules/settings.py: each field is a flag, its --help text, a run_config.json entry and a --config key).
 
-A script's settings are the fields of a dataclass at its top; everything else is derived from them:
-the command-line flag (field `max_steps` -> `--max-steps`), its type (from the annotation), its
-`--help` text, the value handed to the HF TrainingArguments (`hf=` names that field) and the
-run_config.json a run writes. The settings both training scripts share are `TrainingSettings` below;
-a script's dataclass subclasses it and adds its own:
+The settings both training scripts share are `TrainingSettings` below; a script's dataclass subclasses
+it and adds its own. `hf=` names the TrainingArguments field that receives a setting unchanged:
 
     @dataclass
     class Settings(TrainingSettings):
         ttt_steps: int = setting(7, "unrolled draft steps (official EAGLE-3: 7)", hf="ttt_steps")
 
     args = parse_settings(Settings, argv)      # args.ttt_steps, args.lr, ...; `--ttt-steps 3` on the command line
-
-Annotations map to flags: int / float / str, `X | None` (default None), bool (`--x` / `--no-x`, or
-`action="store_true"` for a plain switch), list[X] (one or more values; `nargs=3` for exactly three).
 """
-import argparse
 import dataclasses
-import json
-import types
-import typing
 from dataclasses import dataclass
-from pathlib import Path
 
-
-def setting(default, help, *, hf=None, choices=None, nargs=None, metavar=None, action=None, group=None,
-            hidden=False):
-    """One setting: its default, its help text (shown by --help) and how it becomes a flag.
-
-    hf: the TrainingArguments field that receives the value unchanged (modules/training/setup.py).
-    group: --help section. hidden: a flag for tests, left out of --help."""
-    meta = {"help": help, "hf": hf, "choices": choices, "nargs": nargs, "metavar": metavar, "action": action,
-            "group": group, "hidden": hidden}
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
-
-
-def flag_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _value_type(annotation):
-    """(element type, takes several values) of an annotation: int | None -> (int, False), list[str] -> (str, True)."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    if typing.get_origin(annotation) is list:
-        return typing.get_args(annotation)[0], True
-    return annotation, False
-
-
-def default_of(f: dataclasses.Field):
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
-def settings_parser(cls, description=None) -> argparse.ArgumentParser:
-    """An ArgumentParser with one flag per field of the settings dataclass `cls`."""
-    parser = argparse.ArgumentParser(description=description)
-    groups = {}
-    hints = typing.get_type_hints(cls)
-    own = list(vars(cls).get("__annotations__", {}))  # the script's own settings first, then the shared ones
-    for f in sorted(dataclasses.fields(cls), key=lambda f: own.index(f.name) if f.name in own else len(own)):
-        m, default = f.metadata, default_of(f)
-        kind, several = _value_type(hints[f.name])
-        text = m["help"].replace("%", "%%")
-        if kind is not bool and default is not None and default != []:
-            shown = " ".join(map(str, default)) if isinstance(default, list) else default
-            text += f" (default: {str(shown).replace('%', '%%')})"
-        kw = {"dest": f.name, "default": default, "help": argparse.SUPPRESS if m["hidden"] else text}
-        if m["action"]:
-            kw["action"] = m["action"]
-        elif kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = kind
-            if several:
-                kw["nargs"] = m["nargs"] or "+"
-        for key in ("choices", "metavar"):
-            if m[key] is not None:
-                kw[key] = m[key]
-        where = parser
-        if m["group"]:
-            where = groups.setdefault(m["group"], parser.add_argument_group(m["group"]))
-        where.add_argument(flag_name(f.name), **kw)
-    return parser
-
-
-def parse_settings(cls, argv=None, description=None):
-    """The settings dataclass `cls` filled from the command line (None: sys.argv)."""
-    return cls(**vars(settings_parser(cls, description).parse_args(argv)))
+from modules.settings import (default_of, flag_name, like, load_run_config, parse_settings,  # noqa: F401 (re-exported)
+                              save_run_config, setting, settings_parser)
 
 
 def with_kind_defaults(settings, kind):
@@ -100,21 +26,6 @@ def with_kind_defaults(settings, kind):
 def hf_arguments(settings) -> dict:
     """{TrainingArguments field: value} of the settings passed on unchanged (those with `hf=`)."""
     return {f.metadata["hf"]: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.metadata.get("hf")}
-
-
-def save_run_config(settings, output_dir) -> Path:
-    """OUTPUT_DIR/run_config.json: every setting of the run (flag values included), written atomically."""
-    from modules.data.storage import atomic_write_text
-
-    path = Path(output_dir) / "run_config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(dataclasses.asdict(settings), indent=2))
-    return path
-
-
-def load_run_config(cls, path):
-    """The settings a run saved (run_config.json) as a `cls` instance: rerun with exactly them."""
-    return cls(**json.loads(Path(path).read_text()))
 
 
 # ----------------------------------------------------------------------------- shared settings
