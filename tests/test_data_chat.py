@@ -73,3 +73,41 @@ def test_dataset_folder_through_datasets(tmp_path):
     assert [i for i, _ in got] == [1, 2]
     assert row_to_messages(got[0][1]) == rows[1]["messages"]
     assert count_rows(str(folder)) == 5
+
+
+def parts(*texts, image=False):
+    """An OpenAI-format content list: text parts (and an image part)."""
+    content = [{"type": "text", "text": t} for t in texts]
+    return content + ([{"type": "image_url", "image_url": {"url": "data:,"}}] if image else [])
+
+
+def test_openai_text_parts_are_joined():
+    row = {"messages": [{"role": "user", "content": parts("look", "here")},
+                        {"role": "assistant", "content": parts("ok")}]}
+    assert row_to_messages(row) == [{"role": "user", "content": "look\nhere"}, {"role": "assistant", "content": "ok"}]
+    mixed = sg(("human", "plain"), ("gpt", "x"))
+    mixed["conversations"][1]["value"] = parts("a", "b")
+    assert row_to_messages(mixed)[1] == {"role": "assistant", "content": "a\nb"}
+
+
+@pytest.mark.parametrize("content,reason", [
+    (parts("see", image=True), "non_text_content"),
+    (["not a part"], "bad_content_part"),
+    ([{"type": "text", "text": 5}], "bad_content_part"),
+    ({"type": "text", "text": "a dict, not a list"}, "non_string_content"),
+    (parts(), "empty_message"),
+])
+def test_content_parts_that_are_not_text_skip_the_row(content, reason):
+    row = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "a"}]}
+    with pytest.raises(BadRow) as err:
+        row_to_messages(row)
+    assert err.value.reason == reason
+
+
+def test_rows_with_non_text_parts_are_counted_by_reason():
+    from modules.data.generation import prompt_rows
+
+    good = {"messages": [{"role": "user", "content": parts("q")}, {"role": "assistant", "content": "a"}]}
+    image = {"messages": [{"role": "user", "content": parts("q", image=True)}, {"role": "assistant", "content": "a"}]}
+    examples, skipped, _ = prompt_rows([(0, good), (1, image), (2, image), (3, good)], None)
+    assert [row_id for row_id, _ in examples] == [0, 3] and skipped == {"non_text_content": 2}

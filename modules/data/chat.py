@@ -3,7 +3,8 @@
 Sources (`--dataset`):
   sharegpt            the embedded ShareGPT V3 file (truncated mid-row: parsed incrementally)
   ultrachat           HuggingFaceH4/ultrachat_200k (split train_sft) through `datasets`
-  a .json/.jsonl file rows of {"messages": [...]} or ShareGPT {"conversations": [{"from", "value"}]}
+  a .json/.jsonl file rows of {"messages": [...]} or ShareGPT {"conversations": [{"from", "value"}]}; a
+                      message's content is a string or a list of OpenAI text parts (joined)
   a folder / hub id   the same row shapes through `datasets` (json or parquet files)
 Rows are addressed by their index in the source, so a row range means the same rows everywhere.
 Bad rows raise `BadRow(reason)`; the generator skips and counts them per reason.
@@ -36,6 +37,26 @@ class DatasetError(RuntimeError):
 
 # ----------------------------------------------------------------------------- rows -> messages
 
+def message_text(content) -> str:
+    """A message's text: a string, or the OpenAI list of parts ([{"type": "text", "text": ...}, ...]) with its
+    text parts joined by newlines (as vLLM renders them). A part that is not text (an image, audio, ...)
+    makes the row unusable for a text target: BadRow("non_text_content")."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRow("non_string_content")
+    texts = []
+    for part in content:
+        if not isinstance(part, dict):
+            raise BadRow("bad_content_part")
+        if part.get("type") != "text":
+            raise BadRow("non_text_content")
+        if not isinstance(part.get("text"), str):
+            raise BadRow("bad_content_part")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 def row_to_messages(row, system_prompt: str | None = None) -> list[dict]:
     """Normalise one row (messages or ShareGPT shape) into alternating user/assistant turns.
 
@@ -59,9 +80,7 @@ def row_to_messages(row, system_prompt: str | None = None) -> list[dict]:
         content = turn.get("content", turn.get("value"))
         if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
             raise BadRow("unknown_role")
-        if not isinstance(content, str):
-            raise BadRow("non_string_content")
-        messages.append({"role": ROLE_ALIASES[role.lower()], "content": content})
+        messages.append({"role": ROLE_ALIASES[role.lower()], "content": message_text(content)})
     if not messages:
         raise BadRow("empty")
 
