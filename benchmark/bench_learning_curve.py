@@ -2,13 +2,13 @@
 subsets of generated data.
 
     # the data, once: fused features serve both drafts (EAGLE-2 training reads only the last layer)
-    python allocation.py --outdir /tmp/lc_data --end 1200 --script generate_data_fused_features.py -- --max-length 640
-    python benchmark/bench_learning_curve.py --data sharegpt=/tmp/lc_data
+    python allocation.py --output-dir lc_data --end 1200 --script generate_data_fused_features.py -- --max-length 640
+    python benchmark/bench_learning_curve.py --data sharegpt=lc_data
     # another kind of data beside it, e.g. the target's own greedy replies to the same user turns
-    python generate_data_fused_features.py --replies greedy --end 160 --max-length 640 --outdir /tmp/lc_greedy
-    python benchmark/bench_learning_curve.py --data sharegpt=/tmp/lc_data greedy=/tmp/lc_greedy --conversations 100
+    python generate_data_fused_features.py --replies greedy --end 160 --max-length 640 --output-dir lc_greedy
+    python benchmark/bench_learning_curve.py --data sharegpt=lc_data greedy=lc_greedy --conversations 100
     # a recipe variant: arguments after -- go to every training command; --tag names its cells
-    python benchmark/bench_learning_curve.py --data sharegpt=/tmp/lc_data --archs eagle3 --conversations 500 \
+    python benchmark/bench_learning_curve.py --data sharegpt=lc_data --archs eagle3 --conversations 500 \
         --tag vocab32k --result benchmark/results/recipe_vocab32k.json -- --draft-vocab-size 32000
 
 Each cell (data kind x draft x conversations) is a real training run (train/train_eagle_ttt.py for EAGLE-3,
@@ -76,7 +76,7 @@ def parse_args(argv=None):
     for spec in args.data:
         name, sep, folder = spec.partition("=")
         if not sep or not name or not folder:
-            p.error(f"--data {spec!r}: expected NAME=FOLDER, e.g. sharegpt=/tmp/lc_data")
+            p.error(f"--data {spec!r}: expected NAME=FOLDER, e.g. sharegpt=lc_data")
         kinds[name] = folder
     args.data = kinds
     return args
