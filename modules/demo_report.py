@@ -97,6 +97,8 @@ def _benchmark_section(bench: dict, bench_dir: Path) -> list[str]:
         speedup = "" if m.get("speedup") is None else f"{m['speedup']:.2f}x"
         same = f"{m['matched_plain']}/{m['runs']}" + (" (lossless)" if m["matched_plain"] == m["runs"] else "")
         lines.append(f"| {name} | {m.get('tokens_per_s') or 0:.1f} | {speedup} | {tau} | {same} |")
+    lines.append("\ntau: tokens per draft-verify cycle, pooled over all cycles of all questions (as vLLM and SGLang "
+                 "count; docs/decoding.md#how-tau-is-pooled)")
     eagle = methods.get("eagle", {})
     lookup = next((m for n, m in methods.items() if n.startswith("prompt lookup")), {})
     if eagle.get("tokens_per_s") and lookup.get("tokens_per_s"):
