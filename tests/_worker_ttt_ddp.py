@@ -1,6 +1,6 @@
 """Worker of tests/test_training_ttt_ddp.py and tests/test_training_fsdp.py: TTTTrainer for 3 optimizer
-steps on 4 equal-length conversations, in three setups (EAGLE-3 with stored features, EAGLE-3 online,
-EAGLE-1/2 arch), and EagleTrainer (train/train.py's trainer) in a fourth, "eagle2_plain"; then each rank
+steps on 4 equal-length conversations, in five setups (EAGLE-3 with stored features, EAGLE-3 online,
+EAGLE-1/2 arch, P-EAGLE, DFlash), and EagleTrainer (train/train.py's trainer) in another, "eagle2_plain"; each rank
 writes its trained weights (under FSDP: rank 0 the consolidated ones) and how many all-reduces the
 trainer made.
 
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SETUPS = ("eagle3", "eagle3_online", "eagle2")
+SETUPS = ("eagle3", "eagle3_online", "eagle2", "peagle", "dflash")  # + the parallel drafters (block of 3)
 ALL_SETUPS = SETUPS + ("eagle2_plain",)  # + EagleTrainer
 STEPS, GRAD_ACCUM, N_ITEMS, LENGTH = 3, 2, 4, 16
 
@@ -51,6 +51,9 @@ def make_draft(setup, target):
     torch.manual_seed(1)
     if setup.startswith("eagle2"):
         return EagleDraft.from_target(target)
+    if setup in ("peagle", "dflash"):
+        from modules.draft import kinds
+        return kinds.get(setup).build(target, draft_ids=torch.arange(VOCAB), aux_layers=AUX, parallel_tokens=3)
     return Eagle3Draft.from_target(target, draft_ids=torch.arange(VOCAB), aux_layers=AUX)
 
 
