@@ -1,36 +1,39 @@
 """Write a target model as a standard Hugging Face folder that vLLM and SGLang serve.
 
     python convert_target.py     # the embedded SmolLM2 GGUF -> targets/smollm2-135m-instruct
-    python convert_target.py --model some/model.gguf --out targets/mine
+    python convert_target.py --model some/model.gguf --output-dir targets/mine
 
 A hub model or a local HF folder needs no conversion: give it to the engine as it is. A GGUF file
 (the embedded default is one) becomes config.json (with `architectures`) + model.safetensors (fp32,
 the tied embedding under `model.embed_tokens.weight`) + the tokenizer files: the folder to pass to
 `vllm serve` / `python -m sglang.launch_server` as the target next to an exported draft.
 """
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from modules.paths import EMBEDDED_MODEL_NAME, REPO_ROOT
+from modules.settings import parse_settings, setting
+
 
 # ----------------------------------------------------------------------------- SETTINGS
-MODEL = None                                   # a .gguf file; None = the embedded SmolLM2-135M-Instruct
-OUT = str(REPO_ROOT / "targets" / EMBEDDED_MODEL_NAME)
+# Edit a default here or pass the flag (--output-dir DIR); --config FILE reads them from a JSON/YAML file.
+@dataclass
+class Settings:
+    model: str | None = setting(None, "GGUF file or model; None = the embedded SmolLM2-135M-Instruct")
+    output_dir: str = setting(str(REPO_ROOT / "targets" / EMBEDDED_MODEL_NAME),
+                              "folder to write (must not exist or be empty)", aliases=["--out", "--outdir"])
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=MODEL, help="GGUF file or model (default: the embedded SmolLM2)")
-    p.add_argument("--out", default=OUT, help="folder to write (must not exist or be empty)")
-    args = p.parse_args(argv)
+    args = parse_settings(Settings, argv, description=__doc__.splitlines()[0])
 
     from modules.target import TargetLoadError, convert_to_hf
 
-    out = Path(args.out)
+    out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()):
-        print(f"error: {out} exists and is not empty (remove it or choose another --out)", file=sys.stderr)
+        print(f"error: {out} exists and is not empty (remove it or choose another --output-dir)", file=sys.stderr)
         return 2
     if out.exists():
         out.rmdir()

@@ -31,7 +31,7 @@ from modules.training.settings import parse_settings, setting
 # Edit a default here or pass the flag (--rows 1000); field max_new_tokens is flag --max-new-tokens.
 @dataclass
 class Settings:
-    out: str = setting("demo_out", "everything the demo writes goes here")
+    out: str = setting("demo_out", "everything the demo writes goes here", aliases=["--output-dir", "--outdir"])
     arch: str = setting("eagle3", "eagle3 (fused features + TTT + draft vocab) | eagle2 (train/train.py)",
                         choices=["eagle3", "eagle2"])
     ttt_steps: int = setting(4, "EAGLE-3 unrolled steps (official 7; each one costs a draft forward)")

@@ -3,15 +3,22 @@
     python view_data.py --data data_out/eagle2 --index 0
     python view_data.py --data data_out/eagle2 --index 0 --html conv0.html
 """
-import argparse
 import html
 import sys
+from dataclasses import dataclass
 
 from modules.paths import DEFAULT_DATA_DIR
+from modules.settings import parse_settings, setting
+
 
 # ----------------------------------------------------------------------------- SETTINGS
-DATA = str(DEFAULT_DATA_DIR)
-INDEX = 0
+# Edit a default here or pass the flag (--index 3); --config FILE reads them from a JSON/YAML file.
+@dataclass
+class Settings:
+    data: str = setting(str(DEFAULT_DATA_DIR), "data folder (or a parent of part-* folders)")
+    index: int = setting(0, "conversation index in the data (0-based)")
+    model: str | None = setting(None, "tokenizer to decode with (None: the manifest's model)")
+    html: str | None = setting(None, "also write the view as an HTML page")
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 GREEN, RED, RESET = "\033[32m", "\033[31m", "\033[0m"
@@ -41,12 +48,7 @@ def to_html(runs, title: str, counts: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=DATA, help="data folder (or a parent of part-* folders)")
-    parser.add_argument("--index", type=int, default=INDEX, help="conversation index in the data (0-based)")
-    parser.add_argument("--model", default=None, help="tokenizer to decode with (default: the manifest's model)")
-    parser.add_argument("--html", default=None, help="also write the view as an HTML page")
-    args = parser.parse_args(argv)
+    args = parse_settings(Settings, argv, description=__doc__.splitlines()[0])
 
     from modules.data.storage import DataFormatError, EagleDataset
     from modules.target import TargetLoadError, load_tokenizer

@@ -117,8 +117,7 @@ def test_allocation_spreads_the_target_of_a_multi_gpu_worker_only(monkeypatch, t
     calls = []
     monkeypatch.setattr(allocation.subprocess, "Popen", lambda cmd, **kw: calls.append((cmd, kw["env"])))
     monkeypatch.setenv("LOCAL_RANK", "1")  # allocation.py started from inside a launcher
-    args = argparse.Namespace(start=0, end=10, num_shards=1, shard_index=0, workers=None, gpus=["0,1", "2"],
-                              outdir=str(tmp_path), script="generate_data.py", dataset="sharegpt", split=None)
+    args = allocation.Settings(start=0, end=10, workers=None, gpus=["0,1", "2"], output_dir=str(tmp_path))
     for w in allocation.worker_plan(args):
         allocation.launch(w, args, [])
     (cmd0, env0), (cmd1, env1) = calls

@@ -35,7 +35,7 @@ FLAGS_BEFORE = {
 FLAGS_ADDED = {"train": "--train-conversations --lr-schedule --config",
                "ttt": "--train-conversations --lr-schedule --topk-distill --topk-distill-weight --parallel-tokens "
                       "--draft-layers --config",
-               "demo": "--hybrid-lookup --config"}
+               "demo": "--hybrid-lookup --config --output-dir --outdir"}
 # The values the scripts' SETTINGS blocks held before (folders aside), after the draft kind's loss weights.
 DEFAULTS_BEFORE = dict(model=None, epochs=4, max_steps=-1, lr=3e-4, min_lr_ratio=0.1, warmup=0.05, batch_size=1,
                        grad_accum=4, max_length=2048, eval_fraction=0.02, sim_steps=5, bias=False, grad_clip=0.5,

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from modules.draft import kinds as draft_kinds
 from modules.paths import DEFAULT_FUSED_DATA_DIR, DEFAULT_TTT_TRAIN_DIR
-from modules.training.settings import TrainingSettings, parse_settings, save_run_config, setting, with_kind_defaults
+from modules.data.generation_cli import FusedGenerateSettings, GenerateSettings
+from modules.training.settings import TrainingSettings, TTTSettings, like, parse_settings, save_run_config, setting
+from modules.training.settings import with_kind_defaults
 from modules.training.setup import UsageError, check_data_fits_target, pick_attention, resume_checkpoint, split
 from modules.training.setup import run_and_finish_distributed, training_arguments
 
@@ -29,44 +31,37 @@ ONLINE = "online training (features computed by the target inside the loop)"  # 
 
 
 # ----------------------------------------------------------------------------- SETTINGS
-# Edit a default here or pass the flag (--ttt-steps 3). The settings shared with train.py (--lr,
-# --max-steps, --grad-accum, ...) are TrainingSettings in modules/training/settings.py; --w-reg, --w-cls
-# and --noise-std default to the draft kind's loss weights.
+# Edit a default here or pass the flag (--arch eagle2). The settings shared with train.py (--lr,
+# --max-steps, --grad-accum, ...) are TrainingSettings in modules/training/settings.py, and the TTT ones
+# (--ttt-steps, --ttt-decay, --topk-distill, --topk-distill-weight) TTTSettings there (the trainer's
+# arguments inherit them); --w-reg, --w-cls and --noise-std default to the draft kind's loss weights.
 @dataclass
-class Settings(TrainingSettings):
+class Settings(TrainingSettings, TTTSettings):
     arch: str = setting("eagle3", "eagle3 | eagle2 (EAGLE-1/2 draft with the TTT loss) | peagle (P-EAGLE: EAGLE-3 "
                                   "proposing --parallel-tokens tokens in one forward) | dflash (DFlash block drafter)",
                         choices=list(draft_kinds.KINDS))
     data: list[str] = setting([str(DEFAULT_FUSED_DATA_DIR)], "offline data folders (ignored with --online)")
     output_dir: str = setting(str(DEFAULT_TTT_TRAIN_DIR), "checkpoints, the exported draft and the run's json files",
                               hf="output_dir")
-    ttt_steps: int = setting(7, "unrolled draft steps (official EAGLE-3: 7)", hf="ttt_steps")
     parallel_tokens: int = setting(4, "parallel kinds (peagle, dflash): tokens proposed per draft forward (the "
                                       "block size K, saved in the draft's config); they unroll K steps, not "
                                       "--ttt-steps")
     draft_layers: int = setting(2, "dflash: decoder layers of the draft")
-    ttt_decay: float = setting(0.8, "step k's loss weight: TTT_DECAY ** k", hf="ttt_decay")
-    topk_distill: int = setting(0, "HASS top-K distillation: add -sum of p_target * log p_draft over the target's "
-                                   "K most likely tokens (HASS: K=10); 0 = off", hf="topk_distill")
-    topk_distill_weight: float = setting(1.0, "weight of the top-K term", hf="topk_distill_weight")
     draft_vocab_size: int | None = setting(None, "N most frequent trained tokens (eagle3); None = smallest N "
                                                  "covering --draft-vocab-coverage of the trained tokens")
     draft_vocab_coverage: float = setting(0.95, "share of the trained tokens the draft vocabulary covers (used "
                                                 "when no size is given)")
     online: bool = setting(False, "no stored features: the target runs in the loop", group=ONLINE)
-    dataset: str = setting("sharegpt", "as generate_data.py: sharegpt (embedded), ultrachat, a .json/.jsonl file, "
-                                       "hub id", group=ONLINE)
-    start: int = setting(0, "first dataset row", group=ONLINE)
-    end: int = setting(2000, "end row (exclusive)", group=ONLINE)
-    aux_layers: list[int] | None = setting(None, "hidden_states ids (low mid high); None = official [2, N//2, N-3]",
-                                           nargs=3, group=ONLINE)
-    target_dtype: str = setting("auto", "dtype the target runs in (auto: bf16 on GPU / bf16-capable CPUs)",
-                                group=ONLINE)
-    system_prompt: str | None = setting(None, "system prompt for rows without one", group=ONLINE)
-    regenerate: bool = setting(False, "replace assistant replies by the target's own first "
-                                      "(modules/data/regenerate.py)", group=ONLINE)
-    temperature: float = setting(0.8, "regeneration sampling temperature", group=ONLINE)
-    max_new_tokens: int = setting(512, "regeneration: tokens per reply", group=ONLINE)
+    # the generators' settings (modules/data/generation_cli.py), reused: same flags, defaults and help
+    dataset: str = like(GenerateSettings, "dataset", group=ONLINE)
+    start: int = like(GenerateSettings, "start", group=ONLINE)
+    end: int = like(GenerateSettings, "end", default=2000, group=ONLINE)
+    aux_layers: list[int] | None = like(FusedGenerateSettings, "aux_layers", nargs=3, group=ONLINE)
+    target_dtype: str = like(GenerateSettings, "target_dtype", aliases=(), group=ONLINE)
+    system_prompt: str | None = like(GenerateSettings, "system_prompt", group=ONLINE)
+    regenerate: bool = like(FusedGenerateSettings, "regenerate", group=ONLINE)
+    temperature: float = like(GenerateSettings, "temperature", group=ONLINE)
+    max_new_tokens: int = like(GenerateSettings, "max_new_tokens", group=ONLINE)
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 

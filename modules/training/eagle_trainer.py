@@ -32,20 +32,19 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
 from transformers.cache_utils import DynamicCache
 
+from modules.training.settings import LossSettings
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf: training stops before the optimizer step, checkpoints stay good."""
 
 
 @dataclass
-class EagleTrainingArguments(TrainingArguments):
-    w_reg: float = field(default=1.0, metadata={"help": "weight of the SmoothL1 feature loss"})
-    w_cls: float = field(default=0.1, metadata={"help": "weight of the soft cross-entropy"})
-    noise_std: float = field(default=0.2, metadata={"help": "uniform feature noise (EAGLE: 0.2); 0 = off"})
+class EagleTrainingArguments(TrainingArguments, LossSettings):
+    """HF TrainingArguments + what EagleTrainer reads: the loss weights and the schedule (LossSettings,
+    declared once in modules/training/settings.py: the scripts' flags fill them; w_reg / w_cls / noise_std
+    left at None are the draft kind's, filled in by EagleTrainer) and detach_cls_pred."""
     detach_cls_pred: bool = field(default=False, metadata={"help": "BaldEagle recipe: no CE gradient"})
-    lr_schedule: str = field(default="linear", metadata={"help": "decay after warmup: linear or cosine"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "lr decays to lr * this at the last step"})
-    sim_steps: int = field(default=5, metadata={"help": "draft chain length for the simulated tau"})
 
     @property
     def n_gpu(self) -> int:
@@ -180,12 +179,23 @@ class EagleTrainer(Trainer):
         # HF's NaN filter reads every micro-step's loss on the host (a device sync each time);
         # a non-finite loss stops training here instead (_track_nonfinite / _raise_if_nonfinite)
         self.args.logging_nan_inf_filter = False
+        self._fill_kind_loss_weights()
         self._sums = {}  # metric sums since the last log, as device tensors
         self._first_nonfinite = None  # device tensor [step, loss] of the first non-finite loss
         self._last_log_time = None
         self._frozen_to_training_dtype()
 
     # ---- loss -------------------------------------------------------------------------
+    def _fill_kind_loss_weights(self):
+        """w_reg / w_cls / noise_std left at None: the draft kind's (modules/draft/kinds.py decides them)."""
+        unset = [name for name in ("w_reg", "w_cls", "noise_std") if getattr(self.args, name) is None]
+        if unset:
+            from modules.draft.kinds import kind_of
+
+            weights = kind_of(self.draft_module()).loss_weights
+            for name in unset:
+                setattr(self.args, name, weights[name])
+
     def draft_module(self, model=None):
         return self.accelerator.unwrap_model(model if model is not None else self.model)
 

@@ -30,18 +30,45 @@ def hf_arguments(settings) -> dict:
 
 # ----------------------------------------------------------------------------- shared settings
 # Settings of both training scripts (train/train.py, train/train_eagle_ttt.py). A script that needs
-# another default re-declares the field in its own dataclass.
+# another default re-declares the field in its own dataclass. A new setting of a trainer (one its
+# TrainingArguments reads) goes into LossSettings / TTTSettings, or takes `hf=` here.
 
 @dataclass
-class TrainingSettings:
+class LossSettings:
+    """The loss weights and the learning-rate schedule: settings of both training scripts (TrainingSettings
+    inherits them) AND fields of the trainers' TrainingArguments (EagleTrainingArguments inherits them,
+    modules/training/eagle_trainer.py): declared once, here. w_reg / w_cls / noise_std left at None are the
+    draft kind's (the trainer, or with_kind_defaults, fills them in)."""
+    lr_schedule: str = setting("linear", "decay after warmup, from LR to LR * MIN_LR_RATIO: linear (ours) or cosine "
+                                         "(SpecForge)", hf="lr_schedule", choices=["linear", "cosine"])
+    min_lr_ratio: float = setting(0.1, "the learning rate at the last step, as a share of LR", hf="min_lr_ratio")
+    sim_steps: int = setting(5, "chain length of the simulated acceptance length", hf="sim_steps")
+    w_reg: float | None = setting(None, "SmoothL1 feature loss weight; None = the draft kind's (EAGLE-1/2: 1.0, "
+                                        "EAGLE-3: 0)", hf="w_reg")
+    w_cls: float | None = setting(None, "soft cross-entropy weight; None = the draft kind's (EAGLE-1/2: 0.1, "
+                                        "EAGLE-3: 1)", hf="w_cls")
+    noise_std: float | None = setting(None, "uniform noise on input features; None = the draft kind's (EAGLE-1/2: "
+                                            "0.2, EAGLE-3: 0)", hf="noise_std")
+
+
+@dataclass
+class TTTSettings:
+    """The training-time-test settings: of train/train_eagle_ttt.py and fields of TTTTrainingArguments
+    (modules/training/ttt_trainer.py), which reads them: declared once, here."""
+    ttt_steps: int = setting(7, "unrolled draft steps (official EAGLE-3: 7)", hf="ttt_steps")
+    ttt_decay: float = setting(0.8, "step k's loss weight: TTT_DECAY ** k", hf="ttt_decay")
+    topk_distill: int = setting(0, "HASS top-K distillation: add -sum of p_target * log p_draft over the target's "
+                                   "K most likely tokens (HASS: K=10); 0 = off", hf="topk_distill")
+    topk_distill_weight: float = setting(1.0, "weight of the top-K term", hf="topk_distill_weight")
+
+
+@dataclass
+class TrainingSettings(LossSettings):
     model: str | None = setting(None, "target: hub id, local folder or .gguf; None = embedded SmolLM2-135M-Instruct")
     epochs: float = setting(4, "passes over the training conversations", hf="num_train_epochs")
     max_steps: int = setting(-1, "optimizer steps; > 0 overrides --epochs", hf="max_steps")
     lr: float = setting(3e-4, "peak learning rate; small data: higher than the official 3e-5 (which used 68k "
                               "conversations)", hf="learning_rate")
-    lr_schedule: str = setting("linear", "decay after warmup, from LR to LR * MIN_LR_RATIO: linear (ours) or cosine "
-                                         "(SpecForge)", hf="lr_schedule", choices=["linear", "cosine"])
-    min_lr_ratio: float = setting(0.1, "the learning rate at the last step, as a share of LR", hf="min_lr_ratio")
     warmup: float = setting(0.05, "warmup steps (>= 1) or fraction of all steps (< 1)", hf="warmup_steps")
     batch_size: int = setting(1, "conversations per device and micro-batch (padded on the right)",
                               hf="per_device_train_batch_size")
@@ -50,13 +77,6 @@ class TrainingSettings:
     eval_fraction: float = setting(0.02, "conversations held out for eval (top-k accuracy, simulated tau)")
     train_conversations: int = setting(0, "train on only the first N conversations of the seeded split (the eval "
                                           "ones stay the same; benchmark/bench_learning_curve.py); 0 = all")
-    sim_steps: int = setting(5, "chain length of the simulated acceptance length", hf="sim_steps")
-    w_reg: float | None = setting(None, "SmoothL1 feature loss weight; None = the draft kind's (EAGLE-1/2: 1.0, "
-                                        "EAGLE-3: 0)", hf="w_reg")
-    w_cls: float | None = setting(None, "soft cross-entropy weight; None = the draft kind's (EAGLE-1/2: 0.1, "
-                                        "EAGLE-3: 1)", hf="w_cls")
-    noise_std: float | None = setting(None, "uniform noise on input features; None = the draft kind's (EAGLE-1/2: "
-                                            "0.2, EAGLE-3: 0)", hf="noise_std")
     bias: bool = setting(False, "fc bias of the EAGLE-1/2 draft: vLLM 0.32 builds fc without one (drops it), so "
                                 "none by default (modules/export/engines.py)")
     grad_clip: float = setting(0.5, "max gradient norm", hf="max_grad_norm")

@@ -24,7 +24,7 @@ The trainer's model is TTTUnroll(draft): the unroll and the draft head run insid
 DDP (torchrun / accelerate) sees every trained weight used in the wrapped forward and all-reduces the
 gradients. Checkpoints and exports save the draft alone (draft_module()).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,14 +33,12 @@ from torch import nn
 from modules.draft.kinds import kind_of
 from modules.training.eagle_trainer import EagleTrainer, EagleTrainingArguments, add_uniform_noise, soft_cross_entropy
 from modules.draft.ttt_attention import TTTCache, step0_mask
+from modules.training.settings import TTTSettings
 
 
 @dataclass
-class TTTTrainingArguments(EagleTrainingArguments):
-    ttt_steps: int = field(default=7, metadata={"help": "unrolled draft steps (official EAGLE-3: 7)"})
-    ttt_decay: float = field(default=0.8, metadata={"help": "step k's loss weight is decay**k"})
-    topk_distill: int = field(default=0, metadata={"help": "HASS top-K distillation term; 0 = off"})
-    topk_distill_weight: float = field(default=1.0, metadata={"help": "weight of the top-K term"})
+class TTTTrainingArguments(EagleTrainingArguments, TTTSettings):
+    """EagleTrainingArguments + the TTT settings (TTTSettings, declared once in modules/training/settings.py)."""
 
 
 class TTTCollator:
