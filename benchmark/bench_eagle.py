@@ -12,73 +12,57 @@ draft-verify cycle, bonus included), the acceptance histogram, the decoder's own
 outside target and draft forwards) and whether every greedy output matched plain decoding.
 Writes --out (JSON) and a PNG next to it.
 """
-import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-# ---- SETTINGS ----------------------------------------------------------------------------
-DRAFT = None                 # None -> modules.paths.DEFAULT_TRAIN_DIR (outputs/eagle2)
-MODEL = None                 # None -> the embedded SmolLM2-135M-Instruct
-PROMPTS = "mt-bench"         # a prompt set of benchmark/prompt_sets.py (mt-bench, humaneval) or a .jsonl file
-NUM_QUESTIONS = 10
-MAX_NEW_TOKENS = 128
-TOTAL_TOKENS = 12            # tree size per verify (root included); small trees suit a 2-core CPU
-DEPTH = 4
-TOP_K = 4
-TEMPERATURE = 0.0
-PROMPT_LOOKUP_TOKENS = 10
-HYBRID_LOOKUP = 0            # > 0 adds "eagle + lookup N": the tree plus a prompt-lookup branch (greedy only)
-DRAFT_VOCAB = 16384          # draft proposes only these most frequent tokens (0 = whole vocab); lossless
-DRAFT_VOCAB_DATA = None      # token counts from this generated-data folder (None -> data_out/eagle2)
-DTYPE = "fp32"               # the target's dtype (all methods use the same target)
-DRAFT_DTYPE = "auto"         # auto: bf16 on GPUs and on CPUs with bf16 units (draft steps ~3x cheaper), else fp32
-DEVICE = "auto"              # auto: this process's GPU (cuda:LOCAL_RANK under torchrun) or cpu (modules/placement.py)
-SPREAD_TARGET = False        # spread the target over every visible GPU (targets too large for one GPU)
-THREADS = None               # torch threads on CPU (None = torch's default)
-OUT = "benchmark/results/eagle.json"
+from modules.settings import parse_settings, setting
+
 # the tree shapes --sweep tries: (total, depth, top_k)
 SWEEP_SHAPES = [(4, 3, 1), (6, 3, 2), (8, 4, 2), (10, 4, 3), (12, 4, 4), (16, 5, 4), (24, 6, 4)]
-SEED = 0
+
+
+# ---- SETTINGS ----------------------------------------------------------------------------
+# Edit a default here or pass the flag (--num-questions 3); --config FILE reads them from a JSON/YAML file.
+@dataclass
+class Settings:
+    draft: str | None = setting(None, "draft folder (None: outputs/eagle2)")
+    model: str | None = setting(None, "target model id/path (None: embedded SmolLM2-135M-Instruct)")
+    prompts: str = setting("mt-bench", "prompt set: mt-bench, humaneval (benchmark/prompt_sets.py) or a JSONL file, "
+                                       "one object a line with 'turns'", aliases=["--question-file"])
+    num_questions: int = setting(10, "questions (each with all its turns)")
+    max_new_tokens: int = setting(128, "tokens generated per turn")
+    total_tokens: int = setting(12, "tree size per verify (root included); small trees suit a 2-core CPU")
+    depth: int = setting(4, "tree depth")
+    top_k: int = setting(4, "children per tree node")
+    temperature: float = setting(0.0, "sampling temperature (0: greedy, outputs compared with plain greedy)")
+    prompt_lookup_tokens: int = setting(10, "HF prompt lookup: tokens per proposal")
+    hybrid_lookup: int = setting(0, "also run EAGLE with a prompt-lookup branch of up to N tokens grafted onto every "
+                                    "tree (modules/decode/lookup.py; greedy only); 0 = off")
+    draft_vocab: int = setting(16384, "draft scores only the N most frequent tokens (cheaper head, output "
+                                      "unchanged; 0 = all)")
+    draft_vocab_data: str | None = setting(None, "generated-data folder to count token frequencies (None: "
+                                                 "data_out/eagle2; without it the N lowest ids, BPE's most common "
+                                                 "merges, are used)")
+    dtype: str = setting("fp32", "the target's dtype (all methods use the same target)")
+    draft_dtype: str = setting("auto", "draft dtype (auto: bf16 on GPUs and on CPUs with bf16 units, else fp32; "
+                                       "fp32, bf16, fp16); never changes the output, only its speed")
+    device: str = setting("auto", "auto: this process's GPU (cuda:LOCAL_RANK under torchrun) or cpu "
+                                  "(modules/placement.py)")
+    spread_target: bool = setting(False, "spread the target over every visible GPU (device_map=auto); the draft "
+                                         "sits on its LM head's GPU")
+    threads: int | None = setting(None, "torch threads on CPU (None: torch's default)")
+    turns: int = setting(2, "turns per question (MT-bench has 2)")
+    sweep: bool = setting(False, "try tree shapes (first turns only), report the fastest", action="store_true")
+    out: str = setting("benchmark/results/eagle.json", "result file (JSON; a PNG is written beside it)")
+    seed: int = setting(0, "sampling seed")
 # -------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--draft", default=DRAFT, help="draft folder (default outputs/eagle2)")
-    p.add_argument("--model", default=MODEL, help="target model id/path (default: embedded SmolLM2)")
-    p.add_argument("--prompts", "--question-file", dest="prompts", default=PROMPTS,
-                   help="prompt set: mt-bench, humaneval (benchmark/prompt_sets.py) or a JSONL file, "
-                        "one object a line with 'turns'")
-    p.add_argument("--num-questions", type=int, default=NUM_QUESTIONS)
-    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    p.add_argument("--total-tokens", type=int, default=TOTAL_TOKENS)
-    p.add_argument("--depth", type=int, default=DEPTH)
-    p.add_argument("--top-k", type=int, default=TOP_K)
-    p.add_argument("--temperature", type=float, default=TEMPERATURE)
-    p.add_argument("--prompt-lookup-tokens", type=int, default=PROMPT_LOOKUP_TOKENS)
-    p.add_argument("--hybrid-lookup", type=int, default=HYBRID_LOOKUP,
-                   help="also run EAGLE with a prompt-lookup branch of up to N tokens grafted onto every tree "
-                        "(modules/decode/lookup.py; greedy only)")
-    p.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB,
-                   help="draft scores only the N most frequent tokens (cheaper head, output unchanged; 0 = all)")
-    p.add_argument("--draft-vocab-data", default=DRAFT_VOCAB_DATA,
-                   help="generated-data folder to count token frequencies (default data_out/eagle2; "
-                        "without it the N lowest ids, BPE's most common merges, are used)")
-    p.add_argument("--dtype", default=DTYPE)
-    p.add_argument("--draft-dtype", default=DRAFT_DTYPE,
-                   help="draft dtype (auto, fp32, bf16, fp16); never changes the output, only its speed")
-    p.add_argument("--device", default=DEVICE)
-    p.add_argument("--spread-target", action=argparse.BooleanOptionalAction, default=SPREAD_TARGET,
-                   help="spread the target over every visible GPU (device_map=auto); "
-                        "the draft sits on its LM head's GPU")
-    p.add_argument("--threads", type=int, default=THREADS)
-    p.add_argument("--turns", type=int, default=2, help="turns per question (MT-bench has 2)")
-    p.add_argument("--sweep", action="store_true", help="try tree shapes (first turns only), report the fastest")
-    p.add_argument("--out", default=OUT)
-    p.add_argument("--seed", type=int, default=SEED)
-    return p.parse_args(argv)
+def parse_args(argv=None) -> Settings:
+    return parse_settings(Settings, argv, description=__doc__.split("\n")[0])
 
 
 def resolve_draft_dir(path):

@@ -161,7 +161,7 @@ def mt_bench_turns(target, tokenizer, args):
 def measure_cell(args, cell, target, turns, eos):
     """The cell's draft decoding every turn, alone and (with --hybrid-lookup) with a prompt-lookup branch:
     tau, speed against plain, outputs equal to plain greedy."""
-    from benchmark.bench_eagle import DRAFT_VOCAB, draft_vocab_ids, resolve_draft_dir
+    from benchmark.bench_eagle import Settings as EagleBench, draft_vocab_ids, resolve_draft_dir
     from benchmark.methods import run_eagle, summarize
     from modules.decode.tree_decoding import EagleDecoder
     from modules.draft.kinds import kind_of
@@ -174,7 +174,7 @@ def measure_cell(args, cell, target, turns, eos):
     draft = load_draft(draft_dir, target_model=target, dtype=pick_dtype("auto", device)).to(device).eval()
     kind = kind_of(draft)
     # EAGLE-1/2: the full-vocabulary head restricted as bench_eagle.py does by default
-    vocab_ids = None if kind.own_vocab else draft_vocab_ids(DRAFT_VOCAB, cell["folder"],
+    vocab_ids = None if kind.own_vocab else draft_vocab_ids(EagleBench().draft_vocab, cell["folder"],
                                                             draft.lm_head.weight.shape[0], eos)[0]
     total, depth, top_k = args.tree
     adapter = kind.tree_adapter(draft, vocab_ids)
