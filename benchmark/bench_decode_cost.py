@@ -12,44 +12,41 @@ free, and the draft column how many draft levels fit. Every forward runs on a KV
 tokens with a 4D tree mask, as the decoder runs it (modules/decode/tree_decoding.py); the median of
 --repeats timed runs after warm-up. Prints a table and writes OUT (JSON) and a PNG next to it.
 """
-import argparse
 import json
 import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from modules.data.storage import atomic_write_text
+from modules.settings import parse_settings, setting
+
 
 # ----------------------------------------------------------------------------- SETTINGS
-MODEL = None              # target: hub id, local folder or .gguf; None = embedded SmolLM2-135M-Instruct
-DRAFT = "outputs/eagle3"  # a draft folder (or a training output folder); "" = target only
-DTYPES = ["fp32", "bf16"]
-LINEAR = ["packed", "mkl"]  # fp32 linear kernels: oneDNN pre-packed (modules/cpu_linear.py, the default) / torch's own
-SIZES = [1, 2, 4, 8, 16]  # new tokens per forward: 1 = a plain decoding step, >1 = a tree verify
-CONTEXT = 300             # tokens already in the KV cache
-REPEATS = 30
-THREADS = None            # torch threads (None = torch's default)
-OUT = "benchmark/results/decode_cost.json"
+# Edit a default here or pass the flag (--sizes 1 8); --config FILE reads them from a JSON/YAML file.
+@dataclass
+class Settings:
+    model: str | None = setting(None, "target: hub id, local folder or .gguf; None = embedded SmolLM2-135M-Instruct")
+    draft: str = setting("outputs/eagle3", "a draft folder (or a training output folder); '' = target only")
+    dtypes: list[str] = setting(["fp32", "bf16"], "target dtypes to measure")
+    linear: list[str] = setting(["packed", "mkl"], "fp32 linear kernels to measure, side by side: oneDNN pre-packed "
+                                                   "(modules/cpu_linear.py, the default) / torch's own (bf16 always "
+                                                   "runs torch's own)", choices=["packed", "mkl"])
+    sizes: list[int] = setting([1, 2, 4, 8, 16], "new tokens per forward: 1 = a plain decoding step, >1 = a tree "
+                                                 "verify")
+    context: int = setting(300, "tokens already in the KV cache")
+    repeats: int = setting(30, "timed runs per measurement (the median is kept)")
+    threads: int | None = setting(None, "torch threads (None: torch's default)")
+    out: str = setting("benchmark/results/decode_cost.json", "result file (JSON; a PNG is written beside it)")
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=MODEL)
-    p.add_argument("--draft", default=DRAFT)
-    p.add_argument("--dtypes", nargs="+", default=DTYPES)
-    p.add_argument("--linear", nargs="+", default=LINEAR, choices=["packed", "mkl"],
-                   help="fp32 linear kernels to measure, side by side (bf16 always runs torch's own)")
-    p.add_argument("--sizes", type=int, nargs="+", default=SIZES)
-    p.add_argument("--context", type=int, default=CONTEXT)
-    p.add_argument("--repeats", type=int, default=REPEATS)
-    p.add_argument("--threads", type=int, default=THREADS)
-    p.add_argument("--out", default=OUT)
-    return p.parse_args(argv)
+def parse_args(argv=None) -> Settings:
+    return parse_settings(Settings, argv, description=__doc__.splitlines()[0])
 
 
 def median_ms(fn, repeats, warmup=3):
