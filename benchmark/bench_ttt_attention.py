@@ -31,7 +31,6 @@ measures, both above the memory held just before the step (weights, inputs):
 Time: wall clock of the step (one run, no warm-up: the step is seconds to minutes long).
 Writes OUT (JSON) and a PNG next to it.
 """
-import argparse
 import json
 import os
 import platform
@@ -40,6 +39,7 @@ import sys
 import tempfile
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,46 +47,37 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from modules.paths import REPO_ROOT
 from modules.data.storage import atomic_write_text
+from modules.settings import parse_settings, setting
 
 # ----------------------------------------------------------------------------- SETTINGS
-HIDDEN = 4096             # Llama-3.1-8B
-INTERMEDIATE = 14336
-HEADS, KV_HEADS = 32, 8   # head_dim 128
-DRAFT_VOCAB = 32000       # the EAGLE-3 draft vocabulary of the released 8B drafts
-TARGET_VOCAB = 32000      # the frozen embedding / target head rows; Llama-3.1's 128256 only adds weights
-SEQ_LEN = 2048            # tokens per sequence (slots after the shift)
-STEPS = 7                 # unrolled TTT steps (official EAGLE-3: 7)
-BATCH = 1
-VARIANTS = ["eager", "sdpa"]
-DEVICE = "auto"           # auto = cuda when available, else cpu
-DTYPE = "auto"            # auto = bf16 autocast on cuda, fp32 on cpu
-THREADS = None            # CPU threads (None = torch's default)
-SEED = 0
-OUT = str(REPO_ROOT / "benchmark" / "results" / "ttt_attention_cpu.json")
+# Edit a default here or pass the flag (--seq-len 512); --config FILE reads them from a JSON/YAML file.
+@dataclass
+class Settings:
+    hidden: int = setting(4096, "hidden size (Llama-3.1-8B)")
+    intermediate: int = setting(14336, "MLP size")
+    heads: int = setting(32, "attention heads (head_dim = hidden / heads: 128)")
+    kv_heads: int = setting(8, "key/value heads")
+    draft_vocab: int = setting(32000, "the EAGLE-3 draft vocabulary of the released 8B drafts")
+    target_vocab: int = setting(32000, "the frozen embedding / target head rows; Llama-3.1's 128256 only adds "
+                                       "weights")
+    seq_len: int = setting(2048, "tokens per sequence (slots after the shift); fewer for a quicker run")
+    steps: int = setting(7, "unrolled TTT steps (official EAGLE-3: 7); fewer for a quicker run")
+    batch: int = setting(1, "sequences per step")
+    variants: list[str] = setting(["eager", "sdpa"], "attention variants, each in its own process",
+                                  choices=["eager", "sdpa"])
+    device: str = setting("auto", "auto = cuda when available, else cpu")
+    dtype: str = setting("auto", "auto = bf16 autocast on cuda, fp32 on cpu", choices=["auto", "fp32", "bf16"])
+    threads: int | None = setting(None, "CPU threads (None: torch's default)")
+    seed: int = setting(0, "seed of the weights and inputs")
+    attention_only: bool = setting(False, "only the TTT attention calls, random q/k/v", action="store_true")
+    out: str = setting(str(REPO_ROOT / "benchmark" / "results" / "ttt_attention_cpu.json"),
+                       "result file (JSON; a PNG is written beside it)")
+    child: str | None = setting(None, "child process mode: VARIANT:RESULT_PATH", hidden=True)
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    a = p.add_argument
-    a("--hidden", type=int, default=HIDDEN)
-    a("--intermediate", type=int, default=INTERMEDIATE)
-    a("--heads", type=int, default=HEADS)
-    a("--kv-heads", type=int, default=KV_HEADS)
-    a("--draft-vocab", type=int, default=DRAFT_VOCAB)
-    a("--target-vocab", type=int, default=TARGET_VOCAB)
-    a("--seq-len", type=int, default=SEQ_LEN, help="fewer tokens for a quicker run")
-    a("--steps", type=int, default=STEPS, help="fewer TTT steps for a quicker run")
-    a("--batch", type=int, default=BATCH)
-    a("--variants", nargs="+", choices=["eager", "sdpa"], default=VARIANTS)
-    a("--device", default=DEVICE)
-    a("--dtype", choices=["auto", "fp32", "bf16"], default=DTYPE)
-    a("--threads", type=int, default=THREADS)
-    a("--seed", type=int, default=SEED)
-    a("--attention-only", action="store_true", help="only the TTT attention calls, random q/k/v")
-    a("--out", default=OUT)
-    a("--child", help=argparse.SUPPRESS)  # child process mode: VARIANT:RESULT_PATH
-    return p.parse_args(argv)
+def parse_args(argv=None) -> Settings:
+    return parse_settings(Settings, argv, description=__doc__.splitlines()[0])
 
 
 def proc_status_kb(field):
