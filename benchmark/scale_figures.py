@@ -8,18 +8,27 @@ token are those of the tensors modules/data/storage.py packs into a shard.
 
 The compute bounds are upper bounds (every matmul at the GPU's peak); measured throughput is lower.
 """
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from modules.settings import parse_settings, setting
+
 # ----------------------------------------------------------------------------- SETTINGS
-GPU_TFLOPS = 989.0        # dense bf16 peak of one GPU (H100 SXM); the bounds scale with it
-GPU_MEMORY_GB = 80.0
-MAX_LENGTH = 2048         # tokens per conversation (attention cost)
-BATCH_TOKENS = 8192       # padded tokens per data-generation forward (generate_data_fused_features.py default)
-DRAFT_VOCAB = 32000       # EAGLE-3 draft vocabulary
-TTT_STEPS = 7
+# Edit a default here or pass the flag (--gpu-memory-gb 141); --config FILE reads them from a JSON/YAML file.
+@dataclass
+class Settings:
+    gpu_tflops: float = setting(989.0, "dense bf16 peak of one GPU (H100 SXM); the bounds scale with it")
+    gpu_memory_gb: float = setting(80.0, "memory of one GPU")
+    max_length: int = setting(2048, "tokens per conversation (attention cost)")
+    batch_tokens: int = setting(8192, "padded tokens per data-generation forward (the generators' GPU auto value is "
+                                      "16384; 8192 is what these figures were recorded with)")
+    draft_vocab: int = setting(32000, "EAGLE-3 draft vocabulary")
+    ttt_steps: int = setting(7, "unrolled TTT steps")
+    json: str | None = setting(None, "also write the figures to this file")
+
+
 TARGETS = {  # Llama-3.1 shapes (the hub configs' values)
     "Llama-3.1-8B": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
@@ -123,15 +132,7 @@ def print_table(rows: list[dict], args) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--gpu-tflops", type=float, default=GPU_TFLOPS)
-    p.add_argument("--gpu-memory-gb", type=float, default=GPU_MEMORY_GB)
-    p.add_argument("--max-length", type=int, default=MAX_LENGTH)
-    p.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS)
-    p.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB)
-    p.add_argument("--ttt-steps", type=int, default=TTT_STEPS)
-    p.add_argument("--json", default=None, help="also write the figures to this file")
-    args = p.parse_args(argv)
+    args = parse_settings(Settings, argv, description=__doc__.splitlines()[0])
     rows = [figures(name, shape, args) for name, shape in TARGETS.items()]
     print_table(rows, args)
     if args.json:
