@@ -5,12 +5,23 @@ own first answer), as EAGLE's evaluation does. Same flags as bench_sglang_eagle_
     python benchmark/bench_sglang_eagle_double_turn.py --port 30000
 """
 
+from dataclasses import dataclass
+
+from benchmark.bench_sglang_eagle_single_turn import Settings as SingleTurn
 from benchmark.bench_sglang_eagle_single_turn import main
+from modules.settings import like
+
 
 # ---- SETTINGS (the rest are the single-turn script's) ---------------------------------------
 TURNS = 2
 OUT = "benchmark/results/sglang_double_turn.json"
+
+
+@dataclass
+class Settings(SingleTurn):
+    turns: int = like(SingleTurn, "turns", default=TURNS)
+    out: str = like(SingleTurn, "out", default=OUT)
 # -------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    main(turns=TURNS, out=OUT)
+    main(settings=Settings)

@@ -12,42 +12,37 @@ included, summed over all requests. The chat template is applied here with the m
 tokenizer (default: the server's model_path) and token ids are sent to the native /generate.
 Needs only the standard library plus transformers (for the tokenizer).
 """
-import argparse
 import json
 import os
 import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+from modules.settings import parse_settings, setting
+
 # ---- SETTINGS ----------------------------------------------------------------------------
-HOST = "http://127.0.0.1"
-PORT = 30000
-TOKENIZER = None        # None -> the server's model_path (GET /get_model_info)
-QUESTION_FILE = None    # None -> benchmark/data/mt_bench_questions.jsonl
-NUM_QUESTIONS = 80
-MAX_NEW_TOKENS = 512
-TEMPERATURE = 0.0
-PARALLEL = 1            # concurrent requests (1 = latency, batch size 1, as EAGLE papers report)
-OUT = "benchmark/results/sglang_single_turn.json"
-TURNS = 1
+# Edit a default here or pass the flag (--port 30001); --config FILE reads them from a JSON/YAML file.
+@dataclass
+class Settings:
+    host: str = setting("http://127.0.0.1", "the SGLang server's address")
+    port: int = setting(30000, "the SGLang server's port")
+    tokenizer: str | None = setting(None, "tokenizer for the chat template (None: the server's model_path, GET "
+                                          "/get_model_info)")
+    question_file: str | None = setting(None, "questions (None: benchmark/data/mt_bench_questions.jsonl)")
+    num_questions: int = setting(80, "questions")
+    max_new_tokens: int = setting(512, "tokens per answer")
+    temperature: float = setting(0.0, "sampling temperature")
+    parallel: int = setting(1, "concurrent requests (1 = latency, batch size 1, as EAGLE papers report)")
+    turns: int = setting(1, "turns per question (each after the server's own previous answers)")
+    out: str = setting("benchmark/results/sglang_single_turn.json", "result file (JSON)")
 # -------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None, turns=TURNS, out=OUT):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--host", default=HOST)
-    p.add_argument("--port", type=int, default=PORT)
-    p.add_argument("--tokenizer", default=TOKENIZER)
-    p.add_argument("--question-file", default=QUESTION_FILE)
-    p.add_argument("--num-questions", type=int, default=NUM_QUESTIONS)
-    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    p.add_argument("--temperature", type=float, default=TEMPERATURE)
-    p.add_argument("--parallel", type=int, default=PARALLEL)
-    p.add_argument("--turns", type=int, default=turns)
-    p.add_argument("--out", default=out)
-    return p.parse_args(argv)
+def parse_args(argv=None, settings=Settings) -> Settings:
+    return parse_settings(settings, argv, description=__doc__.split("\n")[0])
 
 
 def http_json(url, payload=None, timeout=600):
@@ -97,8 +92,9 @@ def summarize(rows, wall_s):
     return out
 
 
-def main(argv=None, turns=TURNS, out=OUT):
-    args = parse_args(argv, turns, out)
+def main(argv=None, settings=Settings):
+    """settings: this script's Settings, or another client's subclass (bench_sglang_eagle_double_turn.py)."""
+    args = parse_args(argv, settings)
     from benchmark.mt_bench import QuestionFileError, load_questions
     from modules import paths
 
