@@ -8,10 +8,10 @@ template + loss mask, forward, feature extraction, packed shards on disk); goal:
 Also bytes on disk per token against hidden_size x 2 (goal: <= 5% overhead), and the bare forward
 in fp32 vs bf16 and unbatched vs batched (what the CPU "auto" dtype and the batch size rest on).
 """
-import argparse
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,18 +21,25 @@ from modules.data.features import base_model
 from modules.data.generation import (GenerationSettings, encode_rows, generate_folder, make_batches,
                                 pad_batch, resolve_batch_tokens)
 from modules.target import load_target_model, load_tokenizer, model_display_name, pick_dtype
+from modules.settings import parse_settings, setting
+
 
 # ----------------------------------------------------------------------------- SETTINGS
-MODEL = None          # embedded SmolLM2-135M-Instruct
-DATASET = "sharegpt"
-ROWS = 12             # dataset rows 0..ROWS-1
-MAX_LENGTH = 2048
-BATCH_TOKENS = 0       # 0: the generator's auto choice for the device
-COMPARE_BATCH_TOKENS = 8192  # the batched alternative shown in the second table
-DTYPE = "auto"
-DTYPE_ROWS = 4        # rows used for the fp32-vs-bf16 and unbatched comparisons (fp32 is slow on CPU)
-REPEATS = 2           # bare and pipeline runs alternate this many times (a shared machine is noisy)
-THREADS = None        # torch CPU threads (None: torch's default); 1 avoids oversubscription on a busy box
+# Edit a default here or pass the flag; --config FILE reads them from a JSON/YAML file.
+@dataclass
+class Settings:
+    model: str | None = setting(None, "target; None = embedded SmolLM2-135M-Instruct")
+    dataset: str = setting("sharegpt", "dataset (as generate_data.py)")
+    rows: int = setting(12, "dataset rows 0..ROWS-1")
+    max_length: int = setting(2048, "tokens per conversation")
+    batch_tokens: int = setting(0, "padded tokens per forward; 0: the generator's auto choice for the device")
+    compare_batch_tokens: int = setting(8192, "the batched alternative shown in the second table")
+    dtype: str = setting("auto", "target dtype")
+    dtype_rows: int = setting(4, "rows used for the fp32-vs-bf16 and unbatched comparisons (fp32 is slow on CPU)")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N")
+    repeats: int = setting(2, "bare and pipeline runs alternate this many times (a shared machine is noisy)")
+    threads: int | None = setting(None, "torch CPU threads (None: torch's default); 1 avoids oversubscription on a "
+                                        "busy box")
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 
@@ -55,20 +62,8 @@ def pipeline(model, tokenizer, rows, settings, out_dir) -> tuple[float, dict]:
     return time.perf_counter() - start, manifest
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=MODEL)
-    parser.add_argument("--dataset", default=DATASET)
-    parser.add_argument("--rows", type=int, default=ROWS)
-    parser.add_argument("--max-length", type=int, default=MAX_LENGTH)
-    parser.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS)
-    parser.add_argument("--compare-batch-tokens", type=int, default=COMPARE_BATCH_TOKENS)
-    parser.add_argument("--dtype", default=DTYPE)
-    parser.add_argument("--dtype-rows", type=int, default=DTYPE_ROWS)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeats", type=int, default=REPEATS)
-    parser.add_argument("--threads", type=int, default=THREADS)
-    return parser.parse_args(argv)
+def parse_args(argv=None) -> Settings:
+    return parse_settings(Settings, argv, description=__doc__.splitlines()[0])
 
 
 def load(args):

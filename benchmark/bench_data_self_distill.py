@@ -11,10 +11,10 @@ Both make EAGLE-3 (fused) data whose replies are the target's own greedy replies
 Prints stored tokens/s of each (stored tokens / wall seconds, target already loaded) and their ratio,
 the split of (a) into generation and forward, and how many conversations came out with the same ids.
 """
-import argparse
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,31 +25,27 @@ from modules.data.generation import GenerationSettings, generate_folder, resolve
 from modules.data.regenerate import LocalGenerator, regenerate_cached
 from modules.data.storage import EagleDataset
 from modules.target import load_target_model, load_tokenizer, model_display_name
+from modules.settings import parse_settings, setting
+
 
 # ----------------------------------------------------------------------------- SETTINGS
-MODEL = None            # embedded SmolLM2-135M-Instruct
-DATASET = "sharegpt"
-ROWS = 16               # dataset rows 0..ROWS-1
-MAX_LENGTH = 2048
-MAX_NEW_TOKENS = 128    # per reply
-BATCH_SIZE = 8          # conversations generated together (both paths: --regen-batch-size)
-DTYPE = "auto"          # the pipelines' default: bf16 on CPUs with bf16 units
-THREADS = None          # torch CPU threads (None: torch's default)
+# Edit a default here or pass the flag; --config FILE reads them from a JSON/YAML file.
+@dataclass
+class Settings:
+    model: str | None = setting(None, "target; None = embedded SmolLM2-135M-Instruct")
+    dataset: str = setting("sharegpt", "dataset (as generate_data.py)")
+    rows: int = setting(16, "dataset rows 0..ROWS-1")
+    max_length: int = setting(2048, "tokens per conversation")
+    max_new_tokens: int = setting(128, "tokens per reply")
+    batch_size: int = setting(8, "conversations generated together (both paths: --reply-batch-size)")
+    dtype: str = setting("auto", "the pipelines' default: bf16 on CPUs with bf16 units")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N")
+    threads: int | None = setting(None, "torch CPU threads (None: torch's default)")
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=MODEL)
-    parser.add_argument("--dataset", default=DATASET)
-    parser.add_argument("--rows", type=int, default=ROWS)
-    parser.add_argument("--max-length", type=int, default=MAX_LENGTH)
-    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--dtype", default=DTYPE)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=THREADS)
-    args = parser.parse_args(argv)
+    args = parse_settings(Settings, argv, description=__doc__.splitlines()[0])
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -17,60 +17,51 @@ once and, per question, plain greedy decoding and the four drafts run one after 
 turns). Every stage is skipped when its output exists, so a killed run continues.
 Prints a table (tau, speedup, training tokens/s), writes OUT/bench_eagle3.json and a PNG.
 """
-import argparse
 import ast
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from modules.paths import REPO_ROOT
+from modules.settings import parse_settings, setting
+
+
+VARIANTS = ["a_eagle2", "b_eagle2_ttt", "c_eagle3", "d_eagle3_regen"]
+
 
 # ----------------------------------------------------------------------------- SETTINGS
-ROWS = 80                 # ShareGPT rows 0..ROWS (the same for every variant)
-MAX_LENGTH = 384          # tokens per conversation
-EPOCHS = 6
-LR = 3e-4
-GRAD_ACCUM = 4
-TTT_STEPS = 4             # CPU budget (the trainer's default is the official 7)
-EVAL_FRACTION = 0.05
-REGEN_MAX_NEW_TOKENS = 128
-REGEN_TEMPERATURE = 0.8
-REGEN_BATCH_SIZE = 8
-QUESTIONS = 8             # MT-bench first turns
-MAX_NEW_TOKENS = 48
-TOTAL_TOKENS, DEPTH, TOP_K = 12, 4, 4   # the tree of benchmark/bench_eagle.py
-DTYPE = "fp32"            # decoding dtype
-OUT = str(REPO_ROOT / "outputs" / "bench_eagle3")
-VARIANTS = ["a_eagle2", "b_eagle2_ttt", "c_eagle3", "d_eagle3_regen"]
+# Edit a default here or pass the flag; --config FILE reads them from a JSON/YAML file.
+@dataclass
+class Settings:
+    rows: int = setting(80, "ShareGPT rows 0..ROWS (the same for every variant)")
+    max_length: int = setting(384, "tokens per conversation")
+    epochs: float = setting(6, "passes over the training conversations")
+    lr: float = setting(3e-4, "peak learning rate")
+    grad_accum: int = setting(4, "micro-batches per optimizer step")
+    ttt_steps: int = setting(4, "unrolled TTT steps (CPU budget; the trainer's default is the official 7)")
+    eval_fraction: float = setting(0.05, "held-out share of the conversations")
+    regen_max_new_tokens: int = setting(128, "variant d: tokens per regenerated reply")
+    regen_temperature: float = setting(0.8, "variant d: regeneration temperature")
+    regen_batch_size: int = setting(8, "variant d: conversations regenerated together")
+    questions: int = setting(8, "MT-bench first turns")
+    max_new_tokens: int = setting(48, "tokens generated per question")
+    tree: list[int] = setting([12, 4, 4], "total tokens, depth, top-k (the tree of benchmark/bench_eagle.py)", nargs=3,
+                              metavar=("TOTAL", "DEPTH", "TOPK"))
+    dtype: str = setting("fp32", "decoding dtype")
+    variants: list[str] = setting(list(VARIANTS), "variants to run", choices=list(VARIANTS))
+    out: str = setting(str(REPO_ROOT / "outputs" / "bench_eagle3"), "the variants' data, drafts and results")
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 LABELS = {"a_eagle2": "(a) EAGLE-2", "b_eagle2_ttt": "(b) EAGLE-2 + TTT", "c_eagle3": "(c) EAGLE-3",
           "d_eagle3_regen": "(d) EAGLE-3 regen"}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    a = p.add_argument
-    a("--rows", type=int, default=ROWS)
-    a("--max-length", type=int, default=MAX_LENGTH)
-    a("--epochs", type=float, default=EPOCHS)
-    a("--lr", type=float, default=LR)
-    a("--grad-accum", type=int, default=GRAD_ACCUM)
-    a("--ttt-steps", type=int, default=TTT_STEPS)
-    a("--eval-fraction", type=float, default=EVAL_FRACTION)
-    a("--regen-max-new-tokens", type=int, default=REGEN_MAX_NEW_TOKENS)
-    a("--regen-temperature", type=float, default=REGEN_TEMPERATURE)
-    a("--regen-batch-size", type=int, default=REGEN_BATCH_SIZE)
-    a("--questions", type=int, default=QUESTIONS)
-    a("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    a("--tree", type=int, nargs=3, default=[TOTAL_TOKENS, DEPTH, TOP_K], metavar=("TOTAL", "DEPTH", "TOPK"))
-    a("--dtype", default=DTYPE)
-    a("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
-    a("--out", default=OUT)
-    return p.parse_args(argv)
+def parse_args(argv=None) -> Settings:
+    return parse_settings(Settings, argv, description=__doc__.splitlines()[0])
 
 
 def run(cmd, log_file):

@@ -14,56 +14,49 @@ its own process (clean peak-memory figure). Prints per-epoch eval top-1 accuracy
 acceptance length (tau, chain of SIM_STEPS) side by side, training tokens/s and peak memory,
 and saves a PNG.
 """
-import argparse
 import json
 import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from modules.paths import DEFAULT_DATA_DIR, REPO_ROOT
 from modules.data.storage import atomic_write_text
+from modules.settings import parse_settings, setting
+
+
+RECIPES = {"ours": {"detach_cls_pred": False}, "baldeagle": {"detach_cls_pred": True}}
+
 
 # ----------------------------------------------------------------------------- SETTINGS
-DATA = str(DEFAULT_DATA_DIR)
-MODEL = None                  # target of the data; None = embedded SmolLM2-135M-Instruct
-# Defaults sized for ~15 minutes on 2 shared CPU cores (the LM head, 49152 x 576, dominates):
-# a subset of the conversations, cut to MAX_LENGTH tokens. On a GPU use all of them (0) and 2048.
-TRAIN_CONVERSATIONS = 24      # subset of the data; 0 = all but the eval ones
-EVAL_CONVERSATIONS = 8
-MAX_LENGTH = 384
-EPOCHS = 3
-LR = 5e-4                     # short budget: higher than train.py's default
-BATCH_SIZE = 1
-GRAD_ACCUM = 1
-SIM_STEPS = 5
-EVALS_PER_EPOCH = 1           # >1: also evaluate inside epochs (curves from a single long epoch)
-PRECISION = "auto"            # auto: bf16 autocast on CUDA and on CPUs with bf16 units, else fp32
-SEED = 0
-OUT = str(REPO_ROOT / "outputs" / "bench_training")
-RECIPES = {"ours": {"detach_cls_pred": False}, "baldeagle": {"detach_cls_pred": True}}
+# Edit a default here or pass the flag; --config FILE reads them from a JSON/YAML file.
+@dataclass
+class Settings:
+    # Defaults sized for ~15 minutes on 2 shared CPU cores (the LM head, 49152 x 576, dominates): a subset of
+    # the conversations, cut to MAX_LENGTH tokens. On a GPU use all of them (0) and 2048.
+    data: list[str] = setting([str(DEFAULT_DATA_DIR)], "data folders (generate_data.py)")
+    model: str | None = setting(None, "target of the data; None = embedded SmolLM2-135M-Instruct")
+    train_conversations: int = setting(24, "subset of the data; 0 = all but the eval ones")
+    eval_conversations: int = setting(8, "held-out conversations")
+    max_length: int = setting(384, "tokens per conversation")
+    epochs: int = setting(3, "passes over the training conversations")
+    lr: float = setting(5e-4, "peak learning rate (short budget: higher than train.py's default)")
+    batch_size: int = setting(1, "conversations per micro-batch")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    sim_steps: int = setting(5, "chain length of the simulated tau")
+    evals_per_epoch: int = setting(1, ">1: also evaluate inside epochs (curves from a single long epoch)")
+    precision: str = setting("auto", "auto: bf16 autocast on CUDA and on CPUs with bf16 units, else fp32",
+                             choices=["auto", "bf16", "fp32"])
+    seed: int = setting(0, "seed of the split, the draft and the data order")
+    out: str = setting(str(REPO_ROOT / "outputs" / "bench_training"), "the recipes' runs and results")
+    recipe: str | None = setting(None, "child process mode: train this recipe", choices=list(RECIPES), hidden=True)
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", nargs="+", default=[DATA])
-    p.add_argument("--model", default=MODEL)
-    p.add_argument("--train-conversations", type=int, default=TRAIN_CONVERSATIONS)
-    p.add_argument("--eval-conversations", type=int, default=EVAL_CONVERSATIONS)
-    p.add_argument("--max-length", type=int, default=MAX_LENGTH)
-    p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--grad-accum", type=int, default=GRAD_ACCUM)
-    p.add_argument("--sim-steps", type=int, default=SIM_STEPS)
-    p.add_argument("--evals-per-epoch", type=int, default=EVALS_PER_EPOCH)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=PRECISION)
-    p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--out", default=OUT)
-    p.add_argument("--recipe", choices=list(RECIPES), help=argparse.SUPPRESS)  # child process mode
-    return p.parse_args(argv)
+def parse_args(argv=None) -> Settings:
+    return parse_settings(Settings, argv, description=__doc__.splitlines()[0])
 
 
 def use_bf16(precision):
