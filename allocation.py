@@ -11,7 +11,8 @@ OUTPUT_DIR/logs/; the progress bar follows the rows the workers have done (their
 Rerunning the same command resumes every worker. Flags after `--` (and unknown flags) go to the
 generator unchanged. GPU ids are indexes into the GPUs this process sees: with
 CUDA_VISIBLE_DEVICES=4,5 already set, `--gpus 0 1` (and the default) run on physical GPUs 4 and 5.
-A worker given several GPUs gets --spread-target (its target is spread over them).
+A worker given several GPUs gets --spread-target (its target is spread over them), or with --engine vllm
+one engine with tensor parallelism over them (--engine-tensor-parallel; more engine flags after `--`).
 """
 import json
 import os
@@ -41,6 +42,7 @@ class Settings:
     end: int | None = like(GenerateSettings, "end")
     gpus: list[str] | None = setting(None, "GPU ids per worker, e.g. 0,1 2,3 (default: each visible GPU)", nargs="*")
     workers: int | None = setting(None, "CPU worker processes (machines without GPUs)")
+    engine: str = like(GenerateSettings, "engine")  # vllm: one engine per GPU group, tensor parallel over it
     num_shards: int = setting(1, "nodes sharing the range")
     shard_index: int = setting(0, "this node's part (0-based)")
 # ----------------------------------------------------------------------------- end of SETTINGS
@@ -111,8 +113,10 @@ def launch(worker: dict, args, extra: list[str]) -> subprocess.Popen:
         cmd += ["--split", args.split]
     if worker["threads"]:
         cmd += ["--threads", str(worker["threads"]), "--device", "cpu"]
-    if worker["gpus"] and len(worker["gpus"]) > 1:
-        cmd += ["--spread-target"]
+    if args.engine != "hf":
+        cmd += ["--engine", args.engine]
+    if worker["gpus"] and len(worker["gpus"]) > 1:  # the target over the group's GPUs
+        cmd += ["--engine-tensor-parallel", str(len(worker["gpus"]))] if args.engine != "hf" else ["--spread-target"]
     cmd += extra
     worker["cmd"] = cmd
     log = open(worker["log"], "a")

@@ -69,6 +69,7 @@ class GenerationSettings:
     max_new_tokens: int = 512          # replies=greedy|sampled: tokens per reply
     seed: int = 0                      # replies=sampled: per-row seeds derive from it
     reply_batch_size: int = 8          # replies=greedy|sampled: conversations generated together
+    engine: str = "hf"                 # hf: a forward of the HF model here; vllm: modules/data/engine_vllm.py
 
     def replies_manifest(self) -> dict | None:
         """The manifest's `replies` entry: None for the dataset's own replies, else what fixes them."""
@@ -81,6 +82,7 @@ class GenerationSettings:
 
 
 REPLY_MODES = ("dataset", "greedy", "sampled")
+ENGINES = ("hf", "vllm")  # who runs the target (vllm: modules/data/engine_vllm.py)
 
 
 def check_reply_settings(settings: GenerationSettings) -> None:
@@ -223,7 +225,8 @@ def shard_blocks(start: int, end: int, rows_per_shard: int) -> list[tuple[int, i
 
 
 RESUME_KEYS = ("model", "dataset", "split", "start_row", "end_row", "max_length", "system_prompt", "dtype",
-               "aux_layers", "rows_per_shard", "batch_tokens", "chat_template_sha256", "regenerated", "replies")
+               "aux_layers", "rows_per_shard", "batch_tokens", "chat_template_sha256", "regenerated", "replies",
+               "engine")
 
 
 def _check_resume(out_dir: Path, manifest: dict, blocks) -> dict:
@@ -272,6 +275,8 @@ def manifest_header(settings: GenerationSettings, tokenizer, config, device, ext
     }
     if settings.replies != "dataset":  # absent for the dataset's replies: older folders still resume
         header["replies"] = settings.replies_manifest()
+    if settings.engine != "hf":  # absent for the HF path: older folders still resume
+        header["engine"] = settings.engine
     auto = [key for key, value in (("rows_per_shard", settings.rows_per_shard),
                                    ("batch_tokens", settings.batch_tokens)) if not value]
     if auto and out_dir is not None and (Path(out_dir) / MANIFEST).is_file():
@@ -317,9 +322,11 @@ def generate_folder(model, tokenizer, rows, out_dir, settings: GenerationSetting
     out_dir = writable_folder(out_dir)
     if not getattr(tokenizer, "chat_template", None):
         raise GenerationError("the tokenizer has no chat template: pass --chat-template FILE (a Jinja template)")
-    device = next(model.parameters()).device
+    # model: the HF target, or with settings.engine vllm the engine (engine_vllm.VllmFeatureEngine)
+    device, dtype = (model.device, model.dtype) if settings.engine != "hf" else (
+        next(model.parameters()).device, next(model.parameters()).dtype)
     manifest = manifest_header(settings, tokenizer, model.config, device, extra_manifest, out_dir)
-    manifest["target_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    manifest["target_dtype"] = str(dtype).replace("torch.", "")
     job = FolderJob(model, tokenizer, rows, out_dir, settings, manifest)
     todo = job.windows_to_do()
     job.start_progress(sum(job.rows_missing(win) for win in todo), desc, progress)
@@ -344,7 +351,8 @@ class FolderJob:
         for row_id, row in rows:
             self.by_block.setdefault((row_id - settings.start) // self.rows_per_shard, []).append((row_id, row))
         self.distill = None
-        if settings.replies != "dataset":
+        self.engine = model if settings.engine != "hf" else None  # computes both reply modes itself
+        if settings.replies != "dataset" and self.engine is None:
             from modules.data.self_distill import SelfDistiller
 
             self.distill = SelfDistiller(model, tokenizer, settings.max_length, settings.replies, settings.temperature,
@@ -361,7 +369,9 @@ class FolderJob:
     def windows_to_do(self) -> list[list]:
         """Windows of consecutive (block index, (first row, end row)) with a missing shard: a window is
         computed whole (its batches mix its shards' rows)."""
-        if self.distill is not None:  # enough shards for one batch of conversations
+        if self.engine is not None:  # enough shards to keep the engine's batch full
+            per_window = -(-self.engine.window_rows // self.rows_per_shard)
+        elif self.distill is not None:  # enough shards for one batch of conversations
             per_window = -(-self.settings.reply_batch_size // self.rows_per_shard)
         else:
             per_window = batch_window_shards(self.rows_per_shard, self.batch_tokens, self.settings.max_length)
@@ -404,7 +414,7 @@ class FolderJob:
     def encode(self, window) -> list[tuple]:
         """Per block of the window: (examples, skipped, truncated)."""
         s = self.settings
-        if self.distill is not None:  # the replies are still to be written: (row_id, messages)
+        if s.replies != "dataset":  # the replies are still to be written: (row_id, messages)
             return [prompt_rows(self.by_block.get(k, []), s.system_prompt) for k, _ in window]
         return [encode_rows(self.tokenizer, self.by_block.get(k, []), s.max_length, s.system_prompt)
                 for k, _ in window]
@@ -412,6 +422,8 @@ class FolderJob:
     def compute(self, examples) -> list:
         """Per example: a conversation ready for storage, or the reason it is skipped."""
         self.rows_computing = 0
+        if self.engine is not None:
+            return self.engine(examples, self.store_dtype, on_batch=self.count_tokens)
         if self.distill is not None:
             return self.distill(examples, self.store_dtype, on_batch=self.count_tokens)
         return features_for_examples(self.model, examples, self.tokenizer.pad_token_id, self.batch_tokens,

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from modules.data.generation import (REPLY_MODES, GenerationError, GenerationSettings, SHARD_BYTES,
+from modules.data.generation import (ENGINES, REPLY_MODES, GenerationError, GenerationSettings, SHARD_BYTES,
                                      check_reply_settings, finished_manifest, generate_folder, manifest_header,
                                      writable_folder)
 from modules.paths import DEFAULT_DATA_DIR
@@ -65,6 +65,18 @@ class GenerateSettings:
     reply_batch_size: int = setting(8, "conversations generated together (or requests in flight to a --server-url)",
                                     aliases=["--regen-batch-size"])
     seed: int = setting(0, "sampling seed (--replies sampled: per-row seeds derive from it)")
+    # the target as a vLLM engine (modules/data/engine_vllm.py, docs/data.md "Engine-backed data")
+    engine: str = setting("hf", "who runs the target: hf (a Hugging Face forward in this process) or vllm (a vLLM "
+                                "engine: prefill or self-distilled replies, same shards)", choices=list(ENGINES))
+    engine_tensor_parallel: int = setting(1, "--engine vllm: tensor parallel size (GPUs per engine)")
+    engine_pipeline_parallel: int = setting(1, "--engine vllm: pipeline parallel size")
+    engine_gpu_memory: float = setting(0.9, "--engine vllm: fraction of GPU memory the engine may use")
+    engine_kv_cache_gib: float = setting(0.0, "--engine vllm: KV cache size in GiB (0: from --engine-gpu-memory on "
+                                              "GPU, 2 GiB of RAM on CPU)")
+    engine_max_seqs: int = setting(64, "--engine vllm: requests the engine runs together (its batch)")
+    engine_max_batched_tokens: int = setting(8192, "--engine vllm: tokens per engine step (at least --max-length "
+                                                   "+ 1)")
+    engine_eager: bool = setting(False, "--engine vllm: no compilation / CUDA graphs (faster start, slower run)")
 
 
 @dataclass
@@ -117,7 +129,8 @@ def loop_settings(settings: GenerateSettings, end: int, aux_layers) -> Generatio
         system_prompt=settings.system_prompt, dtype=STORE_DTYPES[settings.store_dtype], aux_layers=aux_layers,
         rows_per_shard=settings.rows_per_shard, shard_bytes=settings.shard_bytes,
         batch_tokens=settings.batch_tokens, replies=settings.replies, temperature=settings.temperature,
-        max_new_tokens=settings.max_new_tokens, seed=settings.seed, reply_batch_size=settings.reply_batch_size)
+        max_new_tokens=settings.max_new_tokens, seed=settings.seed, reply_batch_size=settings.reply_batch_size,
+        engine=settings.engine)
 
 
 def run(settings: GenerateSettings, aux_layers_fn=None, rows_fn=None, extra_manifest: dict | None = None,
@@ -170,7 +183,17 @@ def run(settings: GenerateSettings, aux_layers_fn=None, rows_fn=None, extra_mani
         if rows_only:
             print(f"{out_dir}: {len(rows)} rows ready in {time.perf_counter() - t0:,.1f} s; no features computed")
             return None
-    manifest = generate_folder(get_model(), tokenizer, rows, out_dir, loop, progress=not settings.no_progress,
+    if settings.engine == "vllm":  # the engine replaces the HF target
+        if rows_fn is not None:
+            raise GenerationError("--engine vllm writes the target's replies itself: use --replies greedy|sampled "
+                                  "instead of --regenerate")
+        from modules.data.engine_vllm import VllmFeatureEngine  # its errors are GenerationErrors
+        from modules.target import pick_dtype
+
+        model = VllmFeatureEngine(settings.model, tokenizer, loop, pick_dtype(settings.target_dtype, device), settings)
+    else:
+        model = get_model()
+    manifest = generate_folder(model, tokenizer, rows, out_dir, loop, progress=not settings.no_progress,
                                desc=f"rows {settings.start}-{end}", extra_manifest=extra_manifest)
     print_summary(out_dir, manifest, time.perf_counter() - t0)
     return manifest
