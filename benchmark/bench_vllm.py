@@ -17,50 +17,43 @@ Writes --out (JSON) and a PNG beside it. Each method runs in its own process (a 
 thread settings left over from the previous one). vLLM runs from its own virtualenv (`make install-vllm`;
 it pins the same torch and transformers as this repo).
 """
-import argparse
 import gc
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from modules.paths import DEFAULT_TTT_TRAIN_DIR, EMBEDDED_MODEL_NAME, MT_BENCH_QUESTIONS
+from modules.settings import parse_settings, setting
 
 # ---- SETTINGS ----------------------------------------------------------------------------
-MODEL = None                 # target folder vLLM serves; None = the embedded SmolLM2 (convert_target.py layout)
-DRAFT = str(DEFAULT_TTT_TRAIN_DIR / "export")   # an exported draft (train/export.py)
-REFERENCE_DRAFT = None       # the draft our decoder runs ("ours"); None = DRAFT
-METHODS = ["plain", "draft", "ngram", "ours"]
-NUM_SPEC_TOKENS = 3          # draft tokens per cycle (vLLM's num_speculative_tokens; our chain depth)
-NGRAM_MAX = 4                # n-gram: longest prompt n-gram to match
-NUM_QUESTIONS = 10
-MAX_NEW_TOKENS = 128
-DTYPE = "fp32"               # fp32 | bf16: the target's (and vLLM's draft's) dtype
-KV_CACHE_FRACTION = 0.15     # vLLM gpu_memory_utilization; on CPU it sizes the KV cache in RAM
-MAX_MODEL_LEN = 2048
-OUT = "benchmark/results/vllm.json"
+# Edit a default here or pass the flag (--num-spec-tokens 5); --config FILE reads them from a JSON/YAML file.
+@dataclass
+class Settings:
+    model: str | None = setting(None, "target folder vLLM serves; None = the embedded SmolLM2 (convert_target.py "
+                                      "layout)")
+    draft: str = setting(str(DEFAULT_TTT_TRAIN_DIR / "export"), "an exported draft folder (train/export.py)")
+    reference_draft: str | None = setting(None, "the draft our decoder runs ('ours'); None = --draft")
+    methods: list[str] = setting(["plain", "draft", "ngram", "ours"], "methods to run",
+                                 choices=["plain", "draft", "ngram", "ours"])
+    num_spec_tokens: int = setting(3, "draft tokens per cycle (vLLM's num_speculative_tokens; our chain depth)")
+    ngram_max: int = setting(4, "n-gram: longest prompt n-gram to match")
+    num_questions: int = setting(10, "MT-bench questions (first turns)")
+    max_new_tokens: int = setting(128, "tokens generated per question")
+    dtype: str = setting("fp32", "the target's (and vLLM's draft's) dtype", choices=["fp32", "bf16"])
+    kv_cache_fraction: float = setting(0.15, "vLLM gpu_memory_utilization; on CPU it sizes the KV cache in RAM")
+    max_model_len: int = setting(2048, "vLLM max_model_len")
+    out: str = setting("benchmark/results/vllm.json", "result file (JSON; a PNG is written beside it)")
+    one_method: str | None = setting(None, "internal: run one method, write --out", hidden=True)
 # -------------------------------------------------------------------------------------------
 
 SPEC_COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=MODEL, help="target folder (default: the embedded SmolLM2, converted)")
-    p.add_argument("--draft", default=DRAFT, help="exported draft folder")
-    p.add_argument("--reference-draft", default=REFERENCE_DRAFT, help="draft for our decoder (default: --draft)")
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=["plain", "draft", "ngram", "ours"])
-    p.add_argument("--num-spec-tokens", type=int, default=NUM_SPEC_TOKENS)
-    p.add_argument("--ngram-max", type=int, default=NGRAM_MAX)
-    p.add_argument("--num-questions", type=int, default=NUM_QUESTIONS)
-    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default=DTYPE)
-    p.add_argument("--kv-cache-fraction", type=float, default=KV_CACHE_FRACTION)
-    p.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
-    p.add_argument("--out", default=OUT)
-    p.add_argument("--one-method", default=None, help=argparse.SUPPRESS)  # internal: run one method, write --out
-    return p.parse_args(argv)
+def parse_args(argv=None) -> Settings:
+    return parse_settings(Settings, argv, description=__doc__.split("\n")[0])
 
 
 def target_folder(model):
@@ -108,8 +101,8 @@ def spec_counters(llm):
     return out
 
 
-def run_vllm(target, prompts, max_new_tokens, dtype, spec=None, kv_fraction=KV_CACHE_FRACTION,
-             max_model_len=MAX_MODEL_LEN):
+def run_vllm(target, prompts, max_new_tokens, dtype, spec=None, kv_fraction=Settings.kv_cache_fraction,
+             max_model_len=Settings.max_model_len):
     """Generate greedily with a fresh vLLM engine. -> {outputs, seconds, tokens, counters}."""
     from vllm import LLM, SamplingParams
 
