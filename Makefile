@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo lint test test-server test-vllm install install-test install-vllm clean-demo
+.PHONY: demo lint test test-server test-vllm test-gpu gpu-smoke test-multinode install install-test install-vllm clean-demo
 
 $(STAMP): requirements.txt requirements-embedded.txt
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,23 @@ install-vllm: $(VLLM_REPO_STAMP)
 
 test-vllm: $(VLLM_REPO_STAMP)
 	$(VLLM_PY) -m pytest -q tests/test_export_vllm_serving.py
+
+# CUDA checks (tests/test_gpu.py, marker gpu): on a machine without CUDA every one reports itself skipped.
+# They need no .venv: GPU_PY is .venv's python when there is one, else the system python3 (the lent GPU
+# machine: torch, transformers, accelerate, safetensors, tqdm, pytest; no datasets, no gguf).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+test-gpu:
+	$(GPU_PY) -m pytest -q -rfEP -m gpu tests/test_gpu.py
+
+# One prepared command for a lent GPU: carried wheels, make test-gpu, data -> 200 EAGLE-3 steps -> decoder
+# benchmark on a tiny target, one summary (benchmark/gpu_smoke.py; docs/gpu.md). Without CUDA: "no CUDA", exit 1.
+gpu-smoke:
+	$(GPU_PY) benchmark/gpu_smoke.py
+
+# Opt-in: the multi-node rehearsal on one machine (two torchrun "nodes" of one CPU process each, c10d
+# rendezvous on 127.0.0.1; allocation.py --num-shards 2): tests/test_multinode_rehearsal.py.
+test-multinode: $(TEST_STAMP)
+	$(PY) -m pytest -q tests/test_multinode_rehearsal.py
 
 DEMO_OUT ?= demo_out
 DEMO_ROWS ?= 600

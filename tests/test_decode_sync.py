@@ -36,3 +36,18 @@ def test_synchronize_waits_for_cuda_only(monkeypatch):
     assert calls == []
     tree_decoding.synchronize(torch.device("cuda", 1))
     assert calls == [torch.device("cuda", 1)]
+
+
+def test_host_reads_per_cycle_do_not_grow_with_the_tree_depth():
+    """The ops that would block the host on a GPU (counted on CPU): 3 a cycle, the accepted path and
+    its tokens, at any tree depth (the ancestor matrix is built without reading the levels on the host)."""
+    from tests.test_training_host_syncs import CountSyncs
+
+    target = tiny_target("llama", seed=0)
+    torch.manual_seed(1)
+    draft = EagleDraft.from_target(target).eval()
+    prompt = torch.randint(0, 300, (12,), generator=torch.Generator().manual_seed(3))
+    for depth in (2, 6):
+        with CountSyncs() as c:
+            res = EagleDecoder(target, draft, total_tokens=24, depth=depth, top_k=3).generate(prompt, 16)
+        assert c.count <= 3 * len(res.accept_lengths) + 1, (depth, c.ops)  # + 1: the prefill's token

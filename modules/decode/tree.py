@@ -80,13 +80,18 @@ class CandidatePool:
 
 
 def ancestor_matrix(parents, depths):
-    """[N, N] bool ancestor-or-self matrix, built one depth level at a time (no per-node loop)."""
+    """[N, N] bool ancestor-or-self matrix: the transitive closure of "is my parent" by repeated squaring,
+    ceil(log2 N) small matmuls whose count depends on N alone, so building it never waits for the GPU
+    (a level-by-level build reads each level's nodes on the host: one sync a level)."""
     n = parents.shape[0]
     anc = torch.eye(n, dtype=torch.bool, device=parents.device)
-    max_depth = int(depths.max()) if n > 1 else 0
-    for d in range(1, max_depth + 1):
-        idx = (depths == d).nonzero().squeeze(1)
-        anc[idx] |= anc[parents[idx]]
+    if n > 1:
+        anc[torch.arange(1, n, device=parents.device), parents[1:]] = True
+    reach = 1
+    while reach < n - 1:  # anc holds the ancestors up to `reach` levels up
+        a = anc.float()
+        anc = (a @ a) > 0
+        reach *= 2
     return anc
 
 
@@ -111,8 +116,8 @@ def greedy_accept(tree, target_next):
     # A node is accepted when it and all its ancestors are correct.
     accepted = ~(tree.anc & ~correct.unsqueeze(0)).any(dim=1)
     best = torch.argmax(torch.where(accepted, tree.depths, -1))
-    path = tree.anc[best].nonzero().squeeze(1)  # ancestors in index order = depth order
-    return path, target_next[best]
+    path = tree.anc[best].nonzero().squeeze(1)  # ancestors in index order = depth order (a host read)
+    return path, target_next.index_select(0, best.view(1)).squeeze(0)  # indexing by a 0-d tensor would sync
 
 
 class MaskBuffer:
