@@ -107,3 +107,20 @@ def _initial_weights(setup):
 
     draft = worker.make_draft(setup, tiny_target())
     return {n: p.detach() for n, p in draft.named_parameters() if p.requires_grad}
+
+
+def test_fsdp_flag_is_refused_without_cuda(tmp_path, capsys):
+    """--fsdp on CPU would silently train under DDP (accelerate: FSDP for accelerator process groups only):
+    the training scripts refuse it with a clear error instead."""
+    from train import train_eagle_ttt
+
+    rc = train_eagle_ttt.main(["--online", "--fsdp", "--output-dir", str(tmp_path), "--max-steps", "1",
+                               "--end", "4", "--dataset", str(REPO_ROOT / "tests" / "data" / "gpu_conversations.jsonl"),
+                               "--model", _tiny_model(tmp_path)])
+    assert rc == 2 and "--fsdp needs CUDA GPUs" in capsys.readouterr().err
+
+
+def _tiny_model(tmp_path):
+    from tests._helpers_data import tiny_target_dir
+
+    return tiny_target_dir(tmp_path / "model", layers=4)

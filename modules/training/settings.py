@@ -80,6 +80,9 @@ class TrainingSettings(LossSettings):
     bias: bool = setting(False, "fc bias of the EAGLE-1/2 draft: vLLM 0.32 builds fc without one (drops it), so "
                                 "none by default (modules/export/engines.py)")
     grad_clip: float = setting(0.5, "max gradient norm", hf="max_grad_norm")
+    fsdp: bool = setting(False, "shard the draft's weights, gradients and Adam state over the ranks (FSDP2 through "
+                                "the HF Trainer; torchrun on CUDA GPUs); checkpoints and the export stay whole "
+                                "(docs/gpu.md: when it pays)", action="store_true")
     precision: str = setting("auto", "auto: bf16 autocast on CUDA and on CPUs with bf16 units (~1.8x faster), "
                                      "else fp32", choices=["auto", "bf16", "fp32"])
     attn: str = setting("auto", "auto (flash_attention_2 on CUDA when installed, else sdpa) | sdpa | eager | "

@@ -59,7 +59,11 @@ def training_arguments(settings, has_eval, cls=None):
     # Workers read the memory-mapped shards (each opens its own maps) while the GPU trains; on CPU
     # the cores are busy with the training itself.
     workers = settings.dataloader_workers if settings.dataloader_workers is not None else (2 if cuda else 0)
+    if settings.fsdp and not cuda:  # accelerate 1.15 turns FSDP on for accelerator process groups only
+        raise UsageError("--fsdp needs CUDA GPUs: on CPU accelerate trains the ranks under DDP (drop --fsdp)")
+    fsdp = {"fsdp": True, "fsdp_config": {"version": 2}} if settings.fsdp else {}
     return (cls or EagleTrainingArguments)(
+        **fsdp,
         **hf_arguments(settings), per_device_eval_batch_size=settings.batch_size,
         adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, bf16=bf16, use_cpu=not cuda,
         ddp_backend="gloo" if not cuda and distributed else None, ddp_find_unused_parameters=False,
