@@ -1,6 +1,7 @@
 """Shared code of the EAGLE draft-training scripts, grouped by pipeline stage.
 
     settings.py        settings defined once: dataclass fields -> flags, --help, --config FILE, run_config.json
+    io.py              the bottom layer: atomic writes (temp + rename), safetensors helpers (docs/extending.md#layers)
     paths.py           where things live: repo root, the embedded default model, dataset and prompts
     target.py          load the target (hub id, local folder, GGUF) ; target_weights.py: embedding + head only
     placement.py       which device each model and rank uses (the one rule)

@@ -161,7 +161,7 @@ def parse_settings(cls, argv=None, description=None, known_only=False):
 def save_run_config(settings, output_dir) -> Path:
     """OUTPUT_DIR/run_config.json: every setting of the run (flag values included), written atomically;
     `--config OUTPUT_DIR/run_config.json` reruns the run."""
-    from modules.data.storage import atomic_write_text
+    from modules.io import atomic_write_text
 
     path = Path(output_dir) / "run_config.json"
     path.parent.mkdir(parents=True, exist_ok=True)

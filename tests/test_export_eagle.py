@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modules.draft.eagle_draft import EagleDraft
-from modules.export.eagle_export import ExportError, export_draft
+from modules.draft.eagle_draft import ExportError, export_draft
 from tests._helpers_eagle import REPO_ROOT, save_tiny_target
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modules.draft.eagle3_draft import Eagle3Draft
-from modules.export.eagle3_export import Eagle3ExportError, export_eagle3
+from modules.draft.eagle3_draft import Eagle3ExportError, export_eagle3
 from tests._helpers_eagle3 import VOCAB, tiny_eagle3, tiny_target, tiny_target_config
 
 

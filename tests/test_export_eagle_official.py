@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("eagle", reason="interop test needs `pip install --no-deps eagle-llm==1.2.1`")
 
 from modules.draft.eagle_draft import EagleDraft  # noqa: E402
-from modules.export.eagle_export import export_draft  # noqa: E402
+from modules.draft.eagle_draft import export_draft  # noqa: E402
 from tests._helpers_eagle import save_tiny_target  # noqa: E402
 
 

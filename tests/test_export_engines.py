@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from modules.export import engines
 from modules.draft.eagle3_draft import Eagle3Draft
-from modules.export.eagle3_export import Eagle3ExportError, export_eagle3
+from modules.draft.eagle3_draft import Eagle3ExportError, export_eagle3
 from modules.data.features import target_features
 from tests._helpers_eagle3 import VOCAB, tiny_target
 

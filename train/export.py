@@ -33,7 +33,7 @@ def main(argv=None):
 
     import torch
     from modules.draft.kinds import kind_of_folder
-    from modules.export.eagle_export import ExportError
+    from modules.draft.eagle_draft import ExportError
     from modules.target import TargetLoadError
 
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]

@@ -99,7 +99,7 @@ def main(argv=None):
     from safetensors import SafetensorError
 
     from modules.data.storage import DataFormatError
-    from modules.export.eagle_export import ExportError
+    from modules.draft.eagle_draft import ExportError
     from modules.target import TargetLoadError
     from modules.training.eagle_trainer import NonFiniteLossError
 

@@ -8,7 +8,7 @@ train/train.py. `--arch eagle2` trains the EAGLE-1/2 draft with the same TTT los
 
 Offline data comes from generate_data_fused_features.py (EAGLE-3) or generate_data.py (eagle2
 arch). With --online, conversations are read from --dataset, tokenised with the same loss mask, and
-the target computes the features of each batch (modules/features.target_features) on the fly.
+the target computes the features of each batch (modules/data/features.target_features) on the fly.
 The draft vocabulary is counted from the training conversations' trained tokens before training.
 Checkpoints: OUTPUT_DIR/checkpoint-*; final draft: OUTPUT_DIR/draft (SGLang EAGLE-3 layout, or
 the EAGLE layouts of train/export.py for --arch eagle2); run_config.json (every setting), summary.json,

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from modules.data.chat import BadRow, row_to_messages
 from modules.data.features import target_features
-from modules.data.loss_mask import TemplateError, tokenize_conversation
+from modules.data.loss_mask import encode_messages
 from modules.data.storage import (FORMAT, MANIFEST, SHARD_RE, DataFormatError, list_shards, read_manifest,
                                   read_shard_stats, shard_name, write_manifest, write_shard,
                                   atomic_write_text)
@@ -118,20 +118,6 @@ def batch_window_shards(rows_per_shard: int, batch_tokens: int, max_length: int)
 
 def chat_template_sha256(tokenizer) -> str:
     return hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()
-
-
-def encode_messages(tokenizer, messages: list[dict], max_length: int):
-    """(ids, mask, truncated) of one conversation, or BadRow(reason) when it has nothing to train on
-    or the template fails on it (a missing template is an error of the whole run)."""
-    try:
-        ids, mask, was_truncated = tokenize_conversation(tokenizer, messages, max_length)
-    except TemplateError as err:
-        if "no chat template" in str(err):
-            raise
-        raise BadRow("template_error") from None
-    if not any(mask):
-        raise BadRow("no_trained_tokens_after_truncation" if was_truncated else "no_trained_tokens")
-    return ids, mask, was_truncated
 
 
 def prompt_rows(rows, system_prompt: str | None):

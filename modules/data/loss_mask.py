@@ -13,6 +13,10 @@ newline after the end-of-turn token, padding) is 0.
 """
 import re
 
+from jinja2 import TemplateError as JinjaTemplateError
+
+from modules.data.chat import BadRow
+
 # Private-use code points: never produced by tokenizers' normalisers or chat templates.
 SENTINEL = "\ue000{}\ue001"
 SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
@@ -22,14 +26,20 @@ class TemplateError(RuntimeError):
     """The tokenizer's chat template cannot produce a loss mask (one-line message for users)."""
 
 
+# What rendering a chat template raises on a conversation it rejects: the template's own
+# raise_exception('Conversation roles must alternate ...') and undefined names (jinja2), or Python
+# errors of its expressions on unexpected content (a list, None, a missing key).
+TEMPLATE_ERRORS = (JinjaTemplateError, TypeError, ValueError, KeyError, IndexError)
+
+
 def render(tokenizer, messages: list[dict]) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("the tokenizer has no chat template: pass --chat-template FILE (a Jinja template)")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    except Exception as err:  # e.g. raise_exception('Conversation roles must alternate ...') in the template
+    except TEMPLATE_ERRORS as err:
         message = str(err).strip()
-        raise TemplateError(f"chat template failed: {message.splitlines()[0] if message else repr(err)}") from None
+        raise TemplateError(f"chat template failed: {message.splitlines()[0] if message else repr(err)}") from err
 
 
 def reply_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int, int]]]:
@@ -78,9 +88,9 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | Non
     text, spans = reply_spans(tokenizer, messages)
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError:
+    except NotImplementedError as err:
         raise TemplateError("the tokenizer gives no character offsets: "
-                            "a fast (tokenizers) tokenizer is needed") from None
+                            "a fast (tokenizers) tokenizer is needed") from err
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     specials = end_of_turn_ids(tokenizer)
     mask = [0] * len(ids)
@@ -106,3 +116,17 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | Non
     if truncated:
         ids, mask = ids[:max_length], mask[:max_length]
     return ids, mask, truncated
+
+
+def encode_messages(tokenizer, messages: list[dict], max_length: int):
+    """(ids, mask, truncated) of one conversation, or BadRow(reason) when it has nothing to train on
+    or the template fails on it (a missing template is an error of the whole run)."""
+    try:
+        ids, mask, was_truncated = tokenize_conversation(tokenizer, messages, max_length)
+    except TemplateError as err:
+        if "no chat template" in str(err):
+            raise
+        raise BadRow("template_error") from err
+    if not any(mask):
+        raise BadRow("no_trained_tokens_after_truncation" if was_truncated else "no_trained_tokens")
+    return ids, mask, was_truncated

@@ -33,7 +33,7 @@ from transformers import DynamicCache
 
 from modules.data.chat import BadRow
 from modules.data.features import base_model, output_features
-from modules.data.generation import encode_messages
+from modules.data.loss_mask import TEMPLATE_ERRORS, encode_messages
 
 
 def stop_ids(model, tokenizer) -> set[int]:
@@ -53,8 +53,8 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of the conversation so far followed by the assistant header (what the target sees)."""
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception:
-        raise BadRow("template_error") from None
+    except TEMPLATE_ERRORS as err:
+        raise BadRow("template_error") from err
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

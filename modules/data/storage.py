@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from modules.io import atomic_write, atomic_write_text, save_draft_folder  # noqa: F401  (the writers' names here too)
+
 FORMAT = "eagle-data-v1"
 MANIFEST = "manifest.json"
 SHARD_RE = re.compile(r"^shard-(\d{8})-(\d{8})\.safetensors$")
@@ -43,29 +45,6 @@ class DataFormatError(RuntimeError):
 
 def shard_name(first_row: int, end_row: int) -> str:
     return f"shard-{first_row:08d}-{end_row:08d}.safetensors"
-
-
-def atomic_write(path, write) -> None:
-    """write(tmp_path), then rename onto path: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def save_draft_folder(out_dir, tensors: dict, config: dict, weights_name: str = "model.safetensors") -> Path:
-    """A draft as the serving engines read it: config.json + model.safetensors, each atomic."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / weights_name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True))
-    return out_dir
 
 
 ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int32: "I32",

@@ -30,12 +30,12 @@ from transformers import Qwen3Config
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from modules.data.storage import save_draft_folder
 from modules.decode.tree_decoding import DraftAdapter, TreeKVCache
-from modules.draft.eagle3_draft import Eagle3Draft, cast_floats
+from modules.draft.eagle3_draft import Eagle3Draft, check_fits_target
 from modules.draft.kinds import DraftKind
 from modules.draft.vocab import build_mappings
 from modules.export import engines
+from modules.io import cast_floats, save_draft_folder
 
 DFLASH_ARCHITECTURE = "DFlashDraftModel"  # vLLM 0.32 models/registry.py -> qwen3_dflash.DFlashQwen3ForCausalLM
 WEIGHTS_NAME = "model.safetensors"
@@ -359,7 +359,6 @@ class DFlashKind(DraftKind):
         return Path(out_dir)
 
     def export(self, draft, out_dir, target=None, dtype=torch.bfloat16):
-        from modules.export.eagle3_export import check_fits_target
         from modules.target_weights import target_config
 
         if not isinstance(draft, DFlashDraft):

@@ -9,7 +9,7 @@
 place of g (fc is applied to real fused features only). The token embedding is the target's,
 frozen; lm_head starts as the target head's rows of the draft vocabulary and is trained.
 
-Same calling convention as modules/eagle_draft.EagleDraft, so the tree decoder can drive either:
+Same calling convention as modules/draft/eagle_draft.EagleDraft, so the tree decoder can drive either:
 `forward(input_ids, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
 use_cache=False)` where hidden_states is either fused target features [B,T,3H] (fc applied) or
 the draft's own previous output [B,T,h] (chosen by width, or forced with `fused=`).
@@ -18,6 +18,11 @@ Saved layout (SGLang `LlamaForCausalLMEagle3`, vLLM `Eagle3LlamaForCausalLM`, sp
 config.json (LlamaConfig, architectures ["LlamaForCausalLMEagle3"], draft_vocab_size,
 target_hidden_size, capture layer fields per engine: modules/export/engines.py) + model.safetensors with
 fc.weight, midlayer.*, norm.weight, lm_head.weight, d2t, t2d (+ embed_tokens.weight).
+
+Export (export_eagle3, below): the training checkpoints already use that layout; exporting re-checks
+the draft against the target (hidden size, vocabulary, aux layer ids, d2t/t2d consistency), casts the
+weights (bf16 by default; d2t/t2d keep their int64/bool types), writes the capture layers in each
+engine's convention (modules/export/engines.py) and a clean folder without trainer files.
 """
 import json
 from pathlib import Path
@@ -38,7 +43,7 @@ from modules.export import engines
 from modules.draft import ttt_attention
 from modules.draft.kinds import DraftKind
 from modules.draft.vocab import build_mappings
-from modules.data.storage import save_draft_folder
+from modules.io import cast_floats, save_draft_folder
 from modules.decode.tree_decoding import DraftAdapter, TreeKVCache
 
 EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -78,13 +83,6 @@ def make_eagle3_config(target_config, draft_vocab_size, aux_layers, target_model
     if target_model is not None:
         cfg.target_model = str(target_model)
     return cfg
-
-
-def cast_floats(sd: dict, dtype) -> dict:
-    """Float tensors to dtype (None = unchanged); d2t / t2d keep int64 / bool."""
-    if dtype is None:
-        return sd
-    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
 
 
 def _additive_or_bool_mask(attention_mask, B, T, past_len, device):
@@ -198,11 +196,10 @@ class Eagle3Draft(nn.Module):
         config: then embed/head stay random). draft_ids: sorted target ids of the draft vocab
         (None = the full vocabulary); aux_layers: None = the official default."""
         from modules import target_weights
-        from modules.export.engines import default_aux_layers
 
         config = target_weights.target_config(target)
         if aux_layers is None:
-            aux_layers = default_aux_layers(config.num_hidden_layers)
+            aux_layers = engines.default_aux_layers(config.num_hidden_layers)
         if draft_ids is None:
             draft_ids = torch.arange(config.vocab_size)
         cfg = make_eagle3_config(config, len(draft_ids), aux_layers, target_model=target_weights.target_name(target))
@@ -375,6 +372,76 @@ class Eagle3Adapter(DraftAdapter):
         return self.draft.to_target_ids(draft_ids)
 
 
+# ---- export for the engines (the rules: modules/export/engines.py) ------------------------------
+
+class Eagle3ExportError(ValueError):
+    """A draft that does not fit its target or is internally inconsistent (one-line message)."""
+
+
+def check_fits_target(draft, target_config, where="draft"):
+    t = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    problems = []
+    if draft.fused_size != 3 * t.hidden_size:
+        problems.append(f"fc takes {draft.fused_size} features, the target gives 3 x {t.hidden_size}")
+    if draft.config.vocab_size != t.vocab_size:
+        problems.append(f"vocab {draft.config.vocab_size} vs target {t.vocab_size}")
+    if any(not 0 <= i <= t.num_hidden_layers for i in draft.aux_layers):
+        problems.append(f"aux layer ids {draft.aux_layers} outside 0..{t.num_hidden_layers}")
+    ids = draft.draft_ids
+    if int(ids.max()) >= t.vocab_size or int(ids.min()) < 0:
+        problems.append("d2t maps outside the target vocabulary")
+    elif not torch.equal(draft.t2d.nonzero().flatten().to(ids.device), ids):
+        problems.append("t2d does not mark exactly the d2t targets")
+    if problems:
+        raise Eagle3ExportError(f"{where}: " + "; ".join(problems))
+
+
+def engine_layout(draft, num_target_layers, where="draft"):
+    """(state dict, config) in the engines' layout: capture ids sorted (fc's input blocks permuted to
+    match, since engines hand over the layers in layer order), validated, and written in each
+    engine's convention (modules/export/engines.py)."""
+    ids = draft.aux_layers
+    try:
+        sorted_ids = engines.check_aux_layers(ids, num_target_layers, f"{where}: capture layers")
+    except engines.EngineConventionError as err:
+        raise Eagle3ExportError(str(err)) from None
+    sd = draft.serving_state_dict(with_embed=True)
+    if sorted_ids != ids:
+        h = draft.fused_size // len(ids)
+        blocks = sd["fc.weight"].split(h, dim=1)
+        sd["fc.weight"] = torch.cat([blocks[ids.index(i)] for i in sorted_ids], dim=1)
+    cfg = draft.config_dict()
+    cfg.pop(engines.AUX_KEY, None)
+    cfg.update(engines.aux_layer_fields(sorted_ids, num_target_layers))
+    cfg["target_model"] = engines.portable_name(cfg.get("target_model"))
+    return sd, cfg
+
+
+def export_eagle3(draft, out_dir, target=None, dtype=torch.bfloat16):
+    """draft: an Eagle3Draft or a folder holding one. target: name/path/module (None = the config's
+    target_model). dtype: bf16 by default (None keeps the training dtype). Returns the output folder."""
+    from modules.target_weights import target_config
+
+    where = "draft"
+    if not isinstance(draft, Eagle3Draft):
+        where = Path(draft)
+        if not (where / "config.json").is_file() or not (where / "model.safetensors").is_file():
+            raise Eagle3ExportError(f"{where}: no config.json / model.safetensors (not a draft folder)")
+        try:
+            draft = Eagle3Draft.from_pretrained(where, target=target)
+        except (ValueError, RuntimeError) as err:
+            raise Eagle3ExportError(str(err).splitlines()[0]) from None
+    if target is None:
+        target = getattr(draft.config, "target_model", None)
+    tcfg = target_config(target)
+    check_fits_target(draft, tcfg, where)
+    sd, cfg = engine_layout(draft, tcfg.num_hidden_layers, where)
+    dtype = dtype or draft.fc.weight.dtype
+    cfg.update(engines.dtype_fields(dtype))
+    save_draft_folder(out_dir, cast_floats(sd, dtype), cfg, "model.safetensors")
+    return Path(out_dir)
+
+
 # ---- the registry entry (modules/draft/kinds.py) --------------------------------------------
 
 class Eagle3Kind(DraftKind):
@@ -410,7 +477,6 @@ class Eagle3Kind(DraftKind):
         return Path(out_dir)
 
     def export(self, draft, out_dir, target=None, dtype=torch.bfloat16):
-        from modules.export.eagle3_export import export_eagle3
         return export_eagle3(draft, out_dir, target=target, dtype=dtype)
 
 

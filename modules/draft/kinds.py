@@ -5,12 +5,15 @@
 Each entry names the module that defines the draft model and, as `KIND`, its `DraftKind`. A kind knows
   - how to build a fresh draft for a target:         build(target, **options)
   - how to train it (the TTT trainer's hooks):       draft.ttt_step(...), fused_features, own_vocab, loss_weights
-  - how to decode with it (modules/tree_decoding):   tree_adapter(draft, vocab_ids=None)
+  - which scripts make its data and train it:        data_script, train_command(ttt_steps)
+  - how to decode with it (modules/decode/tree_decoding.py): tree_adapter(draft, vocab_ids=None); parallel
+  - how vLLM serves it:                              vllm_method, vllm_speculative_config(folder, k)
   - how to save a run's draft and export it for the engines (modules/export/engines.py rules):
                                                      save_trained(...), export(...), export_files
   - how to load a saved folder:                      load(folder, target, dtype, attn_implementation)
 and recognises its own drafts: instances of `draft_class`, folders whose config.json `owns_config` accepts.
-Adding a kind is one file (draft model + its DraftKind) and one line in KINDS (docs/extending.md).
+Adding a kind is one file (draft model + its DraftKind) and one line in KINDS (docs/extending.md). Nothing
+outside modules/draft/ compares kind names (tests/test_registry_used.py): it asks the kind.
 Kinds are imported on first use, so importing this module costs nothing.
 """
 import importlib
@@ -34,6 +37,16 @@ class DraftKind:
     export_files = ()       # what export() writes
     parallel = False        # proposes a block of tokens in one forward (P-EAGLE): modules/decode/parallel.py
     vllm_method = None      # vLLM 0.32's speculative_config "method" for this kind; None = vLLM does not serve it
+
+    @property
+    def data_script(self) -> str:
+        """The generator that writes this kind's training data (fused aux-layer features or the last hidden state)."""
+        return "generate_data_fused_features.py" if self.fused_features else "generate_data.py"
+
+    def train_command(self, ttt_steps: int) -> list[str]:
+        """The training script and the flags that pick this kind (run from the repo root; the caller adds --data,
+        --output-dir, ...): the TTT trainer, which trains every registered kind."""
+        return ["train/train_eagle_ttt.py", "--arch", self.name, "--ttt-steps", str(ttt_steps)]
 
     def unroll_steps(self, draft, requested: int) -> int:
         """Draft steps the TTT trainer unrolls and simulates: `requested` (--ttt-steps / --sim-steps) for a
@@ -60,7 +73,7 @@ class DraftKind:
                                                 attn_implementation=attn_implementation)
 
     def tree_adapter(self, draft, vocab_ids=None):
-        """The draft in the tree decoder's protocol (modules/tree_decoding.DraftAdapter)."""
+        """The draft in the tree decoder's protocol (modules/decode/tree_decoding.DraftAdapter)."""
         raise NotImplementedError
 
     def save_trained(self, draft, out_dir, target):

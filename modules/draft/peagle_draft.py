@@ -30,7 +30,7 @@ exactly the mask slots above. So what is trained is what vLLM serves, and the un
 import torch
 from torch import nn
 
-from modules.draft.eagle3_draft import Eagle3Adapter, Eagle3Draft, Eagle3Kind
+from modules.draft.eagle3_draft import Eagle3Adapter, Eagle3Draft, Eagle3Kind, export_eagle3
 from modules.export import engines
 
 PARALLEL_KEY = engines.PARALLEL_TOKENS_KEY  # K: tokens proposed per draft forward (= vLLM's num_speculative_tokens)
@@ -145,7 +145,6 @@ class PEagleKind(Eagle3Kind):
         return PEagleAdapter(draft)
 
     def export(self, draft, out_dir, target=None, dtype=torch.bfloat16):
-        from modules.export.eagle3_export import export_eagle3
         if not isinstance(draft, PEagleDraft):  # a folder: export_eagle3 would read it as plain EAGLE-3
             draft = PEagleDraft.from_pretrained(draft, target=target)
         return export_eagle3(draft, out_dir, target=target, dtype=dtype)

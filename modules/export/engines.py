@@ -1,7 +1,7 @@
 """How each serving engine reads a draft checkpoint: the one place that decides what an export writes.
 
-Every export (modules/export/eagle_export.py for EAGLE-1/2, modules/export/eagle3_export.py for EAGLE-3) builds its
-config.json and weight names through the functions below. Each rule names the engine version and
+Every export (modules/draft/eagle_draft.export_draft for EAGLE-1/2, modules/draft/eagle3_draft.export_eagle3
+for EAGLE-3) builds its config.json and weight names through the functions below. Each rule names the engine version and
 the file it was read from; `make test-vllm` runs the real vLLM engine against our exports.
 
 Engines and the code the rules were read from:

@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from modules.data.storage import atomic_write, atomic_write_text
+from modules.io import atomic_write, atomic_write_text
 
 
 def save_log_history(log_history, path):
