@@ -134,3 +134,29 @@ def test_progress_moves_with_rows_before_the_shard_is_written(tmp_path, monkeypa
     assert allocation.rows_done(str(tmp_path / "alloc"), worker) == 0
     (tmp_path / "alloc" / "part-0000" / generation.PROGRESS).write_text(json.dumps({"rows_done": 4, "rows_total": 6}))
     assert allocation.rows_done(str(tmp_path / "alloc"), worker) == 4
+
+
+def test_trainer_run_config_reruns_the_run(tmp_path):
+    """train/train_eagle_ttt.py's run_config.json fed back with --config (another --output-dir): the same draft.
+    Separate processes, as a user reruns (the TTT script's initial draft comes from the process's RNG state)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests._helpers_eagle import REPO_ROOT, save_tiny_target, write_fake_data
+
+    target = save_tiny_target(tmp_path / "target", "llama")
+    write_fake_data(tmp_path / "data", target, model_name=str(tmp_path / "target"), n=4)
+    first = ["--arch", "eagle2", "--model", str(tmp_path / "target"), "--data", str(tmp_path / "data"),
+             "--output-dir", str(tmp_path / "a"), "--max-steps", "2", "--grad-accum", "1", "--eval-fraction", "0",
+             "--lr", "1e-3", "--seed", "5", "--ttt-steps", "2", "--save-steps", "100", "--precision", "fp32"]
+    saved = tmp_path / "a" / "run_config.json"
+    for argv in (first, ["--config", str(saved), "--output-dir", str(tmp_path / "b")]):
+        r = subprocess.run([sys.executable, "train/train_eagle_ttt.py", *argv], cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads((tmp_path / "b" / "run_config.json").read_text())
+    assert again == {**json.loads(saved.read_text()), "output_dir": str(tmp_path / "b")}
+    a, b = (load_file(str(tmp_path / run / "draft" / "model.safetensors")) for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -148,6 +148,8 @@ def load_data(args, kind, cfg, display):
 def build_trainer(args, kind, cfg, display, ds, aux_layers, target):
     """(TTTTrainer with a fresh draft, draft vocabulary coverage): the draft takes the target's
     embedding and head; an EAGLE-3 draft also its own vocabulary, counted over the training data."""
+    from transformers import set_seed
+
     from modules.placement import output_device
     from modules.target_weights import load_embed_and_head
     from modules.training.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
@@ -155,6 +157,7 @@ def build_trainer(args, kind, cfg, display, ds, aux_layers, target):
     train_ds, eval_ds = split(ds, args.eval_fraction, args.seed, args.train_conversations)
     embed, head = load_embed_and_head(args.model)
     ids, covered = draft_vocab_ids(args, train_ds, cfg.vocab_size) if kind.own_vocab else (None, 1.0)
+    set_seed(args.seed)  # the same initial draft for the same seed (as train/train.py)
     draft = kind.build(cfg, weights=(embed, head), draft_ids=ids, aux_layers=aux_layers, bias=args.bias,
                        parallel_tokens=args.parallel_tokens, draft_layers=args.draft_layers)
     draft.config.target_model = display
