@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from modules.draft import kinds as draft_kinds
 from modules.stages import run_stage
 from modules.training.settings import parse_settings, setting
 
@@ -61,9 +62,8 @@ def stage_commands(args) -> dict[str, list[str]]:
     out = Path(args.out)
     py = sys.executable
     eval_fraction = args.eval_fraction or min(0.5, max(0.02, 10 / max(args.rows, 1)))
-    eagle3 = args.arch == "eagle3"
-    generator = "generate_data_fused_features.py" if eagle3 else "generate_data.py"
-    trainer = ["train/train_eagle_ttt.py", "--ttt-steps", str(args.ttt_steps)] if eagle3 else ["train/train.py"]
+    kind = draft_kinds.get(args.arch)  # the registry decides the data script and the trainer
+    generator, trainer = kind.data_script, kind.train_command(args.ttt_steps)
     return {
         "data": [py, "allocation.py", "--outdir", str(out / "data"), "--end", str(args.rows),
                  "--workers", str(args.workers), "--script", generator, "--", "--max-length", str(args.max_length)],

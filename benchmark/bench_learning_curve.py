@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from modules.data.storage import atomic_write_text
+from modules.draft import kinds as draft_kinds
 from modules.paths import DEFAULT_DATA_DIR, REPO_ROOT
 
 # ----------------------------------------------------------------------------- SETTINGS
@@ -45,14 +46,13 @@ HYBRID_LOOKUP = 8              # > 0: also measure the hybrid tree (EAGLE + a pr
 SEED = 0
 OUT = str(REPO_ROOT / "outputs" / "learning_curve")
 RESULT = "benchmark/results/learning_curve.json"
-TRAINERS = {"eagle3": ["train/train_eagle_ttt.py", "--ttt-steps", str(TTT_STEPS)], "eagle2": ["train/train.py"]}
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", nargs="+", default=DATA, help="NAME=FOLDER of generated data, one or more")
-    p.add_argument("--archs", nargs="+", choices=list(TRAINERS), default=ARCHS)
+    p.add_argument("--archs", nargs="+", choices=list(draft_kinds.KINDS), default=ARCHS)
     p.add_argument("--conversations", nargs="+", type=int, default=CONVERSATIONS)
     p.add_argument("--epochs", type=float, default=EPOCHS)
     p.add_argument("--eval-conversations", type=int, default=EVAL_CONVERSATIONS)
@@ -102,8 +102,9 @@ def plan_cells(args):
         eval_fraction = args.eval_conversations / len(ds)
         available = len(ds) - args.eval_conversations
         for arch in args.archs:
-            if arch == "eagle3" and not ds.has_aux:
-                skipped.append(f"{kind} {arch}: {folder} has no fused features (generate_data_fused_features.py)")
+            draft_kind = draft_kinds.get(arch)
+            if draft_kind.fused_features and not ds.has_aux:
+                skipped.append(f"{kind} {arch}: {folder} has no fused features ({draft_kind.data_script})")
                 continue
             for n in args.conversations:
                 if n > available:
@@ -124,7 +125,7 @@ def plan_cells(args):
 
 def train_command(args, cell):
     steps_per_epoch = -(-cell["conversations"] // args.grad_accum)
-    return [sys.executable, *TRAINERS[cell["arch"]], "--data", cell["folder"],
+    return [sys.executable, *draft_kinds.get(cell["arch"]).train_command(TTT_STEPS), "--data", cell["folder"],
             "--output-dir", str(Path(args.out) / cell["name"]), "--train-conversations", str(cell["conversations"]),
             "--eval-fraction", f"{cell['eval_fraction']:.8f}", "--epochs", str(args.epochs),
             "--max-length", str(args.max_length), "--lr", str(args.lr), "--batch-size", "1",
