@@ -17,7 +17,7 @@ q/k/v of [batch, heads, T, head_dim], forward + backward of a weighted sum of th
 attention itself adds, without the rest of the draft, at full T and step count in seconds.
 
 Each variant (--attn eager: the reference [heads, T, T] scores with an fp32 softmax; sdpa:
-modules/ttt_attention.ttt_sdpa_output) runs in its own fresh process. Peak memory of the step, two
+modules/draft/ttt_attention.ttt_sdpa_output) runs in its own fresh process. Peak memory of the step, two
 measures, both above the memory held just before the step (weights, inputs):
   - tensors: the peak of the bytes held by live tensors created during the step (every op's output
     storage is counted from its creation until it is freed, through a TorchDispatchMode; the weight

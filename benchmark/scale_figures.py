@@ -45,7 +45,7 @@ def count(module, trainable=None) -> int:
 
 
 def bytes_per_token(hidden: int, fused: bool, tokens: int = 64) -> float:
-    """Shard bytes per token (bf16 features), from the tensors modules/storage.pack_conversations packs;
+    """Shard bytes per token (bf16 features), from the tensors modules/data/storage.pack_conversations packs;
     the 16 bytes per conversation (offset + row id) and the shard's header are left out."""
     import torch
 

@@ -1,4 +1,4 @@
-"""Worker of tests/test_training_ttt_ddp.py and tests/test_training_fsdp.py: TTTTrainer for 3 optimizer
+"""Worker of tests/test_training_ttt_ddp.py (DDP and FSDP): TTTTrainer for 3 optimizer
 steps on 4 equal-length conversations, in five setups (EAGLE-3 with stored features, EAGLE-3 online,
 EAGLE-1/2 arch, P-EAGLE, DFlash), and EagleTrainer (train/train.py's trainer) in another, "eagle2_plain"; each rank
 writes its trained weights (under FSDP: rank 0 the consolidated ones) and how many all-reduces the

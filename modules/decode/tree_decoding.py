@@ -13,7 +13,7 @@ One cycle, with n tokens already in the target's KV cache and the root token x_n
      (its "catch-up" forward, whose last output starts the next tree).
 
 The draft protocol (what the decoder needs from any draft) is `DraftAdapter`. EAGLE-1/2 drafts
-(modules/eagle_draft.EagleDraft) use `Eagle2Adapter`. An EAGLE-3 draft plugs in by subclassing
+(modules/draft/eagle_draft.EagleDraft) use `Eagle2Adapter`. An EAGLE-3 draft plugs in by subclassing
 DraftAdapter:
   - `aux_layers = [low, mid, high]`: the decoder then runs the target with
     output_hidden_states=True and hands all hidden states to `target_features`;
@@ -24,7 +24,7 @@ DraftAdapter:
   - `logprobs(hidden)` applies the draft's final norm and its own lm_head over the DRAFT vocab;
   - `to_target_ids(draft_ids)` returns draft_ids + d2t[draft_ids].
   Then return the adapter from the `tree_adapter()` of the draft's kind (modules/draft/kinds.py; EAGLE-3:
-  modules/eagle3_draft.Eagle3Adapter), or pass the adapter instance itself to EagleDecoder: `make_adapter`
+  modules/draft/eagle3_draft.Eagle3Adapter), or pass the adapter instance itself to EagleDecoder: `make_adapter`
   accepts both.
 """
 import time

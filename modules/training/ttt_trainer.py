@@ -1,10 +1,10 @@
 """Training-time test (TTT) trainer: EAGLE-3 (and EAGLE-1/2 with `arch="eagle2"`).
 
-Subclasses modules/trainer.EagleTrainer; only the loss and the evaluation change.
+Subclasses modules/training/eagle_trainer.EagleTrainer; only the loss and the evaluation change.
 
 Batches hold UNSHIFTED conversations (`TTTCollator`): tokens x_0..x_L, the target's last
 (post-norm) hidden states f_0..f_L and, for EAGLE-3, the fused aux features a_0..a_L. With
-`online=True` the features are computed here by the target (modules/features.target_features),
+`online=True` the features are computed here by the target (modules/data/features.target_features),
 so training needs no feature storage.
 
 Slots t = 0..L-1 as in modules/data/collate.py: slot t sees token x_{t+1} and feature f_t / a_t.
@@ -290,7 +290,7 @@ class TTTTrainer(EagleTrainer):
     # ---- evaluation: simulated acceptance from the same unroll ------------------------------------
     @torch.no_grad()
     def eval_batch(self, model, inputs):
-        """Loss metrics plus a simulated chain acceptance (as modules/trainer.simulated_acceptance):
+        """Loss metrics plus a simulated chain acceptance (as modules/training/eagle_trainer.simulated_acceptance):
         while the chain is alive, the draft's tokens equal the data tokens, so the unrolled TTT
         steps (which read data tokens) are exactly the draft's chain at decoding time. A parallel draft
         (P-EAGLE) reads mask inputs after step 0, so its unroll is exactly its one-forward block proposal."""
