@@ -14,6 +14,11 @@ from modules.cpu_linear import pack_linears
 from modules.paths import EMBEDDED_MODEL_NAME, embedded_gguf
 from modules.placement import PlacementError, pick_device
 
+# What loading a model, tokenizer or config raises for a user's mistake (missing or unreadable files, no
+# network, a family or GGUF architecture transformers lacks, mismatched weights): one line each, the cause
+# kept. Anything else (a bug) keeps its own traceback.
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError)
+
 
 class TargetLoadError(RuntimeError):
     """A model or tokenizer that cannot be loaded (message is one line, meant for users)."""
@@ -140,8 +145,8 @@ def convert_to_hf(model: str | None, out_dir) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(gguf))
         loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **_hub_kwargs(gguf))
-    except Exception as err:
-        raise TargetLoadError(f"cannot load model '{model}': {_first_line(err)}") from None
+    except LOAD_ERRORS as err:
+        raise TargetLoadError(f"cannot load model '{model}': {_first_line(err)}") from err
     return write_hf_checkpoint(loaded, tokenizer, out_dir)
 
 
@@ -189,8 +194,8 @@ def load_tokenizer(model: str | None = None, chat_template_file: str | None = No
     path, gguf = _source(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(gguf))
-    except Exception as err:  # transformers raises many types; users need one line
-        raise TargetLoadError(f"cannot load tokenizer of '{model}': {_first_line(err)}") from None
+    except LOAD_ERRORS as err:
+        raise TargetLoadError(f"cannot load tokenizer of '{model}': {_first_line(err)}") from err
     if chat_template_file:
         tokenizer.chat_template = Path(chat_template_file).read_text()
     if tokenizer.pad_token_id is None:
@@ -206,8 +211,8 @@ def load_target_config(model: str | None = None):
     path, gguf = _source(model)
     try:
         return AutoConfig.from_pretrained(path, **_hub_kwargs(gguf))
-    except Exception as err:
-        raise TargetLoadError(f"cannot load config of '{model}': {_first_line(err)}") from None
+    except LOAD_ERRORS as err:
+        raise TargetLoadError(f"cannot load config of '{model}': {_first_line(err)}") from err
 
 
 def load_target(model: str | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
@@ -229,14 +234,14 @@ def load_target_model(model: str | None = None, dtype: str | torch.dtype = "auto
     try:
         device = pick_device(device, spread)
     except PlacementError as err:
-        raise TargetLoadError(str(err)) from None
+        raise TargetLoadError(str(err)) from err
     dtype = pick_dtype(dtype, device)
     try:
         target = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation,
             **({"device_map": "auto"} if spread else {}), **_hub_kwargs(gguf))
-    except Exception as err:
-        raise TargetLoadError(f"cannot load model '{model}': {_first_line(err)}") from None
+    except LOAD_ERRORS as err:
+        raise TargetLoadError(f"cannot load model '{model}': {_first_line(err)}") from err
     if not spread:
         target.to(device)
     pack_linears(target)  # CPU fp32 only: oneDNN pre-packed weights (modules/cpu_linear.py); else a no-op

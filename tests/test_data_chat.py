@@ -111,3 +111,15 @@ def test_rows_with_non_text_parts_are_counted_by_reason():
     image = {"messages": [{"role": "user", "content": parts("q", image=True)}, {"role": "assistant", "content": "a"}]}
     examples, skipped, _ = prompt_rows([(0, good), (1, image), (2, image), (3, good)], None)
     assert [row_id for row_id, _ in examples] == [0, 3] and skipped == {"non_text_content": 2}
+
+
+def test_hub_dataset_errors_are_one_line_with_the_cause(monkeypatch):
+    import datasets
+
+    def missing(*args, **kwargs):
+        raise datasets.exceptions.DatasetNotFoundError("Dataset 'someone/nothing' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    with pytest.raises(DatasetError, match="cannot load dataset 'someone/nothing': Dataset") as err:
+        list(load_rows("someone/nothing", 0, 2))
+    assert isinstance(err.value.__cause__, datasets.exceptions.DatasetNotFoundError)

@@ -1,4 +1,5 @@
 """Loss mask from the tokenizer's own chat template: exactly the assistant replies + end-of-turn token."""
+import jinja2
 import pytest
 
 from tests._helpers_data import tiny_tokenizer
@@ -78,6 +79,7 @@ def test_encode_rows_counts_every_skip():
     assert [e[0] for e in examples] == [0, 3] and sum(skipped.values()) == 2
     # A template that raises (Llama-2 demands alternating roles) is a counted skip, not a crash.
     tok.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
-    with pytest.raises(TemplateError, match="must alternate"):
+    with pytest.raises(TemplateError, match="must alternate") as err:
         tokenize_conversation(tok, MESSAGES)
+    assert isinstance(err.value.__cause__, jinja2.TemplateError)  # the template's own error, kept as the cause
     assert encode_rows(tok, rows[:1], None, None)[1] == {"template_error": 1}

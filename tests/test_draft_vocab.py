@@ -66,3 +66,18 @@ def test_reads_token_ids_from_shards(tmp_path):
     assert vocab["counts"].tolist() == [0, 0, 2, 1, 0, 0]
     with pytest.raises(FileNotFoundError):
         list(shard_token_pairs(tmp_path / "nothing"))
+
+
+
+def test_unreadable_shard_is_named_with_its_cause(tmp_path):
+    from safetensors import SafetensorError
+
+    corrupt, foreign = tmp_path / "corrupt", tmp_path / "foreign"
+    corrupt.mkdir()
+    foreign.mkdir()
+    (corrupt / "shard-00000000-00000002.safetensors").write_bytes(b"not a safetensors file")
+    save_file({"input_ids": torch.zeros(2, dtype=torch.int32)}, str(foreign / "shard-00000000-00000002.safetensors"))
+    for folder in (corrupt, foreign):  # unreadable header; no loss_mask tensor
+        with pytest.raises(ValueError, match=f"{folder.name}/shard-00000000-00000002.safetensors: cannot read") as err:
+            list(shard_token_pairs(folder))
+        assert isinstance(err.value.__cause__, SafetensorError)

@@ -179,14 +179,7 @@ def load_rows(dataset: str | None, start: int = 0, end: int | None = None,
 
 
 def _hub_rows(name: str, split: str | None, start: int, end: int | None):
-    import datasets
-
-    hub_id, default_split = HUB_ALIASES.get(name, (name, "train"))
-    try:
-        ds = datasets.load_dataset(hub_id, split=split or default_split)
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DatasetError(f"cannot load dataset '{name}': {first}") from None
+    ds = _load_hub_dataset(name, split)
     stop = len(ds) if end is None else min(end, len(ds))
     for i in range(start, stop):
         yield i, ds[i]
@@ -197,11 +190,16 @@ def count_rows(dataset: str | None, split: str | None = None) -> int:
     name = dataset_display_name(dataset)
     if name == EMBEDDED_DATASET_NAME or Path(name).expanduser().is_file():
         return sum(1 for _ in load_rows(dataset, 0, None))
+    return len(_load_hub_dataset(name, split))
+
+
+def _load_hub_dataset(name: str, split: str | None):
+    """A hub dataset (or a short name of HUB_ALIASES); what a user can fix is a DatasetError, cause kept."""
     import datasets
 
     hub_id, default_split = HUB_ALIASES.get(name, (name, "train"))
     try:
-        return len(datasets.load_dataset(hub_id, split=split or default_split))
-    except Exception as err:
+        return datasets.load_dataset(hub_id, split=split or default_split)
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:  # not found, no network, bad split
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DatasetError(f"cannot load dataset '{name}': {first}") from None
+        raise DatasetError(f"cannot load dataset '{name}': {first}") from err

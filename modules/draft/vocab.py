@@ -32,7 +32,7 @@ def count_tokens(pairs, vocab_size: int) -> torch.Tensor:
 def shard_token_pairs(data_dirs):
     """(input_ids, loss_mask) per shard of generated data, reading only those two tensors
     (the hidden states, 99% of the bytes, are never touched)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if isinstance(data_dirs, (str, Path)):
         data_dirs = [data_dirs]
@@ -45,8 +45,8 @@ def shard_token_pairs(data_dirs):
         try:
             with safe_open(str(shard), framework="pt") as f:
                 yield f.get_tensor("input_ids"), f.get_tensor("loss_mask")
-        except Exception as err:  # corrupt or foreign file: name it
-            raise ValueError(f"{shard}: cannot read input_ids/loss_mask ({err})") from None
+        except (SafetensorError, OSError) as err:  # corrupt or foreign file, or a missing key: name it
+            raise ValueError(f"{shard}: cannot read input_ids/loss_mask ({err})") from err
 
 
 def select_draft_vocab(counts: torch.Tensor, size: int | None = None,
