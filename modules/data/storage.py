@@ -136,10 +136,10 @@ def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataFormatError(f"no {MANIFEST} in {folder}") from None
+    except FileNotFoundError as err:
+        raise DataFormatError(f"no {MANIFEST} in {folder}") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataFormatError(f"corrupt manifest {path}: {err}") from None
+        raise DataFormatError(f"corrupt manifest {path}: {err}") from err
     if manifest.get("format") != FORMAT:
         raise DataFormatError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
@@ -157,7 +157,7 @@ def read_shard_stats(path: str | Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as err:
-        raise DataFormatError(f"corrupt shard {path}: {err}") from None
+        raise DataFormatError(f"corrupt shard {path}: {err}") from err
     if meta.get("format") != FORMAT:
         raise DataFormatError(f"shard {path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     stats = {k: (v if k == "format" else json.loads(v)) for k, v in meta.items()}
@@ -267,7 +267,7 @@ class EagleDataset(torch.utils.data.Dataset):
                 offsets, rows = f.get_tensor("offsets"), f.get_tensor("row_ids")
                 n_tok = f.get_slice("input_ids").get_shape()[0]
         except (SafetensorError, OSError) as err:
-            raise DataFormatError(f"corrupt shard {path}: {err}") from None
+            raise DataFormatError(f"corrupt shard {path}: {err}") from err
         if len(offsets) != len(rows) + 1 or int(offsets[-1]) != n_tok or int(offsets[0]) != 0:
             raise DataFormatError(f"corrupt shard {path}: offsets do not match input_ids")
         return offsets, rows, keys

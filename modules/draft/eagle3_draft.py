@@ -404,7 +404,7 @@ def engine_layout(draft, num_target_layers, where="draft"):
     try:
         sorted_ids = engines.check_aux_layers(ids, num_target_layers, f"{where}: capture layers")
     except engines.EngineConventionError as err:
-        raise Eagle3ExportError(str(err)) from None
+        raise Eagle3ExportError(str(err)) from err
     sd = draft.serving_state_dict(with_embed=True)
     if sorted_ids != ids:
         h = draft.fused_size // len(ids)
@@ -430,7 +430,7 @@ def export_eagle3(draft, out_dir, target=None, dtype=torch.bfloat16):
         try:
             draft = Eagle3Draft.from_pretrained(where, target=target)
         except (ValueError, RuntimeError) as err:
-            raise Eagle3ExportError(str(err).splitlines()[0]) from None
+            raise Eagle3ExportError(str(err).splitlines()[0]) from err
     if target is None:
         target = getattr(draft.config, "target_model", None)
     tcfg = target_config(target)

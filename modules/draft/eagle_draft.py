@@ -358,7 +358,7 @@ def export_draft(draft, out_dir, target=None, dtype=torch.bfloat16, warn=print, 
     try:
         _, served_by = engines.eagle_architectures(tcfg.model_type)
     except engines.EngineConventionError as err:
-        raise ExportError(f"{where}: {err}") from None
+        raise ExportError(f"{where}: {err}") from err
     sd["fc.bias"], vllm_as_trained = engines.eagle_fc_bias(sd)
     if not vllm_as_trained:
         warn(f"warning: {where} was trained with a non-zero fc bias; vLLM drops fc.bias (serve it in SGLang "
