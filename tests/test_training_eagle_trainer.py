@@ -198,3 +198,28 @@ def test_schedule_cosine_decays_from_peak_to_min_ratio(tmp_path, target):
     assert lrs[-1] == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
     # the cosine stays above the linear decay in its first half
     assert lrs[8] > 0.2 + 0.8 * (1 - 4 / 16)
+
+
+def test_head_loss_in_chunks_equals_the_whole_loss_and_its_gradients():
+    """The 128k-vocabulary case (logits over LOGIT_CHUNK_ELEMENTS) in chunks with recomputed logits: the same
+    per-row losses, hit counts and gradients as computing all rows at once (a tiny head, a tiny chunk limit)."""
+    from modules.draft.eagle_draft import EagleDraft
+    from modules.training.eagle_trainer import head_loss
+    from tests._helpers_eagle import tiny_target
+
+    draft = EagleDraft.from_target(tiny_target("llama")).double()
+    draft.lm_head.weight.requires_grad_(True)  # frozen in training; here it shows the head's gradient too
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(37, 64, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(37, 64, generator=g, dtype=torch.float64)
+    results = {}
+    for name, limit in (("whole", 1 << 27), ("chunks", 7 * 300)):  # 7 rows of the 300-token head a chunk
+        pred.grad = draft.lm_head.weight.grad = None
+        ce, hits = head_loss(draft, pred, target, max_elements=limit)
+        (ce * torch.arange(37, dtype=torch.float64)).sum().backward()
+        results[name] = (ce.detach(), hits, pred.grad.clone(), draft.lm_head.weight.grad.clone())
+    (ce_w, hits_w, gp_w, gh_w), (ce_c, hits_c, gp_c, gh_c) = results["whole"], results["chunks"]
+    assert torch.allclose(ce_w, ce_c, rtol=0, atol=1e-12)
+    assert {k: int(v) for k, v in hits_w.items()} == {k: int(v) for k, v in hits_c.items()}
+    assert torch.allclose(gp_w, gp_c, rtol=0, atol=1e-12) and torch.allclose(gh_w, gh_c, rtol=0, atol=1e-12)
+    assert gp_w.abs().max() > 1e-3  # the gradient is there to compare

@@ -68,6 +68,36 @@ def topk_hits(pred_logits, target_ids, ks=(1, 2, 3)):
     return {k: hit[:, :k].any(-1).sum() for k in ks}
 
 
+# The most [rows, vocab] logit elements the EAGLE-1/2 loss computes at once (fp32: 512 MB a tensor). Above it
+# (Llama-3's 128k vocabulary x 4k trained tokens: 2 GB a tensor, several of them kept for the backward pass) the
+# rows go in chunks whose logits are recomputed in the backward pass (activation checkpointing) instead of kept:
+# one more head matmul per chunk, memory bounded by the chunk. Below it (the embedded SmolLM2 with a few
+# conversations) nothing changes.
+LOGIT_CHUNK_ELEMENTS = 1 << 27
+
+
+def head_loss(draft, pred, target, ks=(1, 2, 3), max_elements=LOGIT_CHUNK_ELEMENTS):
+    """(soft cross-entropy per row [N], {k: rows whose target argmax is in the draft's top-k}) of the draft's
+    head on predicted features `pred` [N, H] against the target features `target` [N, H] (no gradient)."""
+    def part(p, t):
+        with torch.no_grad():
+            target_logits = draft.compute_logits(t)
+        pred_logits = draft.compute_logits(p)
+        ce = soft_cross_entropy(pred_logits, target_logits)
+        with torch.no_grad():
+            hits = topk_hits(pred_logits, target_logits.argmax(-1), ks)
+        return (ce, *(hits[k] for k in ks))
+
+    rows = max(1, max_elements // draft.lm_head.weight.shape[0])
+    if pred.shape[0] <= rows:
+        out = [part(pred, target)]
+    else:
+        from torch.utils.checkpoint import checkpoint
+        out = [checkpoint(part, p, t, use_reentrant=False) for p, t in zip(pred.split(rows), target.split(rows))]
+    ce = torch.cat([o[0] for o in out])
+    return ce, {k: sum(o[1 + i] for o in out) for i, k in enumerate(ks)}
+
+
 def add_uniform_noise(hidden_states, attention_mask, std):
     """EAGLE's uniform noise: (U(0,1) - 0.5) * std * 512 / seq_len, seq_len per row."""
     lengths = attention_mask.sum(1).clamp(min=1).to(hidden_states.dtype)
@@ -215,14 +245,9 @@ class EagleTrainer(Trainer):
         idx = sel.nonzero(as_tuple=True)  # the one host sync of a micro-step: the number of trained tokens
         pred_sel, target_sel = pred[idx], target[idx]  # head only where it is trained: [N, H] not [B*T, H]
         reg = F.smooth_l1_loss(pred_sel.float(), target_sel.float(), reduction="none").mean(-1)
-        with torch.no_grad():
-            target_logits = draft.compute_logits(target_sel)
-        pred_logits = draft.compute_logits(pred_sel.detach() if args.detach_cls_pred else pred_sel)
-        cls = soft_cross_entropy(pred_logits, target_logits)
+        cls, hits = head_loss(draft, pred_sel.detach() if args.detach_cls_pred else pred_sel, target_sel)
         denom = n.clamp(min=1)
         loss = (args.w_reg * reg.sum() + args.w_cls * cls.sum()) / denom
-        with torch.no_grad():
-            hits = topk_hits(pred_logits, target_logits.argmax(-1))
         metrics = {"reg_sum": reg.sum().detach(), "cls_sum": cls.sum().detach(), "top1": hits[1],
                    "top2": hits[2], "top3": hits[3], "n_trained": n, "n_tokens": inputs["attention_mask"].sum()}
         return loss, metrics
