@@ -90,7 +90,8 @@ def ttt_sdpa_output(q, keys, values, scaling):
     dots = torch.cat([(q * k).sum(-1, keepdim=True) for k in keys[1:]], dim=-1)    # [B,H,T,n]
     q_ = F.pad(torch.cat([q, dots], dim=-1), (0, width - d - n, n, 0))              # [B,H,n+T,width]
     sinks = torch.zeros(n, width, dtype=q.dtype, device=q.device)
-    sinks[torch.arange(n), d + torch.arange(n)] = 1
+    j = torch.arange(n, device=q.device)  # on q's device: CPU indices into a GPU tensor are a copy each call
+    sinks[j, d + j] = 1
     sinks = sinks.expand(B, H, n, width)
     k_ = torch.cat([sinks, F.pad(keys[0], (0, width - d))], dim=2)                  # [B,H,n+T,width]
     v_ = torch.cat([sinks, F.pad(values[0], (0, width - d))], dim=2)
