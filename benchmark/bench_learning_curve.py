@@ -19,66 +19,65 @@ with plain greedy's) and records tau. A cell with more conversations than the da
 Finished trainings and measurements are kept under OUT: a rerun (or a bigger grid) only does what is missing.
 Writes RESULT (.json + .png).
 """
-import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from modules.data.storage import atomic_write_text
 from modules.draft import kinds as draft_kinds
 from modules.paths import DEFAULT_DATA_DIR, REPO_ROOT
+from modules.settings import parse_settings, setting
+
+TTT_STEPS = 4                  # EAGLE-3 unrolled steps (the demo's; official 7)
+
 
 # ----------------------------------------------------------------------------- SETTINGS
-DATA = [f"sharegpt={DEFAULT_DATA_DIR}"]  # NAME=FOLDER of generated data (fused features for EAGLE-3 cells)
-ARCHS = ["eagle3", "eagle2"]
-CONVERSATIONS = [125, 250, 500, 1000]    # training conversations per cell (nested subsets of one split)
-EPOCHS = 2                     # passes over each cell's conversations: training tokens grow with the data
-EVAL_CONVERSATIONS = 20        # held out, the same for every cell of a data kind
-MAX_LENGTH = 640
-LR = 3e-4
-GRAD_ACCUM = 4
-TTT_STEPS = 4                  # EAGLE-3 unrolled steps (the demo's; official 7)
-QUESTIONS = 6                  # MT-bench questions, both turns
-MAX_NEW_TOKENS = 96
-TREE = (8, 4, 2)               # total tokens, depth, top-k (the demo's tree)
-HYBRID_LOOKUP = 8              # > 0: also measure the hybrid tree (EAGLE + a prompt-lookup branch of N tokens)
-SEED = 0
-OUT = str(REPO_ROOT / "outputs" / "learning_curve")
-RESULT = "benchmark/results/learning_curve.json"
+# Edit a default here or pass the flag (--conversations 125 250); --config FILE reads them from a JSON/YAML
+# file; arguments after `--` go to every training command.
+@dataclass
+class Settings:
+    data: list[str] = setting([f"sharegpt={DEFAULT_DATA_DIR}"], "NAME=FOLDER of generated data, one or more "
+                                                               "(fused features for EAGLE-3 cells)")
+    archs: list[str] = setting(["eagle3", "eagle2"], "draft kinds to train", choices=list(draft_kinds.KINDS))
+    conversations: list[int] = setting([125, 250, 500, 1000], "training conversations per cell (nested subsets of "
+                                                              "one split)")
+    epochs: float = setting(2, "passes over each cell's conversations: training tokens grow with the data")
+    eval_conversations: int = setting(20, "held out, the same for every cell of a data kind")
+    max_length: int = setting(640, "tokens per conversation")
+    lr: float = setting(3e-4, "peak learning rate")
+    grad_accum: int = setting(4, "micro-batches per optimizer step")
+    questions: int = setting(6, "MT-bench questions, both turns")
+    max_new_tokens: int = setting(96, "tokens generated per turn")
+    tree: list[int] = setting([8, 4, 2], "total tokens, depth, top-k (the demo's tree)", nargs=3,
+                              metavar=("TOTAL", "DEPTH", "TOP_K"))
+    hybrid_lookup: int = setting(8, "> 0: also measure the hybrid tree (EAGLE + a prompt-lookup branch of N tokens)")
+    seed: int = setting(0, "seed of the split and the drafts")
+    out: str = setting(str(REPO_ROOT / "outputs" / "learning_curve"), "cells' training runs and measurements",
+                       aliases=["--output-dir"])
+    result: str = setting("benchmark/results/learning_curve.json", "result file (.json + .png)")
+    model: str | None = setting(None, "target (None: embedded SmolLM2-135M-Instruct)")
+    report_only: bool = setting(False, "train and measure nothing: report the planned cells that are done, name the "
+                                       "others", action="store_true")
+    tag: str = setting("", "suffix of the cells' names (a recipe variant beside the default one)")
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", nargs="+", default=DATA, help="NAME=FOLDER of generated data, one or more")
-    p.add_argument("--archs", nargs="+", choices=list(draft_kinds.KINDS), default=ARCHS)
-    p.add_argument("--conversations", nargs="+", type=int, default=CONVERSATIONS)
-    p.add_argument("--epochs", type=float, default=EPOCHS)
-    p.add_argument("--eval-conversations", type=int, default=EVAL_CONVERSATIONS)
-    p.add_argument("--max-length", type=int, default=MAX_LENGTH)
-    p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--grad-accum", type=int, default=GRAD_ACCUM)
-    p.add_argument("--questions", type=int, default=QUESTIONS)
-    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    p.add_argument("--tree", nargs=3, type=int, default=list(TREE), metavar=("TOTAL", "DEPTH", "TOP_K"))
-    p.add_argument("--hybrid-lookup", type=int, default=HYBRID_LOOKUP)
-    p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--out", default=OUT, help="cells' training runs and measurements")
-    p.add_argument("--result", default=RESULT)
-    p.add_argument("--model", default=None, help="target (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--report-only", action="store_true",
-                   help="train and measure nothing: report the planned cells that are done, name the others")
-    p.add_argument("--tag", default="", help="suffix of the cells' names (a recipe variant beside the default one)")
-    p.add_argument("train_args", nargs="*", help="after --: extra flags for every training command")
-    args = p.parse_args(argv)
+def parse_args(argv=None) -> Settings:
+    """The settings, with args.data as {name: folder} and args.train_args = the arguments after `--`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parse_settings(Settings, argv[:cut], description=__doc__.splitlines()[0])
     kinds = {}
     for spec in args.data:
         name, sep, folder = spec.partition("=")
         if not sep or not name or not folder:
-            p.error(f"--data {spec!r}: expected NAME=FOLDER, e.g. sharegpt=lc_data")
+            print(f"error: --data {spec!r}: expected NAME=FOLDER, e.g. sharegpt=lc_data", file=sys.stderr)
+            raise SystemExit(2)
         kinds[name] = folder
     args.data = kinds
+    args.train_args = argv[cut + 1:]
     return args
 
 
