@@ -392,15 +392,23 @@ class EagleTrainer(Trainer):
         export), so it stays out of every checkpoint."""
         model.save_pretrained(output_dir, with_embed=False)
 
-    def load_draft_weights(self, model, checkpoint_dir):
-        """The trained weights of a checkpoint; the frozen ones stay as loaded from the target."""
+    def checkpoint_weights(self, model, checkpoint_dir):
+        """The trained weights a checkpoint holds, checked against `model`'s keys; the frozen ones are not
+        in it (they stay as loaded from the target)."""
         path = os.path.join(checkpoint_dir, "model.safetensors")
         sd = load_file(path)
         sd.pop("embed_tokens.weight", None)  # frozen, from the target (older checkpoints hold it)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head.", "rotary_emb."))]
+        expected = set(model.state_dict())
+        frozen = ("embed_tokens.", "lm_head.", "rotary_emb.")
+        missing = sorted(k for k in expected - set(sd) if not k.startswith(frozen))
+        unexpected = sorted(set(sd) - expected)
         if missing or unexpected:
             raise ValueError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+        return sd
+
+    def load_draft_weights(self, model, checkpoint_dir):
+        """Resume: the trained weights of a checkpoint into `model`."""
+        model.load_state_dict(self.checkpoint_weights(model, checkpoint_dir), strict=False)
 
     def _save(self, output_dir=None, state_dict=None):
         output_dir = output_dir or self.args.output_dir
@@ -416,10 +424,8 @@ class EagleTrainer(Trainer):
         os.replace(os.path.join(output_dir, "training_args.json.tmp"), os.path.join(output_dir, "training_args.json"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if self.is_fsdp_enabled:  # called after sharding: the whole weights go into each rank's shards
-            plain = self.plain_draft(self._full_state_dict())
-            self.load_draft_weights(plain, resume_from_checkpoint)
-            self._load_full_state_dict(plain.state_dict())
+        if self.is_fsdp_enabled:  # called after sharding: every rank reads the whole weights into its shards
+            self._load_full_state_dict(self.checkpoint_weights(self.draft_module(), resume_from_checkpoint))
             return
         self.load_draft_weights(self.draft_module(model), resume_from_checkpoint)
 
