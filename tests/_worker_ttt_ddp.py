@@ -57,7 +57,8 @@ def make_draft(setup, target):
     return Eagle3Draft.from_target(target, draft_ids=torch.arange(VOCAB), aux_layers=AUX)
 
 
-def run(out_dir, batch_size, setup, fsdp=False):
+def run(out_dir, batch_size, setup, fsdp=False, resume=False):
+    """Train `setup` for STEPS steps (checkpoint at STEPS); resume=True: from that checkpoint to STEPS + 1."""
     from safetensors.torch import save_file
 
     from modules.data.collate import EagleCollator
@@ -82,6 +83,8 @@ def run(out_dir, batch_size, setup, fsdp=False):
         w_cls=1.0 if eagle3 else 0.1, dataloader_num_workers=0, seed=0)
     if fsdp:
         kw.update(fsdp=True, fsdp_config={"version": 2})
+    if resume:
+        kw.update(max_steps=STEPS + 1, save_strategy="no")
     if plain:
         trainer = EagleTrainer(model=draft, args=EagleTrainingArguments(**kw), train_dataset=data,
                                data_collator=EagleCollator(64))
@@ -93,14 +96,15 @@ def run(out_dir, batch_size, setup, fsdp=False):
         fsdp_on_cpu(trainer)
     args = trainer.args
     reduces = CountAllReduces()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(Path(out_dir) / setup / f"checkpoint-{STEPS}") if resume else None)
     n_reduces = reduces.stop()
     whole = trainer.full_draft()  # under FSDP: gathered on every rank, a plain copy on rank 0
     if whole is None:
         return
     weights = {n: p.detach().contiguous() for n, p in whole.named_parameters() if p.requires_grad}
     in_optimizer = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
-    save_file(weights, str(Path(out_dir) / f"{setup}-rank{args.process_index}.safetensors"),
+    name = f"{setup}-resumed" if resume else setup
+    save_file(weights, str(Path(out_dir) / f"{name}-rank{args.process_index}.safetensors"),
               metadata={"world_size": str(args.world_size), "global_step": str(trainer.state.global_step),
                         "all_reduce_calls": str(n_reduces), "fsdp": str(trainer.is_fsdp_enabled),
                         "wrapped": type(trainer.model_wrapped).__name__, "optimizer_numel": str(in_optimizer)})
@@ -142,6 +146,8 @@ if __name__ == "__main__":
     mode = sys.argv[3] if len(sys.argv) > 3 else "ddp"
     for name in ALL_SETUPS:
         run(out, batch, name, fsdp=mode == "fsdp")
+    if batch == 1:  # the distributed runs: a resume from the checkpoint (into the shards under FSDP)
+        run(out, batch, "eagle3", fsdp=mode == "fsdp", resume=True)
     if torch.distributed.is_initialized():
         # Tear gloo down before the interpreter does: left to exit, its threads can abort the process
         # ("terminate called without an active exception", seen once in a clean-clone run).

@@ -99,6 +99,13 @@ def test_fsdp_two_ranks_equal_ddp_and_one_process_and_save_whole_drafts(runs, tm
         for name, t in ck_ddp.items():
             assert ck_fsdp[name].shape == t.shape and ck_fsdp[name].dtype == t.dtype, (setup, name)
             assert (ck_fsdp[name].float() - t.float()).abs().max().item() <= ATOL, (setup, name)
+    # a resume from the checkpoint into the shards continues as DDP's resume does (one more step)
+    resumed, meta = _read(tmp_path / "fsdp" / "eagle3-resumed-rank0.safetensors")
+    ddp_resumed, ddp_meta = _read(runs / "ddp" / "eagle3-resumed-rank0.safetensors")
+    assert meta["global_step"] == ddp_meta["global_step"] == str(worker.STEPS + 1)
+    _assert_close(resumed, ddp_resumed, "eagle3 resumed, FSDP vs DDP")
+    before, _ = _read(tmp_path / "fsdp" / "eagle3-rank0.safetensors")
+    assert max((resumed[n] - before[n]).abs().max().item() for n in before) > 10 * ATOL  # the step moved them
 
 
 def _initial_weights(setup):
