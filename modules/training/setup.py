@@ -71,6 +71,8 @@ def training_arguments(settings, has_eval, cls=None):
         eval_strategy=("no" if not has_eval else "steps" if settings.eval_steps else "epoch"),
         dataloader_num_workers=workers, dataloader_prefetch_factor=settings.prefetch_factor if workers else None,
         dataloader_persistent_workers=workers > 0, remove_unused_columns=False,
+        # on CUDA: batches from pinned memory (the Trainer's default) copied without blocking the host
+        dataloader_pin_memory=cuda, accelerator_config={"non_blocking": cuda},
     )
 
 
