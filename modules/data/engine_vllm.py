@@ -66,11 +66,16 @@ def _cpu_connector_class():
         ExampleHiddenStatesConnector, extract_from_kv_cache)
 
     class CpuHiddenStatesConnector(ExampleHiddenStatesConnector):
-        def request_finished(self, request, block_ids):  # scheduler side
-            if (request.kv_transfer_params or {}).get("capture", True) is False:
-                self._request_filenames.pop(request.request_id, None)
-                return False, None
-            return super().request_finished(request, block_ids)
+        def build_connector_meta(self, scheduler_output):  # scheduler side
+            """No file, lock file or delayed block freeing for requests that capture nothing (a request
+            without a file name is finished at once by request_finished)."""
+            meta = super().build_connector_meta(scheduler_output)
+            for new in scheduler_output.scheduled_new_reqs:
+                extra = (new.sampling_params.extra_args if new.sampling_params else None) or {}
+                if (extra.get("kv_transfer_params") or {}).get("capture", True) is False:
+                    meta.new_req_filenames.pop(new.req_id, None)
+                    self._request_filenames.pop(new.req_id, None)
+            return meta
 
         def _submit_async_write(self, pending) -> None:  # worker side
             if not self._is_tp_rank_zero:
