@@ -200,11 +200,11 @@ def build_adapter(args, draft, eos):
 def build_methods(args, target, adapter):
     """([(name, run function, its keyword arguments)], tree shapes, turns per question)."""
     from benchmark.methods import run_eagle, run_lookup, run_plain
-    from modules.decode.tree_decoding import EagleDecoder
+    from modules.decode.parallel import make_decoder
 
-    def decoder_for(total, depth, k, lookup=0):
+    def decoder_for(total, depth, k, lookup=0):  # a parallel draft (P-EAGLE, DFlash) proposes its block instead
         try:
-            return EagleDecoder(target, adapter, total_tokens=total, depth=depth, top_k=k, lookup_tokens=lookup,
+            return make_decoder(target, adapter, total_tokens=total, depth=depth, top_k=k, lookup_tokens=lookup,
                                 temperature=args.temperature, timing=True)  # the report splits draft / target time
         except ValueError as e:
             sys.exit(f"error: {e}")

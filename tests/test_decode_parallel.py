@@ -112,3 +112,13 @@ def test_a_parallel_draft_is_also_lossless_in_the_tree_decoder():
     prompt = torch.randint(3, 300, (9,), generator=torch.Generator().manual_seed(2))
     res = EagleDecoder(target, draft, total_tokens=8, depth=3, top_k=2).generate(prompt, 16)
     assert res.tokens == plain_greedy(target, prompt, 16)
+
+
+def test_make_decoder_picks_by_the_adapter():
+    from modules.decode.parallel import make_decoder
+    from tests._helpers_eagle3 import tiny_eagle3
+    target = tiny_target("llama", num_hidden_layers=4)
+    assert type(make_decoder(target, tiny_parallel(target, 3).float())).__name__ == "ParallelDecoder"
+    assert type(make_decoder(target, tiny_eagle3(target), total_tokens=8, depth=3, top_k=2)) is EagleDecoder
+    with pytest.raises(ValueError, match="greedily"):
+        make_decoder(target, tiny_parallel(target, 3).float(), temperature=0.7)

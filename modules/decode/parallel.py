@@ -72,3 +72,15 @@ def mask_slot_block(adapter, ids, feats, start, cache, masks, mask_ids, mask_fea
     h = adapter.forward(ids, feats, pos, masks.causal_after(start, L + extra), cache)
     cache.truncate(start + L)  # the mask slots are no context
     return h[:, L - 1:]
+
+
+def make_decoder(target, draft, total_tokens=16, depth=4, top_k=4, temperature=0.0, **options):
+    """Our lossless decoder for any registered draft: ParallelDecoder when its adapter proposes blocks (a
+    parallel kind: the tree shape does not apply, greedy only), else the EAGLE-2 tree decoder."""
+    adapter = make_adapter(draft)
+    if hasattr(adapter, "propose_block"):
+        if temperature > 0:
+            raise ValueError("parallel drafting is decoded greedily here (temperature 0)")
+        return ParallelDecoder(target, adapter, **options)
+    return EagleDecoder(target, adapter, total_tokens=total_tokens, depth=depth, top_k=top_k,
+                        temperature=temperature, **options)
