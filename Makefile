@@ -95,7 +95,7 @@ gpu-smoke:
 # Opt-in: the multi-node rehearsal on one machine (two torchrun "nodes" of one CPU process each, c10d
 # rendezvous on 127.0.0.1; allocation.py --num-shards 2): tests/test_multinode_rehearsal.py.
 test-multinode: $(TEST_STAMP)
-	$(PY) -m pytest -q tests/test_multinode_rehearsal.py
+	EAGLE_TEST_MULTINODE=1 $(PY) -m pytest -q tests/test_multinode_rehearsal.py
 
 DEMO_OUT ?= demo_out
 DEMO_ROWS ?= 600

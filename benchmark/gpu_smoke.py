@@ -103,7 +103,8 @@ def end_to_end(report):
         report["train"] = f"FAILED (exit {rc})"
         return
     history = json.loads((out / "log_history.json").read_text())
-    rates = [h["tokens_per_s"] for h in history if "tokens_per_s" in h][1:]  # the first log holds the start-up
+    rates = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
+    rates = rates[1:] or rates  # the first log holds the start-up
     losses = [h["loss"] for h in history if "loss" in h]
     summary = json.loads((out / "summary.json").read_text())
     report["train"] = (f"ok, {TRAIN_STEPS} steps, {sum(rates) / max(len(rates), 1):,.0f} tokens/s, loss "
