@@ -1,0 +1,137 @@
+"""Engine-backed data (`--engine vllm`) against the HF path, same rows, one run: stored tokens/s.
+
+    flock /tmp/heavy.lock .venv-vllm/bin/python benchmark/bench_data_engine.py     # needs vLLM (make install-vllm)
+
+EAGLE-3 (fused) data of the embedded SmolLM2 on the first ShareGPT rows, through the generator loop
+itself (modules/data/generation.py generate_folder, as generate_data_fused_features.py runs it):
+  prefill       dataset replies: HF one conversation per forward (the CPU default) vs the engine at
+                batch 1 and at --batch;
+  self-distill  --replies greedy: HF SelfDistiller at batch 1 and --batch vs the engine at batch 1 and
+                --batch (continuous batching, one capture request per finished conversation).
+tokens/s = stored tokens / seconds of generate_folder (target or engine already loaded; the engine's
+start is reported apart). Also reports how many self-distilled conversations came out with the same
+ids as HF greedy. Results: benchmark/results/data_engine.json.
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from modules.data.chat import load_rows
+from modules.data.features import default_aux_layers
+from modules.data.generation import GenerationSettings, generate_folder
+from modules.data.storage import EagleDataset, atomic_write_text
+from modules.target import embedded_converted, load_target_model, load_tokenizer, pick_dtype
+
+# ----------------------------------------------------------------------------- SETTINGS
+PREFILL_ROWS = 24        # dataset rows 0..N-1 for the prefill comparison
+DISTILL_ROWS = 8         # rows for the self-distillation comparison
+MAX_LENGTH = 512
+MAX_NEW_TOKENS = 64      # per reply
+BATCH = 16               # the larger batch (engine max_num_seqs; HF conversations generated together)
+DTYPE = "fp32"           # both paths (vLLM's CPU bf16 and PyTorch's differ in kernels; fp32 is the fair pair)
+KV_CACHE_GIB = 1.0
+EAGER = True             # engine without torch.compile (its ~100 s compile would not pay off at this size)
+OUT = "benchmark/results/data_engine.json"
+# ----------------------------------------------------------------------------- end of SETTINGS
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prefill-rows", type=int, default=PREFILL_ROWS)
+    p.add_argument("--distill-rows", type=int, default=DISTILL_ROWS)
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH)
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--dtype", default=DTYPE)
+    p.add_argument("--kv-cache-gib", type=float, default=KV_CACHE_GIB)
+    p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=EAGER)
+    p.add_argument("--out", default=OUT)
+    return p.parse_args(argv)
+
+
+def engine_settings(args, batch: int):
+    """The engine_* fields of the generator settings (modules/data/generation_cli.py GenerateSettings)."""
+    return SimpleNamespace(engine_tensor_parallel=1, engine_pipeline_parallel=1, engine_gpu_memory=0.9,
+                           engine_kv_cache_gib=args.kv_cache_gib, engine_max_seqs=batch,
+                           engine_max_batched_tokens=max(8192, args.max_length + 1), engine_eager=args.eager)
+
+
+def timed(target, tokenizer, rows, settings, folder) -> dict:
+    start = time.perf_counter()
+    m = generate_folder(target, tokenizer, rows, folder, settings, progress=False)
+    seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 2), "tokens": m["tokens"], "rows": m["rows_written"],
+            "tokens_per_s": round(m["tokens"] / seconds, 1)}
+
+
+def ids_by_row(folder) -> dict:
+    ds = EagleDataset(folder, read_aux=False)
+    return {int(it["row_id"]): it["input_ids"].tolist() for it in (ds[i] for i in range(len(ds)))}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from modules.data.engine_vllm import VllmFeatureEngine
+
+    tokenizer = load_tokenizer(None)
+    model = load_target_model(None, dtype=args.dtype, device="cpu")
+    dtype = pick_dtype(args.dtype, "cpu")
+    aux = default_aux_layers(model.config.num_hidden_layers)
+    n = max(args.prefill_rows, args.distill_rows)
+    rows = load_rows("sharegpt", 0, n)
+    base = dict(model=str(embedded_converted().name), dataset="sharegpt", start=0, max_length=args.max_length,
+                dtype="bfloat16", aux_layers=aux, max_new_tokens=args.max_new_tokens)
+    prefill = dict(base, end=args.prefill_rows)
+    distill = dict(base, end=args.distill_rows, replies="greedy")
+    results = {"settings": {**vars(args), "threads": torch.get_num_threads(), "aux_layers": aux}, "runs": {}}
+    runs = results["runs"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        runs["hf_prefill"] = timed(model, tokenizer, rows[:args.prefill_rows], GenerationSettings(**prefill),
+                                   tmp / "hf_prefill")
+        print("hf prefill", runs["hf_prefill"], flush=True)
+        for batch in (1, args.batch):
+            runs[f"hf_greedy_b{batch}"] = timed(model, tokenizer, rows[:args.distill_rows],
+                                                GenerationSettings(**distill, reply_batch_size=batch),
+                                                tmp / f"hf_greedy_b{batch}")
+            print(f"hf greedy batch {batch}", runs[f"hf_greedy_b{batch}"], flush=True)
+        for batch in (1, args.batch):
+            start = time.perf_counter()
+            engine_prefill = GenerationSettings(**prefill, engine="vllm")
+            engine = VllmFeatureEngine(None, tokenizer, engine_prefill, dtype, engine_settings(args, batch))
+            results[f"engine_start_b{batch}_s"] = round(time.perf_counter() - start, 1)
+            runs[f"engine_prefill_b{batch}"] = timed(engine, tokenizer, rows[:args.prefill_rows], engine_prefill,
+                                                     tmp / f"engine_prefill_b{batch}")
+            print(f"engine prefill batch {batch}", runs[f"engine_prefill_b{batch}"], flush=True)
+            engine.settings = engine_distill = GenerationSettings(**distill, engine="vllm")
+            runs[f"engine_greedy_b{batch}"] = timed(engine, tokenizer, rows[:args.distill_rows], engine_distill,
+                                                    tmp / f"engine_greedy_b{batch}")
+            print(f"engine greedy batch {batch}", runs[f"engine_greedy_b{batch}"], flush=True)
+            engine.close()
+            del engine
+        hf_ids = ids_by_row(tmp / "hf_greedy_b1")
+        for batch in (1, args.batch):
+            ids = ids_by_row(tmp / f"engine_greedy_b{batch}")
+            same = sum(ids.get(r) == v for r, v in hf_ids.items())
+            results[f"same_ids_as_hf_greedy_b{batch}"] = f"{same}/{len(hf_ids)}"
+    def best(prefix):
+        return max(v["tokens_per_s"] for k, v in runs.items() if k.startswith(prefix))
+
+    results["ratios"] = {
+        "engine_prefill_vs_hf": round(best("engine_prefill") / runs["hf_prefill"]["tokens_per_s"], 2),
+        "engine_greedy_vs_best_hf_greedy": round(best("engine_greedy") / best("hf_greedy"), 2)}
+    print(json.dumps({k: v for k, v in results.items() if k != "settings"}, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(args.out), json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
