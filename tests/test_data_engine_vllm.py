@@ -15,9 +15,11 @@ bad rows; the same rows go through the HF path (the generators as users run them
 Tolerance per layer (fp32 on both sides): the relative error ||engine - hf|| / ||hf|| of each layer of
 each row stays under REL_TOL. The two engines differ only in kernels (vLLM's CPU attention and fused
 add+RMSNorm against PyTorch's SDPA and LlamaRMSNorm, and for generated tokens a one-token decode
-against a full forward), i.e. in float32 rounding, which grows through the 30 layers: measured
-2e-7..4e-6 (max abs 7e-5 on the last feature of norm ~1, 4e-4 on aux layer 27 whose largest entries
-reach ~2.5e4). A layer off by one, or another row, is off by O(1) (measured > 0.1 for every layer).
+against a full forward), i.e. in float32 rounding, which grows through the 30 layers. Measured on 3
+prefilled rows: max abs differences 5e-5..7e-5 on the last feature (entries up to ~50) and 1e-5..4e-4
+on aux layers 1, 15, 27 (entries up to ~2.5e4), far inside 1e-4 relative; `pytest -s` prints each
+row's relative errors. A layer off by one, or another row, is off by O(1) relative: the controls must
+exceed CONTROL_MIN_REL (1e-2) on every layer.
 """
 import importlib.util
 import json
