@@ -276,7 +276,7 @@ class VllmFeatureEngine:
     def self_distill(self, examples, store_dtype, on_batch=None) -> list[dict | str]:
         """[(row_id, messages)] -> per example, in order: a conversation ready for storage (with
         `truncated` and `messages`) or the reason it is skipped (self_distill.py's rules)."""
-        from modules.data.generation import encode_messages
+        from modules.data.loss_mask import encode_messages
         from modules.data.self_distill import prompt_ids, row_seed
 
         s = self.settings
