@@ -205,7 +205,7 @@ def test_decoding_host_syncs_per_cycle():
         counts[depth] = n / len(res.accept_lengths)
     print(f"host syncs per cycle: depth 2 {counts[2]:.1f}, depth 6 {counts[6]:.1f}")
     assert counts[6] <= counts[2] + 1.0, counts  # deeper trees do not add a sync per level
-    assert counts[6] <= SYNCS_PER_CYCLE, counts
+    assert counts[6] <= SYNCS_PER_CYCLE + 0.5, counts  # + 0.5: the prefill's read, spread over the cycles
 
 
 # Measured on CPU with tests/test_training_host_syncs.CountSyncs (the ops that block the host on a GPU):
