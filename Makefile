@@ -92,10 +92,10 @@ test-gpu:
 gpu-smoke:
 	$(GPU_PY) benchmark/gpu_smoke.py
 
-# Opt-in: the multi-node rehearsal on one machine (two torchrun "nodes" of one CPU process each, c10d
+# The multi-node rehearsal alone (also part of `make test`): one machine (two torchrun "nodes" of one CPU process each, c10d
 # rendezvous on 127.0.0.1; allocation.py --num-shards 2): tests/test_multinode_rehearsal.py.
 test-multinode: $(TEST_STAMP)
-	EAGLE_TEST_MULTINODE=1 $(PY) -m pytest -q tests/test_multinode_rehearsal.py
+	$(PY) -m pytest -q tests/test_multinode_rehearsal.py
 
 DEMO_OUT ?= demo_out
 DEMO_ROWS ?= 600

@@ -22,10 +22,7 @@ from tests._helpers_data import tiny_target_dir
 from tests._helpers_eagle import REPO_ROOT
 
 ROWS = REPO_ROOT / "tests" / "data" / "gpu_conversations.jsonl"
-# Opt-in (`make test-multinode`): 59 s of wall time on the 2-core machine, more CPU time than `make test` can
-# spare (four generator runs and two pairs of torchrun processes).
-pytestmark = pytest.mark.skipif(not os.environ.get("EAGLE_TEST_MULTINODE"),
-                                reason="opt-in: make test-multinode (EAGLE_TEST_MULTINODE=1)")
+# Part of `make test` (~1 min of wall time on the 2-core machine); `make test-multinode` runs it alone.
 N_ROWS = 24
 
 

@@ -27,11 +27,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import Qwen3Config
-from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from modules.decode.tree_decoding import DraftAdapter, TreeKVCache
-from modules.draft.eagle3_draft import Eagle3Draft, check_fits_target
+from modules.draft.eagle3_draft import Eagle3Draft, Eagle3MLP, check_fits_target
 from modules.draft.kinds import DraftKind
 from modules.draft.vocab import build_mappings
 from modules.export import engines
@@ -96,26 +95,13 @@ class DFlashAttention(nn.Module):
         return self.o_proj(context(q, k, v).transpose(1, 2).reshape(N, T, -1))
 
 
-class DFlashMLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=False)
-        self.up_proj = nn.Linear(h, i, bias=False)
-        self.down_proj = nn.Linear(i, h, bias=False)
-        self.act = ACT2FN[config.hidden_act]
-
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DFlashLayer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = DFlashAttention(config)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = DFlashMLP(config)
+        self.mlp = Eagle3MLP(config)  # the same gated MLP (gate/up/down_proj) as the EAGLE-3 midlayer
 
     def forward(self, h, pos_emb, context):
         h = h + self.self_attn(self.input_layernorm(h), pos_emb, context)
