@@ -27,19 +27,24 @@ from modules.settings import parse_settings, setting
 # ----------------------------------------------------------------------------- SETTINGS
 # Edit a default here or pass the flag; --config FILE reads them from a JSON/YAML file.
 @dataclass
-class Settings:
+class DataBenchSettings:
+    """The settings of both data benchmarks (benchmark/bench_data_self_distill.py subclasses it)."""
     model: str | None = setting(None, "target; None = embedded SmolLM2-135M-Instruct")
     dataset: str = setting("sharegpt", "dataset (as generate_data.py)")
     rows: int = setting(12, "dataset rows 0..ROWS-1")
     max_length: int = setting(2048, "tokens per conversation")
-    batch_tokens: int = setting(0, "padded tokens per forward; 0: the generator's auto choice for the device")
-    compare_batch_tokens: int = setting(8192, "the batched alternative shown in the second table")
-    dtype: str = setting("auto", "target dtype")
-    dtype_rows: int = setting(4, "rows used for the fp32-vs-bf16 and unbatched comparisons (fp32 is slow on CPU)")
+    dtype: str = setting("auto", "target dtype (auto: bf16 on GPU and on CPUs with bf16 units)")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N")
-    repeats: int = setting(2, "bare and pipeline runs alternate this many times (a shared machine is noisy)")
     threads: int | None = setting(None, "torch CPU threads (None: torch's default); 1 avoids oversubscription on a "
                                         "busy box")
+
+
+@dataclass
+class Settings(DataBenchSettings):
+    batch_tokens: int = setting(0, "padded tokens per forward; 0: the generator's auto choice for the device")
+    compare_batch_tokens: int = setting(8192, "the batched alternative shown in the second table")
+    dtype_rows: int = setting(4, "rows used for the fp32-vs-bf16 and unbatched comparisons (fp32 is slow on CPU)")
+    repeats: int = setting(2, "bare and pipeline runs alternate this many times (a shared machine is noisy)")
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 

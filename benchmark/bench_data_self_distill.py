@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from benchmark.bench_data_generation import DataBenchSettings
 from modules.data.chat import load_rows
 from modules.data.features import default_aux_layers
 from modules.data.generation import GenerationSettings, generate_folder, resolve_batch_tokens
@@ -30,17 +31,12 @@ from modules.settings import parse_settings, setting
 
 # ----------------------------------------------------------------------------- SETTINGS
 # Edit a default here or pass the flag; --config FILE reads them from a JSON/YAML file.
+# --model, --dataset, --max-length, --dtype, --device, --threads: DataBenchSettings (bench_data_generation.py).
 @dataclass
-class Settings:
-    model: str | None = setting(None, "target; None = embedded SmolLM2-135M-Instruct")
-    dataset: str = setting("sharegpt", "dataset (as generate_data.py)")
+class Settings(DataBenchSettings):
     rows: int = setting(16, "dataset rows 0..ROWS-1")
-    max_length: int = setting(2048, "tokens per conversation")
     max_new_tokens: int = setting(128, "tokens per reply")
     batch_size: int = setting(8, "conversations generated together (both paths: --reply-batch-size)")
-    dtype: str = setting("auto", "the pipelines' default: bf16 on CPUs with bf16 units")
-    device: str = setting("auto", "auto, cpu, cuda, cuda:N")
-    threads: int | None = setting(None, "torch CPU threads (None: torch's default)")
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 
