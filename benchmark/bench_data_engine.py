@@ -12,12 +12,13 @@ tokens/s = stored tokens / seconds of generate_folder (target or engine already 
 start is reported apart). Also reports how many self-distilled conversations came out with the same
 ids as HF greedy. Results: benchmark/results/data_engine.json.
 """
-import argparse
+import dataclasses
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -26,33 +27,24 @@ from modules.data.chat import load_rows
 from modules.data.features import default_aux_layers
 from modules.data.generation import GenerationSettings, generate_folder
 from modules.data.storage import EagleDataset, atomic_write_text
+from modules.settings import parse_settings, setting
 from modules.target import embedded_converted, load_target_model, load_tokenizer, pick_dtype
 
 # ----------------------------------------------------------------------------- SETTINGS
-PREFILL_ROWS = 24        # dataset rows 0..N-1 for the prefill comparison
-DISTILL_ROWS = 8         # rows for the self-distillation comparison
-MAX_LENGTH = 512
-MAX_NEW_TOKENS = 64      # per reply
-BATCH = 16               # the larger batch (engine max_num_seqs; HF conversations generated together)
-DTYPE = "fp32"           # both paths (vLLM's CPU bf16 and PyTorch's differ in kernels; fp32 is the fair pair)
-KV_CACHE_GIB = 1.0
-EAGER = True             # engine without torch.compile (its ~100 s compile would not pay off at this size)
-OUT = "benchmark/results/data_engine.json"
+# Edit a default here or pass the flag; --config FILE reads them from a JSON/YAML file.
+@dataclass
+class Settings:
+    prefill_rows: int = setting(24, "dataset rows 0..N-1 for the prefill comparison")
+    distill_rows: int = setting(8, "rows for the self-distillation comparison")
+    max_length: int = setting(512, "tokens per conversation")
+    max_new_tokens: int = setting(64, "tokens per reply")
+    batch: int = setting(16, "the larger batch (engine max_num_seqs; HF conversations generated together)")
+    dtype: str = setting("fp32", "both paths (vLLM's CPU bf16 and PyTorch's differ in kernels; fp32 is the fair "
+                                 "pair)")
+    kv_cache_gib: float = setting(1.0, "engine KV cache in GiB")
+    eager: bool = setting(True, "engine without torch.compile (its ~100 s compile would not pay off at this size)")
+    out: str = setting("benchmark/results/data_engine.json", "results file")
 # ----------------------------------------------------------------------------- end of SETTINGS
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prefill-rows", type=int, default=PREFILL_ROWS)
-    p.add_argument("--distill-rows", type=int, default=DISTILL_ROWS)
-    p.add_argument("--max-length", type=int, default=MAX_LENGTH)
-    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    p.add_argument("--batch", type=int, default=BATCH)
-    p.add_argument("--dtype", default=DTYPE)
-    p.add_argument("--kv-cache-gib", type=float, default=KV_CACHE_GIB)
-    p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=EAGER)
-    p.add_argument("--out", default=OUT)
-    return p.parse_args(argv)
 
 
 def engine_settings(args, batch: int):
@@ -76,7 +68,7 @@ def ids_by_row(folder) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_settings(Settings, argv, description=__doc__.splitlines()[0])
     from modules.data.engine_vllm import VllmFeatureEngine
 
     tokenizer = load_tokenizer(None)
@@ -89,7 +81,8 @@ def main(argv=None) -> int:
                 dtype="bfloat16", aux_layers=aux, max_new_tokens=args.max_new_tokens)
     prefill = dict(base, end=args.prefill_rows)
     distill = dict(base, end=args.distill_rows, replies="greedy")
-    results = {"settings": {**vars(args), "threads": torch.get_num_threads(), "aux_layers": aux}, "runs": {}}
+    settings = {**dataclasses.asdict(args), "threads": torch.get_num_threads(), "aux_layers": aux}
+    results = {"settings": settings, "runs": {}}
     runs = results["runs"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -25,13 +25,24 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the lent machine has no editable install of this repo (no .venv travels)
+from modules.settings import parse_settings, setting  # noqa: E402
+
 ROWS = REPO / "tests" / "data" / "gpu_conversations.jsonl"
-TEST_TIMEOUT_S = 300
-TRAIN_STEPS = 200
-DEVICE = "cuda"  # tests/test_gpu_smoke.py runs the end-to-end part on CPU with a few steps
+DEVICE = "cuda"
+
+
+# ----------------------------------------------------------------------------- SETTINGS
+# Edit a default here or pass the flag; --config FILE reads them from a JSON/YAML file.
+@dataclass
+class Settings:
+    train_steps: int = setting(200, "EAGLE-3 training steps of the end-to-end run")
+    test_timeout_s: int = setting(300, "time limit of the CUDA tests (tests/test_gpu.py), seconds")
+# ----------------------------------------------------------------------------- end of SETTINGS
 
 
 def install_wheels(report):
@@ -44,12 +55,12 @@ def install_wheels(report):
     report["wheels"] = f"{len(wheels)} installed" if r.returncode == 0 else f"install FAILED: {r.stderr[-300:]}"
 
 
-def run_gpu_tests(report):
+def run_gpu_tests(report, timeout_s):
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfEP", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider"]
     try:
-        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=TEST_TIMEOUT_S)
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        report["gpu tests"] = f"TIMED OUT after {TEST_TIMEOUT_S} s"
+        report["gpu tests"] = f"TIMED OUT after {timeout_s} s"
         return
     out = r.stdout + r.stderr
     reported = [line for line in out.splitlines()
@@ -72,7 +83,7 @@ def without_matplotlib(report):
     report["plots"] = "skipped (no matplotlib)"
 
 
-def end_to_end(report):
+def end_to_end(report, train_steps):
     import torch
 
     from tests._helpers_data import tiny_target_dir
@@ -96,7 +107,7 @@ def end_to_end(report):
     from train import train_eagle_ttt
     out = work / "run"
     rc = train_eagle_ttt.main(["--model", model, "--data", str(work / "data"), "--output-dir", str(out),
-                               "--max-steps", str(TRAIN_STEPS), "--ttt-steps", "3", "--batch-size", "4",
+                               "--max-steps", str(train_steps), "--ttt-steps", "3", "--batch-size", "4",
                                "--grad-accum", "1", "--lr", "1e-3", "--eval-fraction", "0.1", "--save-steps", "100",
                                "--logging-steps", "20", "--max-length", "1024", "--attn", "sdpa"])
     if rc:
@@ -106,9 +117,10 @@ def end_to_end(report):
     rates = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
     rates = rates[1:] or rates  # the first log holds the start-up
     losses = [h["loss"] for h in history if "loss" in h]
+    loss = f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "not logged"
     summary = json.loads((out / "summary.json").read_text())
-    report["train"] = (f"ok, {TRAIN_STEPS} steps, {sum(rates) / max(len(rates), 1):,.0f} tokens/s, loss "
-                       f"{losses[0]:.3f} -> {losses[-1]:.3f}, eval tau_sim {summary.get('eval_tau_sim', '-')}")
+    report["train"] = (f"ok, {train_steps} steps, {sum(rates) / max(len(rates), 1):,.0f} tokens/s, loss "
+                       f"{loss}, eval tau_sim {summary.get('eval_tau_sim', '-')}")
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
 
@@ -132,20 +144,21 @@ def end_to_end(report):
     report["decoder"] = f"plain {plain.get('tokens_per_s', 0):.1f} tokens/s; " + "; ".join(parts)
 
 
-def main():
+def main(argv=None):
     import torch
+
+    settings = parse_settings(Settings, argv, description=__doc__.splitlines()[0])
 
     if not torch.cuda.is_available():
         print("gpu-smoke: no CUDA (torch.cuda.is_available() is False): nothing was run. This check needs a GPU; "
               "see docs/gpu.md (on CPU, `make test` runs the same logic and reports the gpu tests skipped).")
         return 1
-    sys.path.insert(0, str(REPO))
     t0 = time.time()
     report = {"device": f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"}
     install_wheels(report)
-    run_gpu_tests(report)
+    run_gpu_tests(report, settings.test_timeout_s)
     try:
-        end_to_end(report)
+        end_to_end(report, settings.train_steps)
     except Exception:  # the summary must still come out, saying what broke
         report["end-to-end"] = "CRASHED: " + traceback.format_exc(limit=3)[-1500:]
     report["wall time"] = f"{time.time() - t0:.0f} s"
