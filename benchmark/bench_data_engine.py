@@ -5,9 +5,9 @@
 EAGLE-3 (fused) data of the embedded SmolLM2 on the first ShareGPT rows, through the generator loop
 itself (modules/data/generation.py generate_folder, as generate_data_fused_features.py runs it):
   prefill       dataset replies: HF one conversation per forward (the CPU default) vs the engine at
-                batch 1 and at --batch;
-  self-distill  --replies greedy: HF SelfDistiller at batch 1 and --batch vs the engine at batch 1 and
-                --batch (continuous batching, one capture request per finished conversation).
+                each of --batches;
+  self-distill  --replies greedy: HF SelfDistiller vs the engine (continuous batching, one capture
+                request per finished conversation), each at every batch size of --batches.
 tokens/s = stored tokens / seconds of generate_folder (target or engine already loaded; the engine's
 start is reported apart). Also reports how many self-distilled conversations came out with the same
 ids as HF greedy. Results: benchmark/results/data_engine.json.
@@ -38,7 +38,8 @@ class Settings:
     distill_rows: int = setting(8, "rows for the self-distillation comparison")
     max_length: int = setting(512, "tokens per conversation")
     max_new_tokens: int = setting(64, "tokens per reply")
-    batch: int = setting(16, "the larger batch (engine max_num_seqs; HF conversations generated together)")
+    batches: list[int] = setting([1, 16], "batch sizes, each run on both paths (engine max_num_seqs; HF "
+                                          "conversations generated together)", aliases=["--batch"])
     dtype: str = setting("fp32", "both paths (vLLM's CPU bf16 and PyTorch's differ in kernels; fp32 is the fair "
                                  "pair)")
     kv_cache_gib: float = setting(1.0, "engine KV cache in GiB")
@@ -89,12 +90,12 @@ def main(argv=None) -> int:
         runs["hf_prefill"] = timed(model, tokenizer, rows[:args.prefill_rows], GenerationSettings(**prefill),
                                    tmp / "hf_prefill")
         print("hf prefill", runs["hf_prefill"], flush=True)
-        for batch in (1, args.batch):
+        for batch in args.batches:
             runs[f"hf_greedy_b{batch}"] = timed(model, tokenizer, rows[:args.distill_rows],
                                                 GenerationSettings(**distill, reply_batch_size=batch),
                                                 tmp / f"hf_greedy_b{batch}")
             print(f"hf greedy batch {batch}", runs[f"hf_greedy_b{batch}"], flush=True)
-        for batch in (1, args.batch):
+        for batch in args.batches:
             start = time.perf_counter()
             engine_prefill = GenerationSettings(**prefill, engine="vllm")
             engine = VllmFeatureEngine(None, tokenizer, engine_prefill, dtype, engine_settings(args, batch))
@@ -108,8 +109,8 @@ def main(argv=None) -> int:
             print(f"engine greedy batch {batch}", runs[f"engine_greedy_b{batch}"], flush=True)
             engine.close()
             del engine
-        hf_ids = ids_by_row(tmp / "hf_greedy_b1")
-        for batch in (1, args.batch):
+        hf_ids = ids_by_row(tmp / f"hf_greedy_b{args.batches[0]}")  # the first batch size: the reference
+        for batch in args.batches:
             ids = ids_by_row(tmp / f"engine_greedy_b{batch}")
             same = sum(ids.get(r) == v for r, v in hf_ids.items())
             results[f"same_ids_as_hf_greedy_b{batch}"] = f"{same}/{len(hf_ids)}"
