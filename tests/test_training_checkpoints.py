@@ -77,7 +77,8 @@ def test_eagle3_checkpoint_has_no_embedding_and_resumes(tmp_path, kind):
     def trainer(out, seed):
         torch.manual_seed(seed)
         draft = draft_kinds.get(kind).build(target, draft_ids=torch.arange(0, 60), aux_layers=_helpers_eagle3.AUX)
-        args = _args(TTTTrainingArguments, out, max_steps=4, noise_std=0.0, w_reg=0.0, w_cls=1.0, ttt_steps=2)
+        args = _args(TTTTrainingArguments, out, max_steps=4, noise_std=0.0, w_reg=0.0, w_cls=1.0, ttt_steps=2,
+                     block_anchors=1)  # DFlash: one sampled anchor per conversation, drawn again on resume
         return TTTTrainer(model=draft, args=args, train_dataset=items, data_collator=TTTCollator(64),
                           target_head=target.lm_head.weight)
 

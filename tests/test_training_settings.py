@@ -34,7 +34,7 @@ FLAGS_BEFORE = {
 # Flags added since (a new setting is one field: it must show up here and nowhere else).
 FLAGS_ADDED = {"train": "--train-conversations --lr-schedule --config --fsdp",
                "ttt": "--train-conversations --lr-schedule --topk-distill --topk-distill-weight --parallel-tokens "
-                      "--draft-layers --config --fsdp",
+                      "--draft-layers --config --fsdp --block-anchors",
                "demo": "--hybrid-lookup --config --output-dir --outdir"}
 # The values the scripts' SETTINGS blocks held before (folders aside), after the draft kind's loss weights.
 DEFAULTS_BEFORE = dict(model=None, epochs=4, max_steps=-1, lr=3e-4, min_lr_ratio=0.1, warmup=0.05, batch_size=1,

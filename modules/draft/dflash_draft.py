@@ -18,7 +18,8 @@ Training (modules/training/ttt_trainer.py, through `block_unroll`): in the TTT s
 reads token x_{t+1} and feature a_t, and "step k" predicts x_{t+2+k}. A DFlash block anchored at slot t
 has context a_0..a_t, block [x_{t+1}, mask x K] at positions t+1.., and its mask slot k+1 predicts
 x_{t+2+k}: the same targets, so the TTT trainer's loss (per-step decay, draft vocabulary, loss mask),
-simulated tau, DDP and checkpoints apply unchanged; every trained slot is an anchor.
+simulated tau, DDP and checkpoints apply unchanged. Every trained slot can anchor a block; training trains
+`--block-anchors` sampled anchors per conversation (DFlashKind.anchored), evaluation every one.
 """
 import json
 from pathlib import Path
@@ -319,6 +320,7 @@ class DFlashKind(DraftKind):
     loss_weights = {"w_reg": 0.0, "w_cls": 1.0, "noise_std": 0.0}
     export_files = ("config.json", "model.safetensors")
     vllm_method = "dflash"  # vLLM 0.32: config/speculative.py
+    anchored = True  # block_unroll costs a block per anchor: training samples --block-anchors per conversation
 
     def owns_config(self, config):
         return DFLASH_ARCHITECTURE in (config.get("architectures") or [])

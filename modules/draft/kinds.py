@@ -4,7 +4,8 @@
 
 Each entry names the module that defines the draft model and, as `KIND`, its `DraftKind`. A kind knows
   - how to build a fresh draft for a target:         build(target, **options)
-  - how to train it (the TTT trainer's hooks):       draft.ttt_step(...), fused_features, own_vocab, loss_weights
+  - how to train it (the TTT trainer's hooks):       draft.ttt_step(...), fused_features, own_vocab, loss_weights,
+                                                     anchored (one block per anchor: sample anchors)
   - which scripts make its data and train it:        data_script, train_command(ttt_steps)
   - how to decode with it (modules/decode/tree_decoding.py): tree_adapter(draft, vocab_ids=None); parallel
   - how vLLM serves it:                              vllm_method, vllm_speculative_config(folder, k)
@@ -37,6 +38,7 @@ class DraftKind:
     export_files = ()       # what export() writes
     parallel = False        # proposes a block of tokens in one forward (P-EAGLE): modules/decode/parallel.py
     vllm_method = None      # vLLM 0.32's speculative_config "method" for this kind; None = vLLM does not serve it
+    anchored = False        # trains one block per anchor slot (DFlash): training samples --block-anchors of them
 
     @property
     def data_script(self) -> str:

@@ -60,6 +60,9 @@ class TTTSettings:
     topk_distill: int = setting(0, "HASS top-K distillation: add -sum of p_target * log p_draft over the target's "
                                    "K most likely tokens (HASS: K=10); 0 = off", hf="topk_distill")
     topk_distill_weight: float = setting(1.0, "weight of the top-K term", hf="topk_distill_weight")
+    block_anchors: int = setting(64, "block drafters (dflash), which train one block per anchor slot: anchors sampled "
+                                     "per conversation and training step (seeded by --seed and the step); 0 = all. "
+                                     "Evaluation always scores every anchor", hf="block_anchors")
 
 
 @dataclass

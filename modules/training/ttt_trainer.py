@@ -17,7 +17,9 @@ distribution and the target's, both restricted to the DRAFT vocabulary (= forwar
 constant), plus, with topk_distill = K > 0, HASS's top-K term (the same sum over the target's K
 most likely tokens only, weight topk_distill_weight).
 Valid: x_{t+2+k} is a trained token (loss mask) and the target's argmax at f_{t+1+k}
-is inside the draft vocabulary. With arch="eagle2" the draft vocabulary is the full one and the
+is inside the draft vocabulary. A kind that trains one block per anchor slot (`anchored`: DFlash)
+trains, per conversation and step, only the slots of `block_anchors` sampled anchors (evaluation: all).
+With arch="eagle2" the draft vocabulary is the full one and the
 EAGLE-1 feature regression (w_reg * SmoothL1) is added per step.
 
 The trainer's model is TTTUnroll(draft): the unroll and the draft head run inside its forward, so
@@ -117,6 +119,15 @@ def target_logprobs(features, head_weight, draft_ids=None, chunk=1024, argmax_he
     return torch.cat(logp), torch.cat(top)
 
 
+def sample_anchors(candidates, n, generator):
+    """bool [B, T]: n of each row's candidate slots (all of them in a row with n or fewer), uniformly without
+    replacement. The draw comes from `generator` on the CPU, so it is the same on every device."""
+    if n <= 0 or n >= candidates.shape[1]:
+        return candidates
+    score = torch.rand(candidates.shape, generator=generator).to(candidates.device).masked_fill(~candidates, -1.0)
+    return torch.zeros_like(candidates).scatter_(1, score.topk(n, dim=1).indices, True) & candidates
+
+
 class TTTUnroll(nn.Module):
     """What TTTTrainer trains, and what DDP / FSDP / DeepSpeed wrap: its forward runs the whole
     unrolled draft and the draft's head, so every trained weight is used inside the wrapped
@@ -151,7 +162,8 @@ class TTTTrainer(EagleTrainer):
 
     target_head: the target's frozen lm_head weight [V, H] (EAGLE-3 drafts train their own head,
       so the target distribution needs the original); None = the draft's own head (EAGLE-1/2).
-    target: the target model, needed for online=True (features computed in the loop).
+    target: needed for online=True (features computed in the loop): the target model, or the client of a
+      feature server (modules/data/feature_server.FeatureClient: the features from one engine process).
 
     Host syncs per micro-step: two (the number of trained slots and of scored (step, slot) pairs
     set tensor shapes); metrics stay on the device until a logging step (EagleTrainer.log).
@@ -189,9 +201,13 @@ class TTTTrainer(EagleTrainer):
     def _features(self, draft, inputs):
         """(step-0 input features [B,L,*], last hidden [B,L,H]) from the batch or the target."""
         if self.online:
+            from modules.data.feature_server import FeatureClient
             from modules.data.features import target_features
-            last, aux = target_features(self.target, inputs["input_ids"], inputs["attention_mask"],
-                                        draft.aux_layers if self.kind.fused_features else None)
+            layers = draft.aux_layers if self.kind.fused_features else None
+            if isinstance(self.target, FeatureClient):  # one engine process computes them (--engine vllm)
+                last, aux = self.target.features(inputs["input_ids"], inputs["attention_mask"], layers)
+            else:
+                last, aux = target_features(self.target, inputs["input_ids"], inputs["attention_mask"], layers)
         else:
             last, aux = inputs["hidden_states"], inputs.get("aux_hidden_states")
             if self.kind.fused_features and aux is None:
@@ -219,6 +235,16 @@ class TTTTrainer(EagleTrainer):
         return s
 
     # ---- the loss -------------------------------------------------------------------------------
+    def anchor_generator(self):
+        """The random generator of this micro-step's anchor sample, seeded by (--seed, optimizer step, micro-step,
+        rank): a rerun draws the same anchors, and a resumed run the ones the uninterrupted run drew."""
+        step = self.state.global_step
+        if getattr(self, "_anchor_step", None) != step:
+            self._anchor_step, self._anchor_micro = step, 0
+        self._anchor_micro += 1
+        seed = ((self.args.seed * 1_000_003 + step) * 1_009 + self._anchor_micro) * 1_013 + self.args.process_index
+        return torch.Generator().manual_seed(seed)
+
     def eagle_loss(self, model, inputs):
         draft = self.draft_module(model)
         return self.ttt_loss(model, self.slots(draft, inputs, noise=model.training),
@@ -239,6 +265,10 @@ class TTTTrainer(EagleTrainer):
         rows = torch.stack([shift_left(row, k, fill=-1) for k in range(steps)])  # [steps, B, T]
         in_vocab = torch.cat([t2d[tgt_top], t2d.new_zeros(1)])
         valid = in_vocab[rows]
+        if model.training and self.kind.anchored and args.block_anchors > 0:
+            # a block per anchor slot t (DFlash): train the blocks of block_anchors sampled anchors per conversation,
+            # among those with a scored step; the per-step means below are over the sampled (step, anchor) pairs
+            valid = valid & sample_anchors(valid.any(0), args.block_anchors, self.anchor_generator())
         k, b, t = valid.nonzero(as_tuple=True)  # host sync: the number of scored (step, slot) pairs
         h, logits = self.unroller(model)(s["ids"], s["feats"], s["am"], steps, (k, b, t))
         r = rows[k, b, t]
