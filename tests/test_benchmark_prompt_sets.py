@@ -21,3 +21,45 @@ def test_unknown_set_names_the_choices(tmp_path):
     f.write_text('{"turns": ["hi"]}\nnot json\n')
     rows, skipped = load_prompt_set(str(f))
     assert len(rows) == 1 and skipped == {"not JSON": 1}
+
+
+def test_sharegpt_heldout_is_first_user_turns_of_rows_no_training_reads():
+    from benchmark.prompt_sets import HELDOUT_SHAREGPT_START, first_user_turn
+    from modules.data.chat import load_rows
+
+    rows, skipped = load_prompt_set("sharegpt-heldout", 40)
+    assert len(rows) == 40 and rows == load_prompt_set("sharegpt-heldout", 40)[0]  # deterministic
+    ids = [int(r["question_id"].removeprefix("sharegpt-")) for r in rows]
+    assert ids == sorted(ids) and ids[0] >= HELDOUT_SHAREGPT_START
+    assert sum(skipped.values()) == ids[-1] - HELDOUT_SHAREGPT_START + 1 - 40  # every row: taken or counted
+    raw = dict(load_rows(None, ids[0], ids[-1] + 1))
+    for r, i in zip(rows, ids):
+        opener = raw[i]["conversations"][0]
+        assert opener["from"] == "human" and r["turns"] == [opener["value"].strip()]
+    # no prompt is a first user turn of the rows the learning curve (and the demo) train on: 0-1,200;
+    # control: the same check finds the overlap for a set drawn from those rows
+    trained = set()
+    for _, row in load_rows(None, 0, 1200):
+        try:
+            trained.add(first_user_turn(row))
+        except ValueError:
+            pass
+    assert not trained & {r["turns"][0] for r in rows}
+    early = [row for _, row in load_rows(None, 0, 20) if row["conversations"][0]["from"] == "human"]
+    assert trained & {first_user_turn(row) for row in early}
+
+
+def test_sharegpt_heldout_skips_rows_without_a_usable_first_turn():
+    from benchmark.prompt_sets import HELDOUT_MAX_CHARS, first_user_turn
+    from modules.data.chat import BadRow
+
+    good = {"conversations": [{"from": "human", "value": " hi "}, {"from": "gpt", "value": "hello"}]}
+    assert first_user_turn(good) == "hi"
+    bad = [({"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"},
+                               {"from": "gpt", "value": "c"}]}, "opens_with_assistant"),
+           ({"conversations": [{"from": "human", "value": "x" * (HELDOUT_MAX_CHARS + 1)},
+                               {"from": "gpt", "value": "c"}]}, "first_turn_too_long"),
+           ({"conversations": []}, "empty"), ("not a row", "not_an_object")]
+    for row, reason in bad:
+        with pytest.raises(BadRow, match=reason):
+            first_user_turn(row)
