@@ -13,6 +13,8 @@ generator unchanged. GPU ids are indexes into the GPUs this process sees: with
 CUDA_VISIBLE_DEVICES=4,5 already set, `--gpus 0 1` (and the default) run on physical GPUs 4 and 5.
 A worker given several GPUs gets --spread-target (its target is spread over them), or with --engine vllm
 one engine with tensor parallelism over them (--engine-tensor-parallel; more engine flags after `--`).
+CPU workers split the cores: with --engine vllm each engine binds its threads to its own share
+(VLLM_CPU_OMP_THREADS_BIND, unless already set).
 """
 import json
 import os
@@ -75,6 +77,15 @@ def parse_gpu_groups(groups: list[str] | None) -> list[list[int]]:
     return out
 
 
+def engine_cores(cores: list[int], worker: int, threads: int) -> str:
+    """The cores a CPU worker's vLLM engine binds its threads to: the worker's own `threads` cores.
+    vLLM's automatic binding chooses per engine, not per machine: every engine takes the same cores (on
+    2 cores with the hidden-states connector it reserves 2, finds too few and binds both), so two engine
+    workers would run their OpenMP threads on the same cores, twice as many threads as cores."""
+    mine = cores[worker * threads:(worker + 1) * threads] or cores[-threads:]
+    return ",".join(str(c) for c in mine)
+
+
 def worker_plan(args) -> list[dict]:
     """One dict per worker: index, rows, env (GPU ids or CPU threads), gpus (physical ids)."""
     from modules.placement import PlacementError, physical_gpus
@@ -89,7 +100,8 @@ def worker_plan(args) -> list[dict]:
         raise SystemExit(f"error: --shard-index {args.shard_index} has no rows (range {args.start}-{args.end}, "
                          f"{args.num_shards} shards)")
     a, b = node[args.shard_index]
-    threads = max(1, (os.cpu_count() or 1) // n_workers)
+    cores = sorted(os.sched_getaffinity(0))
+    threads = max(1, len(cores) // n_workers)
     plan = []
     for w, (lo, hi) in enumerate(split_range(a, b, n_workers)):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}  # workers
@@ -97,6 +109,8 @@ def worker_plan(args) -> list[dict]:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_groups[w])
         else:
             env["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers: never touch a GPU
+            if args.engine == "vllm" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = engine_cores(cores, w, threads)
         plan.append({"index": args.shard_index * n_workers + w, "start": lo, "end": hi, "env": env,
                      "gpus": gpu_groups[w] if gpu_groups else None, "threads": None if gpu_groups else threads})
     return plan

@@ -37,6 +37,23 @@ def test_nodes_and_workers_partition_the_range():
     assert allocation.parse_gpu_groups(["0,1", "2,3"]) == [[0, 1], [2, 3]]
 
 
+def test_cpu_engine_workers_bind_their_own_cores(monkeypatch):
+    """vLLM's automatic CPU binding puts every engine on the same cores; each --engine vllm CPU worker gets
+    its own share instead. Control: the HF path (and a user's own binding) are left alone."""
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(allocation.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    plan = allocation.worker_plan(allocation.Settings(start=0, end=8, workers=2, gpus=None, engine="vllm"))
+    assert [w["env"]["VLLM_CPU_OMP_THREADS_BIND"] for w in plan] == ["0,1", "2,3"]
+    assert [w["threads"] for w in plan] == [2, 2]
+    (one,) = allocation.worker_plan(allocation.Settings(start=0, end=8, workers=1, gpus=None, engine="vllm"))
+    assert one["env"]["VLLM_CPU_OMP_THREADS_BIND"] == "0,1,2,3"
+    hf = allocation.worker_plan(allocation.Settings(start=0, end=8, workers=2, gpus=None))
+    assert all("VLLM_CPU_OMP_THREADS_BIND" not in w["env"] for w in hf)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "3")
+    assert allocation.worker_plan(allocation.Settings(start=0, end=8, workers=2, gpus=None,
+                                                      engine="vllm"))[1]["env"]["VLLM_CPU_OMP_THREADS_BIND"] == "3"
+
+
 def test_failed_worker_is_reported(tmp_path):
     # A stand-in generator (no torch import: fast): the worker starting at row 2 fails with exit code 3.
     script = tmp_path / "fake_generator.py"
