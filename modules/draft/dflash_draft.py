@@ -117,13 +117,24 @@ def block_attention(q, k, v, ctx_k, ctx_v, ctx_visible, scaling):
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     ctx_k, ctx_v = ctx_k.repeat_interleave(rep, 1), ctx_v.repeat_interleave(rep, 1)
-    s_ctx = torch.matmul(q, ctx_k.transpose(-1, -2)) * scaling            # [N, H, T, C]
+    s_ctx = over_blocks(q, ctx_k.transpose(-1, -2)) * scaling              # [N, H, T, C]
     if ctx_visible is not None:
         s_ctx = s_ctx.masked_fill(~ctx_visible[:, None, None, :], torch.finfo(s_ctx.dtype).min)
     s_blk = torch.matmul(q, k.transpose(-1, -2)) * scaling                 # [N, H, T, T]
     p = torch.softmax(torch.cat([s_ctx, s_blk], -1).float(), -1).to(q.dtype)
     C = ctx_k.shape[2]
-    return torch.matmul(p[..., :C], ctx_v) + torch.matmul(p[..., C:], v)
+    return over_blocks(p[..., :C], ctx_v) + torch.matmul(p[..., C:], v)
+
+
+def over_blocks(x, shared):
+    """x [N, H, T, a] @ shared [N|1, H, a, b] -> [N, H, T, b]. A context shared by all N blocks ([1, ..]) is
+    multiplied once with the N blocks' rows stacked ([H, N*T, a]), instead of being broadcast to N copies (in the
+    backward too: training one conversation's anchors copied its context keys once per anchor)."""
+    if shared.shape[0] != 1 or x.shape[0] == 1:
+        return torch.matmul(x, shared)
+    N, H, T, _ = x.shape
+    out = torch.matmul(x.transpose(0, 1).reshape(H, N * T, -1), shared[0])  # [H, N*T, b]
+    return out.view(H, N, T, -1).transpose(0, 1)
 
 
 class DFlashDraft(nn.Module):
