@@ -163,7 +163,7 @@ def measure_cell(args, cell, target, turns, eos):
     tau, speed against plain, outputs equal to plain greedy."""
     from benchmark.bench_eagle import Settings as EagleBench, draft_vocab_ids, resolve_draft_dir
     from benchmark.methods import run_eagle, summarize
-    from modules.decode.tree_decoding import EagleDecoder
+    from modules.decode.parallel import make_decoder
     from modules.draft.kinds import kind_of
     from modules.draft.loading import load_draft
     from modules.placement import output_device
@@ -178,10 +178,11 @@ def measure_cell(args, cell, target, turns, eos):
                                                             draft.lm_head.weight.shape[0], eos)[0]
     total, depth, top_k = args.tree
     adapter = kind.tree_adapter(draft, vocab_ids)
-    decoders = {"eagle": EagleDecoder(target, adapter, total_tokens=total, depth=depth, top_k=top_k, timing=True)}
+    # a parallel kind proposes its trained block in one forward (the tree shape does not apply to it)
+    decoders = {"eagle": make_decoder(target, adapter, total, depth, top_k, timing=True)}
     if args.hybrid_lookup > 0:
-        decoders["hybrid"] = EagleDecoder(target, adapter, total_tokens=total, depth=depth, top_k=top_k,
-                                          lookup_tokens=args.hybrid_lookup, timing=True)
+        decoders["hybrid"] = make_decoder(target, adapter, total, depth, top_k, timing=True,
+                                          lookup_tokens=args.hybrid_lookup)
     records = [{"method": "plain", "question_id": qid, "turn": turn, "new_tokens": len(plain_tokens),
                 "seconds": plain_s, "matches_plain": True} for qid, turn, _, plain_tokens, plain_s in turns]
     for name, decoder in decoders.items():
@@ -190,13 +191,14 @@ def measure_cell(args, cell, target, turns, eos):
             tokens, sec, extra = run_eagle(target, ids, args.max_new_tokens, eos, decoder=decoder)
             records.append({"method": name, "question_id": qid, "turn": turn, "new_tokens": len(tokens),
                             "seconds": sec, "matches_plain": tokens == plain_tokens, **extra})
-    summary = summarize(records, depth)
+    summary = summarize(records, decoders["eagle"].depth)
     out = {"measured_with": measure_settings(args), "turns": len(turns)}
     for name, prefix in (("eagle", ""), ("hybrid", "hybrid_")):
         if name in summary:
             s = summary[name]
             out |= {f"{prefix}mt_bench_tau": s["tau"], f"{prefix}speedup": s["speedup"],
-                    f"{prefix}matched_plain": s["matched_plain"]}
+                    f"{prefix}matched_plain": s["matched_plain"],
+                    f"{prefix}draft_ms_per_cycle": s["draft_ms_per_cycle"]}
     return out
 
 
