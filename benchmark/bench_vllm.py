@@ -4,7 +4,8 @@
     .venv-vllm/bin/python benchmark/bench_vllm.py               # outputs/eagle3/export on the embedded SmolLM2
     .venv-vllm/bin/python benchmark/bench_vllm.py --draft outputs/eagle2/export --methods plain draft ours
 
-On MT-bench first turns (greedy, one sequence at a time) each method generates the same prompts:
+On the first turns of a prompt set (--prompts: mt-bench, humaneval, sharegpt-heldout; benchmark/prompt_sets.py;
+greedy, one sequence at a time) each method generates the same prompts:
   plain   vLLM without speculation (the baseline and the reference output)
   draft   vLLM with our exported draft (method eagle or eagle3, from the draft's config)
   ngram   vLLM's training-free prompt-lookup speculation
@@ -13,9 +14,10 @@ On MT-bench first turns (greedy, one sequence at a time) each method generates t
           should match. Give the training checkpoint as reference to check the export itself.
 Reports tokens/s, speedup over vLLM plain, mean acceptance length (tokens per draft-verify cycle,
 bonus included), accepted tokens per draft position, and whether each output equals plain greedy.
-Writes --out (JSON) and a PNG beside it. Each method runs in its own process (a fresh engine, no
-thread settings left over from the previous one). vLLM runs from its own virtualenv (`make install-vllm`;
-it pins the same torch and transformers as this repo).
+Writes --out (JSON) and a PNG beside it. --baselines FILE takes plain and ngram from an earlier --out of the
+same prompts and settings instead of running them again (several drafts, one baseline). Each method runs in
+its own process (a fresh engine, no thread settings left over from the previous one). vLLM runs from its own
+virtualenv (`make install-vllm`; it pins the same torch and transformers as this repo).
 """
 import gc
 import json
@@ -25,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from modules.paths import DEFAULT_TTT_TRAIN_DIR, EMBEDDED_MODEL_NAME, MT_BENCH_QUESTIONS
+from modules.paths import DEFAULT_TTT_TRAIN_DIR, EMBEDDED_MODEL_NAME
 from modules.settings import parse_settings, setting
 
 # ---- SETTINGS ----------------------------------------------------------------------------
@@ -40,12 +42,16 @@ class Settings:
                                  choices=["plain", "draft", "ngram", "ours"])
     num_spec_tokens: int = setting(3, "draft tokens per cycle (vLLM's num_speculative_tokens; our chain depth)")
     ngram_max: int = setting(4, "n-gram: longest prompt n-gram to match")
-    num_questions: int = setting(10, "MT-bench questions (first turns)")
+    prompts: str = setting("mt-bench", "prompt set (benchmark/prompt_sets.py: mt-bench, humaneval, sharegpt-heldout) "
+                                       "or an MT-bench-style .jsonl file; each question's first turn")
+    num_questions: int = setting(10, "questions of the prompt set (first turns)")
     max_new_tokens: int = setting(128, "tokens generated per question")
     dtype: str = setting("fp32", "the target's (and vLLM's draft's) dtype", choices=["fp32", "bf16"])
     kv_cache_fraction: float = setting(0.15, "vLLM gpu_memory_utilization; on CPU it sizes the KV cache in RAM")
     max_model_len: int = setting(2048, "vLLM max_model_len")
     out: str = setting("benchmark/results/vllm.json", "result file (JSON; a PNG is written beside it)")
+    baselines: str | None = setting(None, "an earlier --out: its plain and ngram results are used instead of running "
+                                          "them (its prompts and settings must be these)")
     one_method: str | None = setting(None, "internal: run one method, write --out", hidden=True)
 # -------------------------------------------------------------------------------------------
 
@@ -64,12 +70,14 @@ def target_folder(model):
     return str(embedded_converted())
 
 
-def mt_bench_prompts(target, n):
-    """Token ids of the first turns of n MT-bench questions through the target's chat template."""
+def first_turn_prompts(target, prompt_set, n):
+    """Token ids of the first turns of n questions of a prompt set through the target's chat template."""
     from transformers import AutoTokenizer
 
+    from benchmark.prompt_sets import load_prompt_set
+
     tok = AutoTokenizer.from_pretrained(target)
-    rows = [json.loads(line) for line in MT_BENCH_QUESTIONS.read_text().splitlines() if line.strip()][:n]
+    rows, _ = load_prompt_set(prompt_set, n)
     return [tok.apply_chat_template([{"role": "user", "content": r["turns"][0]}], add_generation_prompt=True,
                                     tokenize=True, return_dict=False) for r in rows]
 
@@ -251,23 +259,46 @@ def engines_name(path):
     return portable_name(str(path))
 
 
+def report_settings(args) -> dict:
+    return {k: (engines_name(v) if k in ("model", "draft", "reference_draft", "baselines") and v else v)
+            for k, v in vars(args).items() if k not in ("out", "one_method")}
+
+
+BASELINES = ("plain", "ngram")                 # methods that do not depend on the draft
+SAME_FOR_BASELINES = ("model", "prompts", "num_questions", "max_new_tokens", "dtype", "num_spec_tokens", "ngram_max",
+                      "kv_cache_fraction", "max_model_len")
+
+
+def load_baselines(args) -> dict:
+    """{method: raw result} of the plain/ngram runs of an earlier --out, after checking it measured the same."""
+    report = json.loads(Path(args.baselines).read_text())
+    ours, theirs = report_settings(args), report.get("settings", {})
+    differ = [k for k in SAME_FOR_BASELINES if theirs.get(k, getattr(Settings, k)) != ours[k]]  # missing: default
+    if differ:
+        raise SystemExit(f"error: --baselines {args.baselines} was measured with other settings: "
+                         + ", ".join(f"{k} {theirs.get(k)!r} (here {ours[k]!r})" for k in differ))
+    return {m: {k: v for k, v in r.items() if k not in ("tokens_per_s", "speedup_vs_vllm_plain",
+                                                         "outputs_equal_plain", "acceptance_length", "acceptance_rate")}
+            for m, r in report["results"].items() if m in BASELINES}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     target = target_folder(args.model)
-    prompts = mt_bench_prompts(target, args.num_questions)
+    prompts = first_turn_prompts(target, args.prompts, args.num_questions)
     if args.one_method:
         Path(args.out).write_text(json.dumps(run_method(args.one_method, args, target, prompts)))
         return 0
-    results = run_methods(argv, args.methods)
+    reused = load_baselines(args) if args.baselines else {}
+    results = {m: reused[m] if m in reused else run_methods(argv, [m])[m] for m in args.methods}
     summarize(results)
     print_table(results, len(prompts))
     import vllm
     report = {"engine": f"vllm {vllm.__version__}",
               "target": EMBEDDED_MODEL_NAME if args.model is None else engines_name(args.model),
               "draft": engines_name(args.draft) if "draft" in args.methods or "ours" in args.methods else None,
-              "settings": {k_: (engines_name(v) if k_ in ("model", "draft", "reference_draft") and v else v)
-                           for k_, v in vars(args).items() if k_ not in ("out", "one_method")},
+              "settings": report_settings(args), "baselines_from": engines_name(args.baselines) if reused else None,
               "prompts": len(prompts), "threads": os.cpu_count(), "results": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
