@@ -19,9 +19,11 @@ A draft is "served as trained" when (fp32, greedy):
   looser tolerance (15% was tried) let both pass.
 Controls that must fail the same check: an all-zero draft (acceptance ~0), and exports broken on
 purpose: shifted capture-layer ids, a wrong architecture name, a dropped weight; for P-EAGLE a missing
-mask_hidden or mask token (vLLM refuses them); for DFlash a missing mask token; for both, serving with a block
-size other than the trained one (vLLM 132/8/1/0 vs ours 132/8/1 for P-EAGLE: the mask slots are causal, so the
-first K positions agree and the check sees the count). Not a control: P-EAGLE served with ANOTHER mask token
+mask_hidden or mask token (vLLM refuses them); for DFlash a missing mask token (refused), shifted capture-layer
+ids and a dropped MLP weight (vLLM 85/7/0 and 86/6/0 vs ours 93/5/0: vLLM loads a DFlash draft without that
+weight); for both, serving with a block size other than the trained one (vLLM 132/8/1/0 vs ours 132/8/1 for
+P-EAGLE: the mask slots are causal, so the first K positions agree and the check sees the count; DFlash
+92/6/0/0 vs 93/5/0). Not a control: P-EAGLE served with ANOTHER mask token
 (vLLM 131/9/1 vs ours 132/8/1, inside the slack): at this draft quality the mask positions accept too few
 tokens (8 and 1 of 797 drafts) for a changed mask input to show.
 """
@@ -188,6 +190,8 @@ def shift_capture_layers(folder):
     cfg = json.loads((folder / "config.json").read_text())
     n = cfg["target_num_hidden_layers"]
     cfg["eagle_aux_hidden_state_layer_ids"] = [2 + 1, n // 2 + 1, n - 3 + 1]  # off by one, as SGLang's misreading
+    if "dflash_config" in cfg:  # vLLM reads the ids above first; its DFlash fallback (output-of-layer ids) agrees
+        cfg["dflash_config"]["target_layer_ids"] = [i - 1 for i in cfg["eagle_aux_hidden_state_layer_ids"]]
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
@@ -198,8 +202,9 @@ def old_architecture_name(folder):
 
 
 def drop_weight(folder):
+    """The last layer's MLP down-projection left out (EAGLE-3: the midlayer's; DFlash: its last layer's)."""
     sd = load_file(str(folder / "model.safetensors"))
-    del sd["midlayer.mlp.down_proj.weight"]
+    del sd[sorted(k for k in sd if k.endswith("mlp.down_proj.weight"))[-1]]
     save_file(sd, str(folder / "model.safetensors"))
 
 
@@ -223,9 +228,11 @@ def drop_dflash_mask_token(folder):
 
 @pytest.mark.parametrize("kind,mutate", [("eagle3", shift_capture_layers), ("eagle2", old_architecture_name),
                                          ("eagle3", drop_weight), ("peagle", drop_mask_hidden),
-                                         ("peagle", drop_mask_token), ("dflash", drop_dflash_mask_token)],
+                                         ("peagle", drop_mask_token), ("dflash", drop_dflash_mask_token),
+                                         ("dflash", shift_capture_layers), ("dflash", drop_weight)],
                          ids=["capture-layer-ids", "architecture-name", "dropped-weight", "no-mask-hidden",
-                              "no-mask-token", "dflash-no-mask-token"])
+                              "no-mask-token", "dflash-no-mask-token", "dflash-capture-layer-ids",
+                              "dflash-dropped-weight"])
 def test_a_broken_export_fails_the_check(tmp_path, kind, mutate, exports, checkpoints, plain):
     broken = tmp_path / "broken"
     shutil.copytree(exports[kind], broken)
