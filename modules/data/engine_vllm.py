@@ -25,7 +25,8 @@ When a conversation is finished, one capture request over its chat-template ids 
 the HF path stores) returns the features. Prefix caching keeps the blocks the generating requests
 computed, with their captured hidden states, so the capture request recomputes only the last
 partial block and the template's tail: the features of generated tokens come from the forwards that
-generated them. Sampling seeds are per row and turn (self_distill.row_seed), independent of batching.
+generated them. `--replies sampled` is refused (SAMPLED_REFUSED below: vLLM 0.32's extract_hidden_states
+method does not sample from the target's distribution).
 """
 import functools
 import os
@@ -43,6 +44,17 @@ from modules.data.generation import GenerationError
 CPU_KV_CACHE_GIB = 2.0   # KV cache in RAM when --engine-kv-cache-gib is 0 on CPU (vLLM's fraction of RAM
                          # minus the worker's RSS goes negative on a small box)
 BLOCK_SIZE = 32          # KV block (the CPU attention wants a multiple of 32): a capture request recomputes < one block
+
+
+# vLLM 0.32's extract_hidden_states method does not sample from the target's distribution: with it, tokens
+# drawn at temperature 1 on ShareGPT prompts had a mean target log-probability of -5.4 and -10.3 in two runs
+# (-2.5 and -2.7 for the same engine without it, -2.9 for HF sampling) and changed between two runs with the
+# same seed (measured on the CPU build; tests/test_data_engine_vllm.py keeps checking it). Greedy replies are
+# exact (equal to HF greedy token for token), so only sampling is refused.
+SAMPLED_REFUSED = ("--engine vllm --replies sampled: vLLM 0.32's extract_hidden_states method does not sample "
+                   "from the target's distribution (measured: mean target log-prob -5.4 and -10.3 per sampled "
+                   "token in two runs, -2.5 and -2.7 without the method; not reproducible per seed). Use "
+                   "--replies greedy with the engine, or --replies sampled without --engine (the Hugging Face path)")
 
 
 class EngineError(GenerationError):
@@ -154,6 +166,8 @@ class VllmFeatureEngine:
     """
 
     def __init__(self, model: str | None, tokenizer, settings, dtype: torch.dtype, engine):
+        if settings.replies == "sampled":
+            raise EngineError(SAMPLED_REFUSED)
         try:
             import vllm
         except ImportError:
