@@ -140,3 +140,43 @@ def test_attn_flag_chooses_the_ttt_attention(tiny, tmp_path, monkeypatch, attn, 
                                "--attn", attn, "--no-export"])
     assert rc == 0
     assert calls[expected] > 0 and sum(calls.values()) == calls[expected], calls
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--online", "--engine", "vllm", "--engine-url", "URL"], "no feature server reachable at http://127.0.0.1:"),
+    (["--online", "--engine", "vllm", "--regenerate"], "dataset's replies only"),
+    (["--engine", "vllm"], "--engine vllm feeds --online training"),
+    (["--online", "--engine-url", "URL"], "--engine-url needs --engine vllm"),
+])
+def test_engine_fed_online_clear_errors(tiny, tmp_path, capsys, extra, message):
+    """--online --engine vllm (features from a feature server, modules/data/feature_server.py): what it refuses, with
+    one line. The real engine runs in tests/test_training_engine_online.py (make test-vllm)."""
+    base, model, rows, data = tiny
+    extra = [f"http://127.0.0.1:{_free_port()}" if x == "URL" else x for x in extra]  # nothing listens there
+    rc = train_eagle_ttt.main(["--model", model, "--dataset", rows, "--end", "4", "--max-length", "384",
+                               "--output-dir", str(tmp_path / "run"), "--max-steps", "1", *extra])
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_engine_server_that_fails_to_start_is_reported(tiny, tmp_path, capsys):
+    """--engine vllm without --engine-url starts serve_features.py; a server that exits before it is ready (here:
+    no vLLM in this environment) ends training with the server's own error, quoted from its log."""
+    import importlib.util
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed: the server would start (tests/test_training_engine_online.py)")
+    base, model, rows, data = tiny
+    out = tmp_path / "run"
+    rc = train_eagle_ttt.main(["--model", model, "--dataset", rows, "--end", "4", "--max-length", "384", "--online",
+                               "--engine", "vllm", "--engine-port", str(_free_port()), "--output-dir", str(out),
+                               "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the feature server exited with code 2 before it was ready" in err, err
+    assert "needs vLLM installed" in err
+    assert len(list(out.glob("feature_server-*.log"))) == 1

@@ -3,17 +3,22 @@ train/train.py. `--arch eagle2` trains the EAGLE-1/2 draft with the same TTT los
 
     python train/train_eagle_ttt.py                      # embedded SmolLM2 on data_out/eagle3
     python train/train_eagle_ttt.py --online --end 2000  # no stored features: the target runs in the loop
+    python train/train_eagle_ttt.py --online --engine vllm   # the features from one vLLM engine process
     python train/train_eagle_ttt.py --arch eagle2 --data data_out/eagle2
     torchrun --nproc_per_node 8 train/train_eagle_ttt.py ...
 
 Offline data comes from generate_data_fused_features.py (EAGLE-3) or generate_data.py (eagle2
 arch). With --online, conversations are read from --dataset, tokenised with the same loss mask, and
 the target computes the features of each batch (modules/data/features.target_features) on the fly.
+With --engine vllm the ranks hold no target: one engine process computes the features (serve_features.py,
+modules/data/feature_server.py), started here (local rank 0 of each node) or already running (--engine-url).
 The draft vocabulary is counted from the training conversations' trained tokens before training.
 Checkpoints: OUTPUT_DIR/checkpoint-*; final draft: OUTPUT_DIR/draft (SGLang EAGLE-3 layout, or
 the EAGLE layouts of train/export.py for --arch eagle2); run_config.json (every setting), summary.json,
 log_history.json (per-step losses/accuracies) and training_curves.png describe the run.
 """
+import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +26,7 @@ from pathlib import Path
 
 from modules.draft import kinds as draft_kinds
 from modules.paths import DEFAULT_FUSED_DATA_DIR, DEFAULT_TTT_TRAIN_DIR
+from modules.data.feature_server import FeatureServerSettings
 from modules.data.generation_cli import FusedGenerateSettings, GenerateSettings
 from modules.training.settings import TrainingSettings, TTTSettings, like, parse_settings, save_run_config, setting
 from modules.training.settings import with_kind_defaults
@@ -62,6 +68,25 @@ class Settings(TrainingSettings, TTTSettings):
     regenerate: bool = like(FusedGenerateSettings, "regenerate", group=ONLINE)
     temperature: float = like(GenerateSettings, "temperature", group=ONLINE)
     max_new_tokens: int = like(GenerateSettings, "max_new_tokens", group=ONLINE)
+    # --engine vllm: the features from one engine process (serve_features.py), the generators' engine settings
+    engine: str = like(GenerateSettings, "engine", group=ONLINE,
+                       help="who computes the online features: hf (the target in every rank) or vllm (one vLLM engine "
+                            "process per node, or the one at --engine-url; dataset replies only)")
+    engine_url: str | None = setting(None, "--engine vllm: the running feature server to use (python "
+                                           "serve_features.py ...), e.g. http://HOST:8765; None = start one",
+                                     group=ONLINE)
+    engine_port: int = like(FeatureServerSettings, "port", group=ONLINE,
+                            help="--engine vllm without --engine-url: port of the feature server started here")
+    engine_gpu_index: list[int] | None = like(GenerateSettings, "gpu_index", aliases=(), group=ONLINE,
+                                              help="--engine vllm without --engine-url: the visible GPUs the "
+                                                   "engine started here may use (not the trainer ranks' GPUs)")
+    engine_tensor_parallel: int = like(GenerateSettings, "engine_tensor_parallel", group=ONLINE)
+    engine_pipeline_parallel: int = like(GenerateSettings, "engine_pipeline_parallel", group=ONLINE)
+    engine_gpu_memory: float = like(GenerateSettings, "engine_gpu_memory", group=ONLINE)
+    engine_kv_cache_gib: float = like(GenerateSettings, "engine_kv_cache_gib", group=ONLINE)
+    engine_max_seqs: int = like(GenerateSettings, "engine_max_seqs", group=ONLINE)
+    engine_max_batched_tokens: int = like(GenerateSettings, "engine_max_batched_tokens", group=ONLINE)
+    engine_eager: bool = like(GenerateSettings, "engine_eager", group=ONLINE)
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 
@@ -86,14 +111,22 @@ class ListDataset:
 
 
 def online_data(args):
-    """(dataset of token ids + loss masks, target model) for --online. The target is whole on this
-    rank's device (cuda:LOCAL_RANK under torchrun, modules/placement.py), where the trainer puts the draft."""
+    """(dataset of token ids + loss masks, target model or None) for --online. The target is whole on this
+    rank's device (cuda:LOCAL_RANK under torchrun, modules/placement.py), where the trainer puts the draft;
+    with --engine vllm no rank loads it (only its tokenizer here)."""
     from modules.data.chat import load_rows
     from modules.data.generation import encode_rows
     from modules.placement import process_ranks
-    from modules.target import load_target
+    from modules.target import load_target, load_tokenizer
 
-    target, tokenizer = load_target(args.model, dtype=args.target_dtype)
+    if args.engine == "hf":
+        target, tokenizer = load_target(args.model, dtype=args.target_dtype)
+    elif args.regenerate:
+        raise UsageError(f"--engine {args.engine} feeds --online training with the dataset's replies only: drop "
+                         f"--regenerate, or make self-distilled data offline (generate_data_fused_features.py "
+                         f"--engine {args.engine} --replies greedy) and train on it")
+    else:
+        target, tokenizer = None, load_tokenizer(args.model)
     rows = load_rows(args.dataset, args.start, args.end)
     if args.regenerate:  # each rank regenerates its share into its own file, then reads all of them
         from modules.data.regenerate import LocalGenerator, regenerate_sharded
@@ -128,15 +161,57 @@ def draft_vocab_ids(args, train_ds, vocab_size):
     return ids, covered
 
 
-def load_data(args, kind, cfg, display):
+def engine_features(args, kind, cfg, display, aux_layers, cleanup):
+    """--engine vllm: the client of the feature server at --engine-url, or of one started here (by local rank 0
+    of each node: the others wait until it answers; `cleanup` stops it when training ends), checked against
+    this target, aux layers and max length."""
+    from dataclasses import asdict, fields
+
+    from modules.data.feature_server import FeatureClient, FeatureServerError, start_server, stop_server
+
+    client = FeatureClient(args.engine_url or f"http://127.0.0.1:{args.engine_port}")
+    if args.engine_url is not None:
+        client.info()  # reachable now, or a clear error
+    else:
+        process = log = None
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            try:
+                client.info(timeout=2)
+            except FeatureServerError:
+                pass
+            else:
+                raise UsageError(f"a feature server already answers at {client.url}: pass --engine-url "
+                                 f"{client.url} to use it, or another --engine-port")
+            shared = {f.name: v for f, v in zip(fields(args), asdict(args).values())
+                      if f.name in {g.name for g in fields(FeatureServerSettings)}}
+            settings = FeatureServerSettings(**{**shared, "aux_layers": aux_layers, "port": args.engine_port,
+                                                "gpu_index": args.engine_gpu_index})
+            log = Path(args.output_dir) / f"feature_server-{os.uname().nodename}.log"
+            process = start_server(settings, log)
+            cleanup.callback(stop_server, process)
+            print(f"feature server starting on {client.url} (log: {log})", flush=True)
+        client.wait_ready(process, log)
+    client.check(display, cfg, aux_layers if kind.fused_features else None, args.max_length, args.allow_other_model)
+    return client
+
+
+def load_data(args, kind, cfg, display, cleanup):
     """(dataset, aux layers, online target or None): offline shards, or with --online the tokenised
-    conversations and the target that computes their features."""
+    conversations and the target that computes their features (--engine vllm: the feature server's client)."""
     from modules.data.features import default_aux_layers
     from modules.data.storage import EagleDataset
 
+    if args.engine != "hf" and not args.online:
+        raise UsageError(f"--engine {args.engine} feeds --online training; offline data comes from the generators' "
+                         f"own --engine {args.engine}")
+    if args.engine_url is not None and args.engine == "hf":
+        raise UsageError("--engine-url needs --engine vllm")
     if args.online:
         ds, target = online_data(args)
-        return ds, args.aux_layers or default_aux_layers(cfg.num_hidden_layers), target
+        aux_layers = args.aux_layers or default_aux_layers(cfg.num_hidden_layers)
+        if target is None:
+            target = engine_features(args, kind, cfg, display, aux_layers, cleanup)
+        return ds, aux_layers, target
     ds = EagleDataset(args.data, read_aux=kind.fused_features)
     check_data_fits_target(ds, cfg, display, args.allow_other_model)
     if kind.fused_features and not ds.has_aux:
@@ -168,7 +243,7 @@ def build_trainer(args, kind, cfg, display, ds, aux_layers, target):
                          # a draft vocabulary trains against the target's head
                          target_head=head if kind.own_vocab else None,
                          target=target, online=args.online)
-    if target is not None and output_device(target) != trainer.args.device:  # one rule: modules/placement.py
+    if args.engine == "hf" and target is not None and output_device(target) != trainer.args.device:  # placement.py
         raise UsageError(f"the online target is on {output_device(target)} but the draft trains on "
                          f"{trainer.args.device}")
     return trainer, covered
@@ -183,7 +258,8 @@ def save_outputs(args, kind, trainer, draft, result, metrics, covered, t0):
     if not args.no_export:
         kind.save_trained(draft, out, target=args.model)
     unrolled = kind.unroll_steps(draft, args.ttt_steps)  # a parallel kind: its block size
-    summary = {"arch": args.arch, "ttt_steps": unrolled, "online": args.online, "steps": result.global_step,
+    summary = {"arch": args.arch, "ttt_steps": unrolled, "online": args.online,
+               "engine": args.engine if args.online else None, "steps": result.global_step,
                "train_loss": round(result.training_loss, 5), "draft_vocab_coverage": round(covered, 4),
                "train_runtime_s": round(time.time() - t0, 1), **{k: round(v, 4) for k, v in metrics.items()},
                "draft": None if args.no_export else str(out)}
@@ -193,9 +269,15 @@ def save_outputs(args, kind, trainer, draft, result, metrics, covered, t0):
 
 def main(argv=None):
     args = parse_args(argv)
+    with contextlib.ExitStack() as cleanup:  # --engine vllm: stops the feature server this process started
+        return run(args, cleanup)
+
+
+def run(args, cleanup):
     from safetensors import SafetensorError
 
     from modules.data.chat import DatasetError
+    from modules.data.feature_server import FeatureServerError
     from modules.data.regenerate import RegenerationError
     from modules.data.storage import DataFormatError
     from modules.target import TargetLoadError, model_display_name
@@ -207,7 +289,7 @@ def main(argv=None):
     display = model_display_name(args.model)
     try:
         cfg = target_config(args.model)
-        ds, aux_layers, target = load_data(args, kind, cfg, display)
+        ds, aux_layers, target = load_data(args, kind, cfg, display, cleanup)
         trainer, covered = build_trainer(args, kind, cfg, display, ds, aux_layers, target)
         if trainer.is_world_process_zero():
             save_run_config(args, args.output_dir)
@@ -217,7 +299,8 @@ def main(argv=None):
                   f"{'online' if args.online else 'offline'} features; trainable params "
                   f"{sum(p.numel() for p in trainer.model.parameters() if p.requires_grad):,}", flush=True)
         result = trainer.train(resume_from_checkpoint=resume_checkpoint(args.resume, args.output_dir))
-    except (DataFormatError, UsageError, TargetLoadError, DatasetError, RegenerationError, FileNotFoundError) as err:
+    except (DataFormatError, UsageError, TargetLoadError, DatasetError, RegenerationError, FileNotFoundError,
+            FeatureServerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except SafetensorError as err:  # a shard damaged after the dataset index was read (mid-epoch)
