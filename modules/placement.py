@@ -73,6 +73,12 @@ def output_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def same_device(a, b) -> bool:
+    """a and b are one device: the same GPU, or both the CPU (HF's Trainer names it cpu:0 under torchrun)."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.type == "cpu" or (a.index or 0) == (b.index or 0))
+
+
 def visible_gpus(env: dict | None = None) -> list[str] | None:
     """The physical GPU ids behind logical indexes 0, 1, ... (CUDA_VISIBLE_DEVICES); None when unset."""
     value = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")

@@ -137,3 +137,10 @@ def test_a_plain_training_process_uses_one_gpu_not_data_parallel(tmp_path):
     args._n_gpu = 8  # what transformers sets on a machine with 8 visible GPUs and no launcher
     assert args.n_gpu == 1 and args.train_batch_size == args.per_device_train_batch_size
     assert not isinstance(trainer._wrap_model(trainer.model), torch.nn.DataParallel)
+
+
+def test_same_device_treats_every_cpu_name_as_one_device():
+    """HF's Trainer names the CPU cpu:0 under torchrun while a loaded target sits on cpu: one device (the online
+    target check of train/train_eagle_ttt.py); GPUs compare by index, cuda = cuda:0."""
+    assert placement.same_device("cpu", "cpu:0") and placement.same_device(torch.device("cuda"), "cuda:0")
+    assert not placement.same_device("cuda:1", "cuda:0") and not placement.same_device("cpu", "cuda:0")

@@ -225,7 +225,7 @@ def build_trainer(args, kind, cfg, display, ds, aux_layers, target):
     embedding and head; an EAGLE-3 draft also its own vocabulary, counted over the training data."""
     from transformers import set_seed
 
-    from modules.placement import output_device
+    from modules.placement import output_device, same_device
     from modules.target_weights import load_embed_and_head
     from modules.training.ttt_trainer import TTTCollator, TTTTrainer, TTTTrainingArguments
 
@@ -243,7 +243,7 @@ def build_trainer(args, kind, cfg, display, ds, aux_layers, target):
                          # a draft vocabulary trains against the target's head
                          target_head=head if kind.own_vocab else None,
                          target=target, online=args.online)
-    if args.engine == "hf" and target is not None and output_device(target) != trainer.args.device:  # placement.py
+    if args.engine == "hf" and target is not None and not same_device(output_device(target), trainer.args.device):
         raise UsageError(f"the online target is on {output_device(target)} but the draft trains on "
                          f"{trainer.args.device}")
     return trainer, covered
