@@ -13,11 +13,16 @@ subsets of generated data.
 
 Each cell (data kind x draft x conversations) is a real training run (train/train_eagle_ttt.py for EAGLE-3,
 train/train.py for EAGLE-2, with --train-conversations N) of EPOCHS passes over its N conversations, evaluated on
-the same held-out conversations (simulated tau). Then one process loads the target once, decodes MT-bench with
-plain greedy decoding and with every cell's draft (our EAGLE tree decoder, lossless: each output is compared
-with plain greedy's) and records tau. A cell with more conversations than the data holds is skipped and named.
-Finished trainings and measurements are kept under OUT: a rerun (or a bigger grid) only does what is missing.
+the same held-out conversations (simulated tau). Then one process loads the target once, decodes the prompt set
+(--prompts, default MT-bench) with plain greedy decoding and with every cell's draft (our decoder, lossless: each
+output is compared with plain greedy's) and records tau. A cell with more conversations than the data holds is
+skipped and named. Finished trainings and measurements are kept under OUT, one measurement file per prompt set: a
+rerun (or a bigger grid, or another --prompts on the same cells) only does what is missing.
 Writes RESULT (.json + .png).
+
+    # the same cells on code prompts: nothing is retrained
+    python benchmark/bench_learning_curve.py --data sharegpt=lc_data --prompts humaneval --questions 8 \
+        --result benchmark/results/learning_curve_humaneval.json
 """
 import json
 import sys
@@ -48,7 +53,9 @@ class Settings:
     max_length: int = setting(640, "tokens per conversation")
     lr: float = setting(3e-4, "peak learning rate")
     grad_accum: int = setting(4, "micro-batches per optimizer step")
-    questions: int = setting(6, "MT-bench questions, both turns")
+    prompts: str = setting("mt-bench", "prompt set the drafts decode (benchmark/prompt_sets.py: mt-bench, humaneval, "
+                                       "sharegpt-heldout): every turn of each question")
+    questions: int = setting(6, "questions of the prompt set (MT-bench: both turns each)")
     max_new_tokens: int = setting(96, "tokens generated per turn")
     tree: list[int] = setting([8, 4, 2], "total tokens, depth, top-k (the demo's tree)", nargs=3,
                               metavar=("TOTAL", "DEPTH", "TOP_K"))
@@ -133,10 +140,15 @@ def train_command(args, cell):
             "--resume", "auto", *(["--model", args.model] if args.model else []), *args.train_args]
 
 
-# ---- MT-bench tau of every trained cell, one target load ----------------------------------------
+# ---- tau on the prompt set of every trained cell, one target load ---------------------------------
 
-def mt_bench_turns(target, tokenizer, args):
-    """[(question id, turn, prompt ids, plain greedy tokens, seconds)] of MT-bench, each turn following
+def set_key(prompts: str) -> str:
+    """The prompt set's name in result keys and file names: mt_bench, humaneval, sharegpt_heldout, a file's stem."""
+    return Path(prompts).stem.replace("-", "_").replace(".", "_")
+
+
+def prompt_turns(target, tokenizer, args):
+    """[(question id, turn, prompt ids, plain greedy tokens, seconds)] of the prompt set, each turn following
     plain greedy decoding's answer."""
     from tqdm import tqdm
 
@@ -144,7 +156,7 @@ def mt_bench_turns(target, tokenizer, args):
     from benchmark.mt_bench import conversation, prompt_ids
     from benchmark.prompt_sets import load_prompt_set
 
-    questions, _ = load_prompt_set("mt-bench", args.questions)
+    questions, _ = load_prompt_set(args.prompts, args.questions)
     eos = tokenizer.eos_token_id
     run_plain(target, prompt_ids(tokenizer, conversation(["Say hello."], [])), 8, eos)  # warm-up
     turns = []
@@ -196,7 +208,7 @@ def measure_cell(args, cell, target, turns, eos):
     for name, prefix in (("eagle", ""), ("hybrid", "hybrid_")):
         if name in summary:
             s = summary[name]
-            out |= {f"{prefix}mt_bench_tau": s["tau"], f"{prefix}speedup": s["speedup"],
+            out |= {f"{prefix}{set_key(args.prompts)}_tau": s["tau"], f"{prefix}speedup": s["speedup"],
                     f"{prefix}matched_plain": s["matched_plain"],
                     f"{prefix}draft_ms_per_cycle": s["draft_ms_per_cycle"]}
     return out
@@ -204,17 +216,24 @@ def measure_cell(args, cell, target, turns, eos):
 
 def measure_settings(args):
     """What a cell's measurement depends on besides its draft: a change re-measures."""
-    return {"questions": args.questions, "max_new_tokens": args.max_new_tokens, "tree": list(args.tree),
-            "hybrid_lookup": args.hybrid_lookup}
+    settings = {"questions": args.questions, "max_new_tokens": args.max_new_tokens, "tree": list(args.tree),
+                "hybrid_lookup": args.hybrid_lookup}
+    if args.prompts != "mt-bench":  # MT-bench measurements made before --prompts existed stay valid
+        settings["prompts"] = args.prompts
+    return settings
+
+
+def measurement_file(args, cell) -> Path:
+    return Path(args.out) / cell["name"] / f"{set_key(args.prompts)}.json"
 
 
 def measured(args, cell):
-    path = Path(args.out) / cell["name"] / "mt_bench.json"
+    path = measurement_file(args, cell)
     return path.is_file() and json.loads(path.read_text()).get("measured_with") == measure_settings(args)
 
 
 def measure(args, cells):
-    """MT-bench tau of every trained cell not measured yet (kept as OUT/<cell>/mt_bench.json)."""
+    """Tau on the prompt set of every trained cell not measured yet (kept as OUT/<cell>/<set>.json)."""
     todo = [c for c in cells if not measured(args, c)]
     if not todo:
         return
@@ -222,16 +241,18 @@ def measure(args, cells):
 
     target, tokenizer = load_target(args.model, dtype="fp32")
     eos = tokenizer.eos_token_id
-    print(f"MT-bench: {args.questions} questions x 2 turns, {args.max_new_tokens} new tokens, plain greedy first")
-    turns = mt_bench_turns(target, tokenizer, args)
+    print(f"{args.prompts}: {args.questions} questions (every turn), {args.max_new_tokens} new tokens, "
+          "plain greedy first")
+    turns = prompt_turns(target, tokenizer, args)
+    tau = f"{set_key(args.prompts)}_tau"
     for cell in todo:
         t = time.time()
         m = measure_cell(args, cell, target, turns, eos)
-        hybrid = (f"; + lookup {args.hybrid_lookup}: tau {m['hybrid_mt_bench_tau']:.3f}, {m['hybrid_speedup']:.2f}x, "
-                  f"{m['hybrid_matched_plain']}/{m['turns']}") if "hybrid_mt_bench_tau" in m else ""
-        print(f"{cell['name']}: MT-bench tau {m['mt_bench_tau']:.3f}, {m['speedup']:.2f}x plain, "
+        hybrid = (f"; + lookup {args.hybrid_lookup}: tau {m['hybrid_' + tau]:.3f}, {m['hybrid_speedup']:.2f}x, "
+                  f"{m['hybrid_matched_plain']}/{m['turns']}") if "hybrid_" + tau in m else ""
+        print(f"{cell['name']}: {args.prompts} tau {m[tau]:.3f}, {m['speedup']:.2f}x plain, "
               f"{m['matched_plain']}/{m['turns']} outputs = plain greedy{hybrid} ({time.time() - t:.0f} s)", flush=True)
-        atomic_write_text(Path(args.out) / cell["name"] / "mt_bench.json", json.dumps(m, indent=2))
+        atomic_write_text(measurement_file(args, cell), json.dumps(m, indent=2))
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -243,25 +264,27 @@ def collect(args, cells):
         if args.report_only and not ((run / "summary.json").is_file() and measured(args, cell)):
             continue
         summary = json.loads((run / "summary.json").read_text())
-        mt = {k: v for k, v in json.loads((run / "mt_bench.json").read_text()).items() if k != "measured_with"}
-        rows.append({k: v for k, v in cell.items() if k != "folder"} | {
+        mt = {k: v for k, v in json.loads(measurement_file(args, cell).read_text()).items() if k != "measured_with"}
+        rows.append({k: v for k, v in cell.items() if k != "folder"} | {"prompts": args.prompts,
             "steps": summary.get("steps"), "train_runtime_s": summary.get("train_runtime_s"),
             "eval_top1_acc": summary.get("eval_top1_acc"), "eval_tau_sim": summary.get("eval_tau_sim"), **mt})
     return rows
 
 
-def print_table(rows):
+def print_table(rows, tau):
+    """tau: the rows' tau key (<set>_tau)."""
+    short = "MT tau" if tau == "mt_bench_tau" else "tau"
     print(f"\n{'data':<10} {'draft':<7} {'convs':>6} {'train tokens':>13} {'steps':>6} {'train s':>8} "
-          f"{'eval top1':>9} {'sim tau':>8} {'MT tau':>7} {'speed':>6} {'= plain':>8} {'hybrid tau':>10} {'speed':>6}")
+          f"{'eval top1':>9} {'sim tau':>8} {short:>7} {'speed':>6} {'= plain':>8} {'hybrid tau':>10} {'speed':>6}")
     for r in rows:
-        hybrid = (f" {r['hybrid_mt_bench_tau']:>10.3f} {r['hybrid_speedup']:>5.2f}x"
-                  if "hybrid_mt_bench_tau" in r else "")
+        hybrid = (f" {r['hybrid_' + tau]:>10.3f} {r['hybrid_speedup']:>5.2f}x"
+                  if "hybrid_" + tau in r else "")
         print(f"{r['data']:<10} {r['arch']:<7} {r['conversations']:>6} {r['training_tokens']:>13,} {r['steps']:>6} "
               f"{r['train_runtime_s'] or 0:>8.0f} {r['eval_top1_acc']:>9.3f} {r['eval_tau_sim']:>8.3f} "
-              f"{r['mt_bench_tau']:>7.3f} {r['speedup']:>5.2f}x {r['matched_plain']:>4}/{r['turns']}{hybrid}")
+              f"{r[tau]:>7.3f} {r['speedup']:>5.2f}x {r['matched_plain']:>4}/{r['turns']}{hybrid}")
 
 
-def plot(rows, path, title):
+def plot(rows, path, title, prompts="mt-bench"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -272,13 +295,14 @@ def plot(rows, path, title):
         rs = sorted((r for r in rows if (r["data"], r["arch"]) == (kind, arch)), key=lambda r: r["training_tokens"])
         x = [r["training_tokens"] for r in rs]
         color = f"C{i}"
-        ax.plot(x, [r["mt_bench_tau"] for r in rs], "o-", color=color, label=f"{arch}, {kind} replies: MT-bench")
+        tau = f"{set_key(prompts)}_tau"
+        ax.plot(x, [r[tau] for r in rs], "o-", color=color, label=f"{arch}, {kind} replies: {prompts}")
         ax.plot(x, [r["eval_tau_sim"] for r in rs], "s--", color=color, alpha=0.6, label=f"{arch}, {kind}: simulated")
-        if all("hybrid_mt_bench_tau" in r for r in rs):
-            ax.plot(x, [r["hybrid_mt_bench_tau"] for r in rs], "^:", color=color,
-                    label=f"{arch}, {kind}: MT-bench, + prompt-lookup branch")
+        if all("hybrid_" + tau in r for r in rs):
+            ax.plot(x, [r["hybrid_" + tau] for r in rs], "^:", color=color,
+                    label=f"{arch}, {kind}: {prompts}, + prompt-lookup branch")
         for r in rs:
-            ax.annotate(f"{r['conversations']}", (r["training_tokens"], r["mt_bench_tau"]), fontsize=8,
+            ax.annotate(f"{r['conversations']}", (r["training_tokens"], r[tau]), fontsize=8,
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("training tokens (loss-masked tokens x epochs; labels: conversations)")
@@ -315,7 +339,7 @@ def main(argv=None):
     skipped += [f"{c['data']} {c['arch']} {c['conversations']}: not run" for c in cells if c["name"] not in done]
     if not rows:
         sys.exit("error: no finished cell to report")
-    print_table(rows)
+    print_table(rows, f"{set_key(args.prompts)}_tau")
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "result", "data", "model")}
     # names, not machine paths
     settings["data"] = sorted(args.data)
@@ -326,7 +350,8 @@ def main(argv=None):
     atomic_write_text(out, json.dumps(result, indent=2))
     total, depth, top_k = args.tree
     plot(rows, out.with_suffix(".png"), f"Learning curve: SmolLM2-135M target, {args.epochs:g} epochs per cell, "
-                                        f"tree {total}/{depth}/{top_k}, {args.questions} MT-bench questions x 2 turns")
+                                        f"tree {total}/{depth}/{top_k}, {args.questions} {args.prompts} questions "
+                                        "(every turn)", args.prompts)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

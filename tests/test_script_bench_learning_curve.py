@@ -81,6 +81,22 @@ def test_learning_curve_end_to_end(tiny_run, tmp_path, capsys):
     assert saved["skipped"] == ["fake eagle2 9: not run"]
     assert not (tmp_path / "runs" / "fake-eagle2-9").exists()
 
+    # --prompts: the same cells measured on another prompt set, kept apart; nothing is retrained.
+    humaneval = tmp_path / "curve_humaneval.json"
+    code_argv = [a if a != str(result) else str(humaneval) for a in argv] + ["--prompts", "humaneval"]
+    mt_file = tmp_path / "runs" / "fake-eagle2-4" / "mt_bench.json"
+    mt_before = mt_file.read_text()
+    assert bench_learning_curve.main(code_argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("done earlier") == 2 and "humaneval: 1 questions" in out
+    saved = json.loads(humaneval.read_text())
+    for c in saved["cells"]:
+        assert c["prompts"] == "humaneval" and "mt_bench_tau" not in c
+        assert c["matched_plain"] == c["hybrid_matched_plain"] == c["turns"] == 1  # one turn, lossless
+        assert c["humaneval_tau"] >= 1.0 and c["hybrid_humaneval_tau"] >= 1.0
+    assert (tmp_path / "runs" / "fake-eagle2-4" / "humaneval.json").is_file()
+    assert mt_file.read_text() == mt_before  # the MT-bench measurement is kept as it was
+
 
 def test_bad_data_spec_is_a_clear_error(capsys):
     from benchmark import bench_learning_curve
@@ -88,3 +104,4 @@ def test_bad_data_spec_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         bench_learning_curve.parse_args(["--data", "/no/name/given"])
     assert "expected NAME=FOLDER" in capsys.readouterr().err
+
