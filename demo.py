@@ -5,16 +5,19 @@
     python demo.py --out /tmp/tiny --rows 6 --steps 4 --questions 1 --max-new-tokens 16   # smoke run
 
 Stages, each a plain script a user can run by hand (the demo prints every command):
-  1. data       allocation.py over CPU workers -> generate_data_fused_features.py (EAGLE-3, default)
-                or generate_data.py (--arch eagle2): ShareGPT rows -> SmolLM2 features
-  2. train      train/train_eagle_ttt.py (EAGLE-3: fused features, training-time test, draft vocab)
-                or train/train.py (EAGLE-2); evaluated with top-1 accuracy and simulated tau
-  3. benchmark  benchmark/bench_eagle.py: plain greedy vs prompt lookup vs EAGLE vs EAGLE + a prompt-lookup
-                branch (hybrid tree) on MT-bench
+  1. data       allocation.py over CPU workers -> the kind's generator (the registry, modules/draft/kinds.py,
+                decides): generate_data_fused_features.py (P-EAGLE, EAGLE-3, DFlash) or generate_data.py
+                (EAGLE-2): ShareGPT rows -> SmolLM2 features
+  2. train      train/train_eagle_ttt.py --arch KIND (fused features, training-time test or a parallel block,
+                draft vocab); evaluated with top-1 accuracy and simulated tau
+  3. benchmark  benchmark/bench_eagle.py: plain greedy vs prompt lookup vs the draft vs the draft + a
+                prompt-lookup branch (hybrid) on MT-bench
   4. report     OUT/report.md + PNG plots, also printed
 
-EAGLE-3 is the default because it is the best draft type here: on the same data it reached a higher
-tau, trains faster (small draft-vocabulary head) and drafts ~5x cheaper (benchmark/README.md).
+P-EAGLE is the default because it measured fastest here: against EAGLE-3 on the same engine data and the same
+training steps it reached a lower tau but drafts its whole block in one forward (3 ms a cycle against 11), so it
+decoded faster in our decoder (alone and hybrid) and in vLLM (benchmark/README.md, "Head to head on the engine
+data"). --arch eagle3 trains the sequential EAGLE-3 draft instead.
 
 Rerunning skips the stages that finished with the same settings; after Ctrl-C (or a crash) each
 stage resumes: data by shards, training from its last checkpoint, the benchmark from scratch.
@@ -33,9 +36,10 @@ from modules.training.settings import parse_settings, setting
 @dataclass
 class Settings:
     out: str = setting("demo_out", "everything the demo writes goes here", aliases=["--output-dir", "--outdir"])
-    arch: str = setting("eagle3", "eagle3 (fused features + TTT + draft vocab) | eagle2 (train/train.py)",
-                        choices=["eagle3", "eagle2"])
-    ttt_steps: int = setting(4, "EAGLE-3 unrolled steps (official 7; each one costs a draft forward)")
+    arch: str = setting("peagle", "draft kind (modules/draft/kinds.py): peagle (a block of 4 in one forward), eagle3 "
+                                  "(fused features + TTT + draft vocab), dflash, eagle2",
+                        choices=list(draft_kinds.KINDS))
+    ttt_steps: int = setting(4, "unrolled steps of a sequential kind (EAGLE-3: official 7; each costs a draft forward)")
     rows: int = setting(600, "ShareGPT rows turned into training data")
     workers: int = setting(2, "CPU processes for data generation (threads are split between them)")
     max_length: int = setting(640, "tokens per conversation (shorter than the 2048 default: CPU time)")

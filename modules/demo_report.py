@@ -62,7 +62,10 @@ def _training_section(history: list[dict], summary: dict, png: Path | None, out:
     if draft_cfg.is_file():
         cfg = json.loads(draft_cfg.read_text())
         vocab = f", draft vocabulary {cfg['draft_vocab_size']:,} tokens" if cfg.get("draft_vocab_size") else ""
-        lines.append(f"- draft: {', '.join(cfg.get('architectures', []))} in {draft_cfg.parent}{vocab}")
+        from modules.draft.kinds import kind_of_folder  # the registry names the kind (P-EAGLE shares EAGLE-3's class)
+        kind = kind_of_folder(draft_cfg.parent).name
+        lines.append(f"- draft: {kind} ({', '.join(cfg.get('architectures', []))}) in "
+                     f"{os.path.relpath(draft_cfg.parent, out.parent)}{vocab}")
     train = [h for h in history if "loss" in h]
     evals = [h for h in history if "eval_top1_acc" in h]
     if summary:

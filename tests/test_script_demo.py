@@ -22,6 +22,9 @@ def test_demo_pipeline_end_to_end_and_rerun_skips_finished_stages(tmp_path):
     report = (out / "report.md").read_text()
     for section in ("## Data", "## Training", "## Benchmark", "## Beside it: the real engine (vllm 0.32.0"):
         assert section in report
+    # the default kind, named by the registry (P-EAGLE's export shares EAGLE-3's class name); no machine path
+    assert "- draft: peagle (LlamaForCausalLMEagle3) in demo/train/draft" in report
+    assert str(tmp_path) not in report
     manifests = sorted(out.glob("data/part-*/manifest.json"))
     assert len(manifests) == 2  # one folder per CPU worker
     assert sum(json.loads(m.read_text())["rows_written"] for m in manifests) > 0
