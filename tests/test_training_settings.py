@@ -53,7 +53,8 @@ TTT_DEFAULTS_BEFORE = dict(DEFAULTS_BEFORE, arch="eagle3", ttt_steps=7, ttt_deca
 
 # Changed since, on purpose (issue #13): max_length 1024 -> 640 and steps 360 -> 320 (a demo under 30 minutes),
 # hybrid_lookup added.
-DEMO_DEFAULTS_BEFORE = dict(out="demo_out", arch="eagle3", ttt_steps=4, rows=600, workers=2, max_length=640, steps=320,
+# arch: eagle3 until 2026-12-04, when P-EAGLE measured faster on the same data and steps (issue #21)
+DEMO_DEFAULTS_BEFORE = dict(out="demo_out", arch="peagle", ttt_steps=4, rows=600, workers=2, max_length=640, steps=320,
                             batch_size=1, grad_accum=4, lr=3e-4, questions=6, max_new_tokens=96, tree=[8, 4, 2],
                             hybrid_lookup=8, eval_fraction=None)
 
