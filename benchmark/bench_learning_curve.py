@@ -147,6 +147,11 @@ def set_key(prompts: str) -> str:
     return Path(prompts).stem.replace("-", "_").replace(".", "_")
 
 
+def tau_key(prompts: str) -> str:
+    """The result key of the drafts' tau on a prompt set (mt_bench_tau, humaneval_tau, ...)."""
+    return f"{set_key(prompts)}_tau"
+
+
 def prompt_turns(target, tokenizer, args):
     """[(question id, turn, prompt ids, plain greedy tokens, seconds)] of the prompt set, each turn following
     plain greedy decoding's answer."""
@@ -208,7 +213,7 @@ def measure_cell(args, cell, target, turns, eos):
     for name, prefix in (("eagle", ""), ("hybrid", "hybrid_")):
         if name in summary:
             s = summary[name]
-            out |= {f"{prefix}{set_key(args.prompts)}_tau": s["tau"], f"{prefix}speedup": s["speedup"],
+            out |= {prefix + tau_key(args.prompts): s["tau"], f"{prefix}speedup": s["speedup"],
                     f"{prefix}matched_plain": s["matched_plain"],
                     f"{prefix}draft_ms_per_cycle": s["draft_ms_per_cycle"]}
     return out
@@ -244,7 +249,7 @@ def measure(args, cells):
     print(f"{args.prompts}: {args.questions} questions (every turn), {args.max_new_tokens} new tokens, "
           "plain greedy first")
     turns = prompt_turns(target, tokenizer, args)
-    tau = f"{set_key(args.prompts)}_tau"
+    tau = tau_key(args.prompts)
     for cell in todo:
         t = time.time()
         m = measure_cell(args, cell, target, turns, eos)
@@ -290,12 +295,12 @@ def plot(rows, path, title, prompts="mt-bench"):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    tau = tau_key(prompts)
     lines = sorted({(r["data"], r["arch"]) for r in rows})
     for i, (kind, arch) in enumerate(lines):
         rs = sorted((r for r in rows if (r["data"], r["arch"]) == (kind, arch)), key=lambda r: r["training_tokens"])
         x = [r["training_tokens"] for r in rs]
         color = f"C{i}"
-        tau = f"{set_key(prompts)}_tau"
         ax.plot(x, [r[tau] for r in rs], "o-", color=color, label=f"{arch}, {kind} replies: {prompts}")
         ax.plot(x, [r["eval_tau_sim"] for r in rs], "s--", color=color, alpha=0.6, label=f"{arch}, {kind}: simulated")
         if all("hybrid_" + tau in r for r in rs):
@@ -339,7 +344,7 @@ def main(argv=None):
     skipped += [f"{c['data']} {c['arch']} {c['conversations']}: not run" for c in cells if c["name"] not in done]
     if not rows:
         sys.exit("error: no finished cell to report")
-    print_table(rows, f"{set_key(args.prompts)}_tau")
+    print_table(rows, tau_key(args.prompts))
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "result", "data", "model")}
     # names, not machine paths
     settings["data"] = sorted(args.data)
