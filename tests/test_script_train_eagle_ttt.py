@@ -165,6 +165,38 @@ def test_engine_fed_online_clear_errors(tiny, tmp_path, capsys, extra, message):
     assert rc == 2 and message in capsys.readouterr().err
 
 
+def test_engine_lost_during_evaluation_keeps_the_trained_draft(tiny, tmp_path, capsys, monkeypatch):
+    """A feature server that goes away after training (evaluation asks it for features too) ends the run with one
+    line and exit code 2, and the trained draft and summary.json are saved first: the training is not lost."""
+    from modules.data.feature_server import FeatureServerError
+    from modules.training.ttt_trainer import TTTTrainer
+
+    train, evaluate, trained = TTTTrainer.train, TTTTrainer.evaluate, []
+
+    def train_then_lose_the_server(self, *args, **kwargs):
+        result = train(self, *args, **kwargs)
+        trained.append(True)
+        return result
+
+    def evaluate_without_a_server(self, *args, **kwargs):
+        if trained:  # evaluations inside training still work; the final one finds the server gone
+            raise FeatureServerError("no feature server reachable at http://127.0.0.1:1 (connection refused)")
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(TTTTrainer, "train", train_then_lose_the_server)
+    monkeypatch.setattr(TTTTrainer, "evaluate", evaluate_without_a_server)
+    base, model, rows, data = tiny
+    out = tmp_path / "run"
+    rc = train_eagle_ttt.main(["--model", model, "--data", str(data), "--output-dir", str(out), "--max-steps", "2",
+                               "--ttt-steps", "2", "--eval-fraction", "0.2", "--grad-accum", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: evaluation failed after training (no feature server reachable" in err, err
+    assert "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and not any(k.startswith("eval_") for k in summary)
+    assert isinstance(load_draft(out / "draft", target_model=model), Eagle3Draft)
+
+
 def test_engine_server_that_fails_to_start_is_reported(tiny, tmp_path, capsys):
     """--engine vllm without --engine-url starts serve_features.py; a server that exits before it is ready (here:
     no vLLM in this environment) ends training with the server's own error, quoted from its log."""

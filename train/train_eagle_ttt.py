@@ -311,10 +311,18 @@ def run(args, cleanup):
               file=sys.stderr)
         return 3
 
-    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    try:
+        metrics, eval_error = trainer.evaluate() if trainer.eval_dataset is not None else {}, None
+    except FeatureServerError as err:  # the engine went away after training: the trained draft is still saved
+        metrics, eval_error = {}, err
     draft = trainer.full_draft()  # every rank: under --fsdp the weights are gathered from all of them
     if trainer.is_world_process_zero():
         save_outputs(args, kind, trainer, draft, result, metrics, covered, t0)
+    if eval_error is not None:
+        saved = "its checkpoints" if args.no_export else f"the draft ({Path(args.output_dir) / 'draft'})"
+        print(f"error: evaluation failed after training ({eval_error}); {saved} and summary.json were saved "
+              f"without eval metrics", file=sys.stderr)
+        return 2
     return 0
 
 
