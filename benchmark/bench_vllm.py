@@ -282,6 +282,12 @@ def load_baselines(args) -> dict:
             for m, r in report["results"].items() if m in BASELINES}
 
 
+def reported_methods(args, reused) -> list[str]:
+    """--methods, after the baselines an earlier run lends (plain, n-gram): with --baselines the draft is always
+    measured against plain (speedup, outputs equal), even when --methods names the draft alone."""
+    return [m for m in BASELINES if m in reused and m not in args.methods] + list(args.methods)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -291,7 +297,7 @@ def main(argv=None):
         Path(args.out).write_text(json.dumps(run_method(args.one_method, args, target, prompts)))
         return 0
     reused = load_baselines(args) if args.baselines else {}
-    results = {m: reused[m] if m in reused else run_methods(argv, [m])[m] for m in args.methods}
+    results = {m: reused[m] if m in reused else run_methods(argv, [m])[m] for m in reported_methods(args, reused)}
     summarize(results)
     print_table(results, len(prompts))
     import vllm

@@ -27,3 +27,13 @@ def test_baselines_reused_from_the_same_settings_only(tmp_path):
     for argv in (["--prompts", "mt-bench", "--num-spec-tokens", "4"], ["--prompts", "sharegpt-heldout"]):
         with pytest.raises(SystemExit, match="other settings"):
             bench_vllm.load_baselines(bench_vllm.parse_args([*argv, "--baselines", str(path)]))
+
+
+def test_a_draft_alone_is_still_reported_against_the_lent_plain_run(tmp_path):
+    """--methods draft --baselines FILE: plain and n-gram come from FILE and stand beside the draft, so its
+    speedup and output check are computed (they were left out, silently)."""
+    args = bench_vllm.parse_args(["--prompts", "sharegpt-heldout", "--num-spec-tokens", "4", "--methods", "draft",
+                                  "--baselines", str(earlier_run(tmp_path))])
+    reused = bench_vllm.load_baselines(args)
+    assert bench_vllm.reported_methods(args, reused) == ["plain", "ngram", "draft"]
+    assert bench_vllm.reported_methods(bench_vllm.parse_args(["--methods", "draft"]), {}) == ["draft"]
