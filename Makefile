@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo lint test test-server test-vllm test-gpu gpu-smoke test-multinode install install-test install-vllm clean-demo
+.PHONY: demo lint test test-server test-vllm test-gpu gpu-smoke gpu-probe test-multinode install install-test install-vllm clean-demo
 
 $(STAMP): requirements.txt requirements-embedded.txt
 	$(PYTHON) -m venv $(VENV)
@@ -91,6 +91,13 @@ test-gpu:
 # benchmark on a tiny target, one summary (benchmark/gpu_smoke.py; docs/gpu.md). Without CUDA: "no CUDA", exit 1.
 gpu-smoke:
 	$(GPU_PY) benchmark/gpu_smoke.py
+
+# The 8B-shaped probe for a lent GPU (benchmark/gpu_probe.py; docs/gpu.md): Llama-3.1-8B's shapes with random bf16
+# weights: EAGLE-3 data tokens/s, EAGLE-3 and P-EAGLE training tokens/s and peak memory, decoding ms per cycle,
+# a profiler table per stage, GPU_PROBE_OUT/gpu_probe.json. On CPU: `python benchmark/gpu_probe.py --shape tiny`.
+GPU_PROBE_OUT ?= gpu_probe_out
+gpu-probe:
+	$(GPU_PY) benchmark/gpu_probe.py --output-dir $(GPU_PROBE_OUT)
 
 # The multi-node rehearsal alone (also part of `make test`): one machine (two torchrun "nodes" of one CPU process each, c10d
 # rendezvous on 127.0.0.1; allocation.py --num-shards 2): tests/test_multinode_rehearsal.py.

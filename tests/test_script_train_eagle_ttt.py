@@ -51,6 +51,20 @@ def test_offline_ttt_training_and_export(tiny, tmp_path):
     assert draft.lm_head.out_features < draft.config.vocab_size  # a reduced draft vocabulary
 
 
+def test_profile_steps_writes_the_op_table(tiny, tmp_path):
+    """--profile-steps 2: steps 3-4 profiled (after the 2 warm-up steps), the op table in profile.txt;
+    without the flag no file (the control)."""
+    base, model, rows, data = tiny
+    common = ["--model", model, "--data", str(data), "--max-steps", "5", "--ttt-steps", "2", "--eval-fraction", "0",
+              "--grad-accum", "1", "--save-steps", "100", "--no-export"]
+    assert train_eagle_ttt.main(common + ["--output-dir", str(tmp_path / "on"), "--profile-steps", "2"]) == 0
+    table = (tmp_path / "on" / "profile.txt").read_text()
+    assert table.startswith("torch.profiler: optimizer steps 3-4 (2 steps)")
+    assert "aten::" in table and "Self CPU" in table
+    assert train_eagle_ttt.main(common + ["--output-dir", str(tmp_path / "off")]) == 0
+    assert not (tmp_path / "off" / "profile.txt").exists()
+
+
 def test_online_training_needs_no_feature_files(tiny, tmp_path):
     base, model, rows, data = tiny
     out = tmp_path / "online"

@@ -214,6 +214,10 @@ class EagleTrainer(Trainer):
         self._first_nonfinite = None  # device tensor [step, loss] of the first non-finite loss
         self._last_log_time = None
         self._frozen_to_training_dtype()
+        if self.args.profile_steps > 0:  # --profile-steps: OUTPUT_DIR/profile.txt (modules/training/profiling.py)
+            from modules.training.profiling import ProfileCallback
+
+            self.add_callback(ProfileCallback(self.args.profile_steps, self.args.output_dir, self.args.device.type))
 
     # ---- loss -------------------------------------------------------------------------
     def _fill_kind_loss_weights(self):

@@ -35,10 +35,10 @@ def hf_arguments(settings) -> dict:
 
 @dataclass
 class LossSettings:
-    """The loss weights and the learning-rate schedule: settings of both training scripts (TrainingSettings
-    inherits them) AND fields of the trainers' TrainingArguments (EagleTrainingArguments inherits them,
-    modules/training/eagle_trainer.py): declared once, here. w_reg / w_cls / noise_std left at None are the
-    draft kind's (the trainer, or with_kind_defaults, fills them in)."""
+    """The loss weights, the learning-rate schedule and the step profiler: settings of both training scripts
+    (TrainingSettings inherits them) AND fields of the trainers' TrainingArguments (EagleTrainingArguments
+    inherits them, modules/training/eagle_trainer.py): declared once, here. w_reg / w_cls / noise_std left at
+    None are the draft kind's (the trainer, or with_kind_defaults, fills them in)."""
     lr_schedule: str = setting("linear", "decay after warmup, from LR to LR * MIN_LR_RATIO: linear (ours) or cosine "
                                          "(SpecForge)", hf="lr_schedule", choices=["linear", "cosine"])
     min_lr_ratio: float = setting(0.1, "the learning rate at the last step, as a share of LR", hf="min_lr_ratio")
@@ -49,6 +49,9 @@ class LossSettings:
                                         "EAGLE-3: 1)", hf="w_cls")
     noise_std: float | None = setting(None, "uniform noise on input features; None = the draft kind's (EAGLE-1/2: "
                                             "0.2, EAGLE-3: 0)", hf="noise_std")
+    profile_steps: int = setting(0, "profile this many optimizer steps (after 2 warm-up steps) with torch.profiler "
+                                    "and write OUTPUT_DIR/profile.txt, the ops that took the time; 0 = off",
+                                 hf="profile_steps")
 
 
 @dataclass
