@@ -153,3 +153,78 @@ def test_topk_distillation_term(tmp_path):
     hass.args.topk_distill = 3  # a real top-K: a smaller, different term
     loss_top3, _ = hass.eagle_loss(draft, batch)
     assert loss_plain < loss_top3 < loss_hass
+
+
+def _eagle3(target):
+    return Eagle3Draft.from_target(target, draft_ids=torch.arange(0, 60), aux_layers=AUX)
+
+
+def test_freeze_head_keeps_the_head_bit_equal_and_trains_the_rest(tmp_path):
+    """--freeze-head: the draft's lm_head (the target's rows) is bit-equal after training while fc moves; the
+    control (the flag off) moves the head too."""
+    target = tiny_target()
+    items = make_items(target)
+    for freeze in (True, False):
+        draft = _eagle3(target)
+        head0, fc0 = draft.lm_head.weight.detach().clone(), draft.fc.weight.detach().clone()
+        trainer = make_trainer(tmp_path / str(freeze), draft, target, items, steps=3)
+        trainer.args.freeze_head = freeze
+        trainer = TTTTrainer(model=draft, args=trainer.args, train_dataset=items, data_collator=TTTCollator(64),
+                             target_head=target.lm_head.weight)
+        trainer.train()
+        assert not torch.equal(draft.fc.weight, fc0)
+        assert torch.equal(draft.lm_head.weight, head0) == freeze
+        trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+        assert ("draft.lm_head.weight" in trained) != freeze
+
+
+def test_train_all_tokens_scores_the_prompt_too(tmp_path):
+    """--train-all-tokens: step 0 scores every slot whose next-next token exists (attention mask), not only the
+    loss-masked ones; the control scores the loss-masked ones."""
+    target = tiny_target()
+    items = make_items(target, n=3)
+    for it in items:  # a long prompt: the first half of each conversation is not trained
+        it["loss_mask"][:len(it["input_ids"]) // 2] = 0
+    draft = Eagle3Draft.from_target(target, draft_ids=torch.arange(VOCAB), aux_layers=AUX).eval()
+    batch = TTTCollator(64)(items)
+    replies = make_trainer(tmp_path / "a", draft, target, items)
+    everything = make_trainer(tmp_path / "b", draft, target, items)
+    everything.args.train_all_tokens = True
+    _, m_replies = replies.eagle_loss(draft, batch)
+    _, m_all = everything.eagle_loss(draft, batch)
+    # slot t is scored when token t+2 exists (and is trained, without the flag): the draft vocab is all of it
+    assert int(m_replies["s0_n"]) == sum(int(it["loss_mask"][2:].sum()) for it in items)
+    assert int(m_all["s0_n"]) == sum(len(it["input_ids"]) - 2 for it in items) > int(m_replies["s0_n"])
+
+
+def test_total_variation_by_hand_and_in_the_loss(tmp_path):
+    from modules.training.ttt_trainer import total_variation
+
+    target_logp = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    pred = torch.tensor([[0.6, 0.2, 0.2]]).log()  # softmax of log-probs gives them back
+    torch.testing.assert_close(total_variation(pred, target_logp)[0], torch.tensor(0.1))
+    torch.testing.assert_close(total_variation(target_logp, target_logp)[0], torch.tensor(0.0))
+    # in the trainer: --w-cls 0 --tv-weight 1 gives a loss in [0, sum_k decay^k] (TV is in [0, 1]) that trains
+    target = tiny_target()
+    items = make_items(target)
+    draft = _eagle3(target)
+    trainer = make_trainer(tmp_path, draft, target, items, steps=20)
+    trainer.args.w_cls, trainer.args.tv_weight = 0.0, 1.0
+    batch = TTTCollator(64)(items[:4])
+    before, _ = trainer.eagle_loss(draft.eval(), batch)
+    assert 0 < before.item() <= sum(trainer.args.ttt_decay ** k for k in range(3))
+    trainer.train()
+    after, _ = trainer.eagle_loss(draft.eval(), batch)
+    assert after < before
+
+
+def test_expected_accepted_length_from_the_step_accuracies(tmp_path):
+    from modules.training.ttt_trainer import expected_accepted_length
+
+    assert expected_accepted_length([]) == 1.0
+    assert expected_accepted_length([0.5, 0.5, 0.0, 1.0]) == 1 + 0.5 + 0.25
+    target = tiny_target()
+    items = make_items(target, n=4)
+    metrics = make_trainer(tmp_path, _eagle3(target), target, items).evaluate()
+    accs = [metrics[f"eval_step{k}_acc"] for k in range(3)]
+    assert abs(metrics["eval_eal"] - expected_accepted_length(accs)) < 1e-4

@@ -63,6 +63,15 @@ class TTTSettings:
     topk_distill: int = setting(0, "HASS top-K distillation: add -sum of p_target * log p_draft over the target's "
                                    "K most likely tokens (HASS: K=10); 0 = off", hf="topk_distill")
     topk_distill_weight: float = setting(1.0, "weight of the top-K term", hf="topk_distill_weight")
+    freeze_head: bool = setting(False, "keep the draft's lm_head at the target's rows (speculators, ModelOpt, DFlash "
+                                       "do): fewer trained weights; off = trained from those rows (our default)",
+                                hf="freeze_head", action="store_true")
+    train_all_tokens: bool = setting(False, "score every token against the target, the prompt's too (ModelOpt's "
+                                            "answer_only_loss false); off = only loss-masked (reply) tokens",
+                                     hf="train_all_tokens", action="store_true")
+    tv_weight: float = setting(0.0, "weight of a total-variation term 0.5 * sum |p_target - p_draft| per scored "
+                                    "token (1 - TV is the acceptance rate of sampled drafting; DSpark: 0.9 with "
+                                    "--w-cls 0.1); 0 = off", hf="tv_weight")
     block_anchors: int = setting(64, "block drafters (dflash), which train one block per anchor slot: anchors sampled "
                                      "per conversation and training step (seeded by --seed and the step); 0 = all. "
                                      "Evaluation always scores every anchor", hf="block_anchors")

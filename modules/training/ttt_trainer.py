@@ -94,6 +94,12 @@ def topk_distillation(pred_logits, target_logp, k):
     return -(top_logp.exp() * logq).sum(-1)
 
 
+def total_variation(pred_logits, target_logp):
+    """Per-row 0.5 * sum |p_target - p_draft| over the draft vocabulary: 1 - TV is the probability that a
+    token sampled from the draft is accepted by speculative sampling against the target."""
+    return 0.5 * (torch.softmax(pred_logits.float(), dim=-1) - target_logp.float().exp()).abs().sum(-1)
+
+
 def target_logprobs(features, head_weight, draft_ids=None, chunk=1024, argmax_head=None):
     """(log-probs over the draft vocab [N, Nd] float32, full-vocab argmax [N]) of head(features) [N, H].
 
@@ -126,6 +132,16 @@ def sample_anchors(candidates, n, generator):
         return candidates
     score = torch.rand(candidates.shape, generator=generator).to(candidates.device).masked_fill(~candidates, -1.0)
     return torch.zeros_like(candidates).scatter_(1, score.topk(n, dim=1).indices, True) & candidates
+
+
+def expected_accepted_length(step_accuracies) -> float:
+    """1 + sum over k of the product of the step accuracies up to k: a chain's tokens per cycle (the bonus token
+    included) if each step were right independently with its teacher-forced accuracy."""
+    total, alive = 1.0, 1.0
+    for acc in step_accuracies:
+        alive *= acc
+        total += alive
+    return total
 
 
 class TTTUnroll(nn.Module):
@@ -172,6 +188,9 @@ class TTTTrainer(EagleTrainer):
     def __init__(self, model=None, *args, target_head=None, target=None, online=False, **kwargs):
         if model is not None and not isinstance(model, TTTUnroll):
             model = TTTUnroll(model)
+        if model is not None and getattr(kwargs.get("args"), "freeze_head", False):
+            # --freeze-head: before the base trainer casts frozen weights and the optimizer picks the trained ones
+            model.draft.lm_head.requires_grad_(False)
         super().__init__(model, *args, **kwargs)
         draft = self.draft_module()
         self.kind = kind_of(draft)  # modules/draft/kinds.py: which features, which vocabulary
@@ -228,8 +247,9 @@ class TTTTrainer(EagleTrainer):
         dtype = draft.fc.weight.dtype
         feats, last = self._features(draft, inputs)
         ids, lm, am = inputs["input_ids"], inputs["loss_mask"], inputs["attention_mask"]
+        scored = am if self.args.train_all_tokens else lm  # --train-all-tokens: the prompt's tokens too
         s = {"feats": feats[:, :-1].to(dtype), "last": last[:, 1:], "ids": ids[:, 1:], "am": am[:, 1:],
-             "mask": shift_left(lm, 2)[:, :-1].bool()}
+             "mask": shift_left(scored, 2)[:, :-1].bool()}
         if noise and self.args.noise_std > 0:
             s["feats"] = add_uniform_noise(s["feats"], s["am"], self.args.noise_std)
         return s
@@ -276,6 +296,8 @@ class TTTTrainer(EagleTrainer):
         per_row = args.w_cls * ce
         if args.topk_distill > 0:
             per_row = per_row + args.topk_distill_weight * topk_distillation(logits, tgt_logp[r], args.topk_distill)
+        if args.tv_weight > 0:
+            per_row = per_row + args.tv_weight * total_variation(logits, tgt_logp[r])
         if args.w_reg > 0:
             reg = F.smooth_l1_loss(h.float(), s["last"][b, t + k].float(), reduction="none").mean(-1)
             per_row = per_row + args.w_reg * reg
@@ -313,6 +335,8 @@ class TTTTrainer(EagleTrainer):
             out[f"{prefix}step{k}_loss"] = sums[f"s{k}_loss"] / n
             out[f"{prefix}step{k}_acc"] = sums[f"s{k}_hit"] / n
             k += 1
+        if k:  # expected accepted length of a chain: 1 + sum_k prod_{j<=k} step j's accuracy (speculators' EAL)
+            out[f"{prefix}eal"] = expected_accepted_length([out[f"{prefix}step{i}_acc"] for i in range(k)])
         if "sim_count" in sums:
             out[f"{prefix}tau_sim"] = 1.0 + sums["sim_accepted"] / max(sums["sim_count"], 1.0)
         return out
