@@ -228,3 +228,37 @@ def test_expected_accepted_length_from_the_step_accuracies(tmp_path):
     metrics = make_trainer(tmp_path, _eagle3(target), target, items).evaluate()
     accs = [metrics[f"eval_step{k}_acc"] for k in range(3)]
     assert abs(metrics["eval_eal"] - expected_accepted_length(accs)) < 1e-4
+
+
+def test_muon_optimizer_trains_the_hidden_matrices_and_resumes(tmp_path):
+    """--optimizer muon: Muon holds the 2-D hidden weights (fc, attention, MLP), AdamW the rest that trains (norms,
+    the draft head); the loss goes down; the state round-trips through state_dict (a resume). Control: AdamW's run
+    has no Muon."""
+    from modules.training.optimizers import MuonWithAdamW, muon_parameters
+
+    target = tiny_target()
+    items = make_items(target)
+    draft = _eagle3(target)
+    muon, adamw = muon_parameters(draft)
+    names = {id(p): n for n, p in draft.named_parameters()}
+    assert {names[id(p)] for p in muon} >= {"fc.weight", "midlayer.self_attn.q_proj.weight"}
+    assert "lm_head.weight" in {names[id(p)] for p in adamw} and all(p.ndim == 2 for p in muon)
+    trainer = make_trainer(tmp_path, draft, target, items, steps=20)
+    trainer.args.optimizer = "muon"
+    before = trainer.evaluate()
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
+                      MuonWithAdamW)
+    assert trainer.evaluate()["eval_step0_loss"] < before["eval_step0_loss"]
+    opt = MuonWithAdamW(*muon_parameters(draft), lr=1e-3)
+    draft.zero_grad()
+    trainer.eagle_loss(draft.train(), TTTCollator(64)(items[:4]))[0].backward()
+    opt.step()
+    again = MuonWithAdamW(*muon_parameters(draft), lr=1e-3)
+    again.load_state_dict(opt.state_dict())
+    m0 = opt.inner[0].state[muon[0]]["momentum_buffer"]
+    torch.testing.assert_close(again.inner[0].state[again.inner[0].param_groups[0]["params"][0]]["momentum_buffer"],
+                               m0)
+    control = make_trainer(tmp_path / "adamw", _eagle3(target), target, items, steps=1)
+    control.train()
+    assert not isinstance(control.optimizer.optimizer, MuonWithAdamW)

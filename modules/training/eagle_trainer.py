@@ -360,7 +360,23 @@ class EagleTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    # ---- schedule -----------------------------------------------------------------------
+    # ---- optimizer and schedule ------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """AdamW (the HF Trainer's), or with --optimizer muon Muon on the 2-D hidden weights and AdamW on the rest
+        (modules/training/optimizers.py)."""
+        if self.args.optimizer == "adamw":
+            return super().create_optimizer(model)
+        if self.args.optimizer != "muon":
+            raise ValueError(f"optimizer must be one of adamw, muon, got {self.args.optimizer!r}")
+        if self.is_fsdp_enabled:
+            raise ValueError("--optimizer muon orthogonalises whole matrices: it does not run on FSDP shards "
+                             "(use DDP, or --optimizer adamw)")
+        if self.optimizer is None:
+            from modules.training.optimizers import build_muon
+
+            self.optimizer = build_muon(model if model is not None else self.model, self.args)
+        return self.optimizer
+
     def create_scheduler(self, num_training_steps, optimizer=None):
         """Linear warmup, then a linear (or cosine) decay to lr * min_lr_ratio at the last step."""
         if self.lr_scheduler is None:

@@ -49,6 +49,9 @@ class LossSettings:
                                         "EAGLE-3: 1)", hf="w_cls")
     noise_std: float | None = setting(None, "uniform noise on input features; None = the draft kind's (EAGLE-1/2: "
                                             "0.2, EAGLE-3: 0)", hf="noise_std")
+    optimizer: str = setting("adamw", "adamw | muon: Muon on the draft's 2-D hidden weights, AdamW on the rest "
+                                      "(speculators' default; modules/training/optimizers.py)", hf="optimizer",
+                             choices=["adamw", "muon"])
     profile_steps: int = setting(0, "profile this many optimizer steps (after 2 warm-up steps) with torch.profiler "
                                     "and write OUTPUT_DIR/profile.txt, the ops that took the time; 0 = off",
                                  hf="profile_steps")
