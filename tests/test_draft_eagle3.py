@@ -71,3 +71,43 @@ def test_save_load_roundtrip_in_sglang_layout(tmp_path):
     draft.save_pretrained(tmp_path / "noembed", with_embed=False)
     again = Eagle3Draft.from_pretrained(tmp_path / "noembed", target=target)
     assert torch.equal(again.embed_tokens.weight, target.model.embed_tokens.weight)
+
+
+def test_eagle31_norms_compute_what_vllm_computes_and_round_trip(tmp_path):
+    """--eagle31-norms: fc reads input_norm(fused) (vLLM's norm_before_fc), the state fed back is norm(out)
+    (norm_output) and the logits stay lm_head(norm(out)), normed once. Saved and reloaded: the same outputs,
+    config fields and an input_norm weight; control: the same file without input_norm.weight is refused."""
+    target = tiny_target()
+    torch.manual_seed(1)
+    draft = Eagle3Draft.from_target(target, draft_ids=torch.arange(0, VOCAB, 3), aux_layers=AUX,
+                                    eagle31_norms=True).eval()
+    plain = tiny_eagle3(target).eval()
+    assert draft.input_norm is not None and plain.input_norm is None and draft.norm_output and not plain.norm_output
+    with torch.no_grad():
+        draft.input_norm.weight.uniform_(0.5, 1.5)
+        draft.norm.weight.uniform_(0.5, 1.5)
+    ids, fused = torch.randint(0, VOCAB, (1, 9)), torch.randn(1, 9, 192)
+    g = draft.fc(draft.input_norm(fused))
+    attn = draft.midlayer.self_attn
+    pos = draft.rotary_emb(g, torch.arange(9)[None])
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()[None, None]
+    raw = draft.midlayer(draft.embed_tokens(ids), g, lambda x2: attn(x2, pos, causal))
+    out = draft(ids, fused)
+    torch.testing.assert_close(out, draft.norm(raw))
+    torch.testing.assert_close(draft.compute_logits(out), draft.lm_head(draft.norm(raw)))
+    draft.save_pretrained(tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert cfg["norm_before_fc"] is True and cfg["norm_output"] is True
+    loaded = draft_loading.load_draft(tmp_path / "d")
+    torch.testing.assert_close(loaded.compute_logits(loaded(ids, fused)), draft.compute_logits(out))
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(tmp_path / "d" / "model.safetensors"))
+    assert sd["input_norm.weight"].shape == (192,)
+    del sd["input_norm.weight"]
+    save_file(sd, str(tmp_path / "d" / "model.safetensors"))
+    try:
+        draft_loading.load_draft(tmp_path / "d")
+    except ValueError as err:
+        assert "input_norm.weight" in str(err)
+    else:
+        raise AssertionError("a 3.1 draft without its input_norm loaded")

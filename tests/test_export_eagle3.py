@@ -35,3 +35,32 @@ def test_refuses_a_draft_for_another_target(tmp_path):
         export_eagle3(draft, tmp_path / "y", target=tiny_target_config())
     with pytest.raises(Eagle3ExportError, match="not a draft folder"):
         export_eagle3(tmp_path / "nothing", tmp_path / "z")
+
+
+def test_export_keeps_the_eagle31_norms(tmp_path):
+    """An EAGLE-3.1 draft (--eagle31-norms) exports input_norm.weight and norm_before_fc / norm_output, the names
+    vLLM 0.32's Eagle3LlamaForCausalLM reads, and reloads with the same logits."""
+    import json
+
+    from safetensors import safe_open
+
+    target = tiny_target()
+    torch.manual_seed(1)
+    # capture layers out of order: the export sorts them, permuting fc's input blocks and input_norm's weight alike
+    draft = Eagle3Draft.from_target(target, draft_ids=torch.arange(0, VOCAB, 3), aux_layers=[3, 1, 2],
+                                    eagle31_norms=True).eval()
+    with torch.no_grad():
+        draft.input_norm.weight.uniform_(0.5, 1.5)
+    out = export_eagle3(draft, tmp_path / "export", target=target, dtype=torch.float32)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["norm_before_fc"] is True and cfg["norm_output"] is True
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "input_norm.weight" in f.keys()
+    again = Eagle3Draft.from_pretrained(out, target=target).eval()
+    assert again.aux_layers == [1, 2, 3]
+    ids, layer = torch.randint(0, VOCAB, (1, 7)), {i: torch.randn(1, 7, 64) for i in (1, 2, 3)}
+
+    def logits(d):
+        return d.compute_logits(d(ids, torch.cat([layer[i] for i in d.aux_layers], dim=-1)))
+
+    torch.testing.assert_close(logits(again), logits(draft))

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 import generate_data_fused_features
@@ -76,6 +77,31 @@ def test_online_training_needs_no_feature_files(tiny, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["online"] and summary["steps"] == 3
     assert not list(out.rglob("shard-*.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["eagle3", "peagle"])
+def test_eagle31_norms_train_export_and_decode_losslessly(tiny, tmp_path, arch):
+    """--eagle31-norms: the trained draft carries input_norm and the config fields vLLM reads (the export keeps
+    them: tests/test_export_eagle3.py), and our decoder with it equals plain greedy."""
+    from modules.decode.parallel import make_decoder
+    from modules.draft.kinds import kind_of
+    from modules.target import load_target
+
+    base, model, rows, data = tiny
+    out = tmp_path / arch
+    rc = train_eagle_ttt.main(["--arch", arch, "--model", model, "--data", str(data), "--output-dir", str(out),
+                               "--max-steps", "3", "--ttt-steps", "2", "--eval-fraction", "0.2", "--grad-accum", "1",
+                               "--save-steps", "100", "--eagle31-norms", "--precision", "fp32"])
+    assert rc == 0
+    cfg = json.loads((out / "draft" / "config.json").read_text())
+    assert cfg["norm_before_fc"] is True and cfg["norm_output"] is True
+    target, tokenizer = load_target(model, dtype="fp32")
+    draft = load_draft(out / "draft", target_model=model).eval()
+    assert draft.input_norm is not None and draft.norm_output
+    ids = tokenizer("What is the capital of France?")["input_ids"]
+    plain = target.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    decoder = make_decoder(target, kind_of(draft).tree_adapter(draft), total_tokens=8, depth=4, top_k=2)
+    assert decoder.generate(ids, 24).tokens == plain
 
 
 def test_eagle2_arch_with_ttt(tiny, tmp_path):

@@ -37,7 +37,8 @@ FLAGS_ADDED = {"train": "--train-conversations --lr-schedule --config --fsdp --p
                       "--draft-layers --config --fsdp --block-anchors --engine --engine-url --engine-port "
                       "--engine-gpu-index --engine-tensor-parallel --engine-pipeline-parallel --engine-gpu-memory "
                       "--engine-kv-cache-gib --engine-max-seqs --engine-max-batched-tokens --engine-eager "
-                      "--no-engine-eager --profile-steps --optimizer --freeze-head --train-all-tokens --tv-weight",
+                      "--no-engine-eager --profile-steps --optimizer --freeze-head --train-all-tokens --tv-weight "
+                      "--eagle31-norms",
                "demo": "--hybrid-lookup --config --output-dir --outdir"}
 # The values the scripts' SETTINGS blocks held before (folders aside), after the draft kind's loss weights.
 DEFAULTS_BEFORE = dict(model=None, epochs=4, max_steps=-1, lr=3e-4, min_lr_ratio=0.1, warmup=0.05, batch_size=1,

@@ -53,6 +53,9 @@ class Settings(TrainingSettings, TTTSettings):
                                       "block size K, saved in the draft's config); they unroll K steps, not "
                                       "--ttt-steps")
     draft_layers: int = setting(2, "dflash: decoder layers of the draft")
+    eagle31_norms: bool = setting(False, "eagle3, peagle: EAGLE-3.1's norms, an RMSNorm before fc and the normed "
+                                         "state fed to the next step (config norm_before_fc / norm_output; vLLM "
+                                         "0.32 serves them)", action="store_true")
     draft_vocab_size: int | None = setting(None, "N most frequent trained tokens (eagle3); None = smallest N "
                                                  "covering --draft-vocab-coverage of the trained tokens")
     draft_vocab_coverage: float = setting(0.95, "share of the trained tokens the draft vocabulary covers (used "
@@ -234,7 +237,8 @@ def build_trainer(args, kind, cfg, display, ds, aux_layers, target):
     ids, covered = draft_vocab_ids(args, train_ds, cfg.vocab_size) if kind.own_vocab else (None, 1.0)
     set_seed(args.seed)  # the same initial draft for the same seed (as train/train.py)
     draft = kind.build(cfg, weights=(embed, head), draft_ids=ids, aux_layers=aux_layers, bias=args.bias,
-                       parallel_tokens=args.parallel_tokens, draft_layers=args.draft_layers)
+                       parallel_tokens=args.parallel_tokens, draft_layers=args.draft_layers,
+                       eagle31_norms=args.eagle31_norms)
     draft.config.target_model = display
     draft.config._attn_implementation = pick_attention(args.attn)
     trainer = TTTTrainer(model=draft, args=training_arguments(args, eval_ds is not None, cls=TTTTrainingArguments),

@@ -165,6 +165,9 @@ class Eagle3Draft(nn.Module):
         th = getattr(config, "target_hidden_size", None) or h
         self.embed_tokens = nn.Embedding(vocab, h)
         self.embed_tokens.weight.requires_grad_(False)  # the target's, frozen
+        # EAGLE-3.1 (config.norm_before_fc): an RMSNorm over the fused features before fc (vLLM: input_norm)
+        self.input_norm = LlamaRMSNorm(3 * th, eps=config.rms_norm_eps) if getattr(config, "norm_before_fc",
+                                                                                   False) else None
         self.fc = nn.Linear(3 * th, h, bias=False)
         self.midlayer = Eagle3Layer(config)
         self.norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
@@ -190,11 +193,26 @@ class Eagle3Draft(nn.Module):
     def fused_size(self):
         return self.fc.in_features
 
+    @property
+    def norm_output(self) -> bool:
+        """EAGLE-3.1: the state fed to the next step is the normed output (vLLM's norm_output), not the raw one."""
+        return bool(getattr(self.config, "norm_output", False))
+
+    def project(self, fused):
+        """Fused target features [.., 3H] -> the draft's input state [.., h]: fc, after input_norm in EAGLE-3.1."""
+        fused = fused.to(self.fc.weight.dtype)
+        return self.fc(self.input_norm(fused) if self.input_norm is not None else fused)
+
+    def output_state(self, out):
+        """The midlayer's output as the draft's hidden state (fed back, and the input of compute_logits)."""
+        return self.norm(out) if self.norm_output else out
+
     @classmethod
-    def from_target(cls, target=None, draft_ids=None, aux_layers=None, load_weights=True):
+    def from_target(cls, target=None, draft_ids=None, aux_layers=None, load_weights=True, eagle31_norms=False):
         """Fresh draft for a target (name/path, None = embedded default, loaded nn.Module, or a
         config: then embed/head stay random). draft_ids: sorted target ids of the draft vocab
-        (None = the full vocabulary); aux_layers: None = the official default."""
+        (None = the full vocabulary); aux_layers: None = the official default. eagle31_norms: EAGLE-3.1's
+        norm before fc and normed state fed back (config norm_before_fc / norm_output, as vLLM reads them)."""
         from modules import target_weights
 
         config = target_weights.target_config(target)
@@ -203,6 +221,8 @@ class Eagle3Draft(nn.Module):
         if draft_ids is None:
             draft_ids = torch.arange(config.vocab_size)
         cfg = make_eagle3_config(config, len(draft_ids), aux_layers, target_model=target_weights.target_name(target))
+        if eagle31_norms:
+            cfg.norm_before_fc = cfg.norm_output = True
         draft = cls(cfg)
         draft.set_draft_vocab(draft_ids)
         if load_weights and not hasattr(target, "model_type"):
@@ -241,8 +261,8 @@ class Eagle3Draft(nn.Module):
                 past_key_values=None, use_cache=False, fused=None):
         """input_ids [B,T] (token t+1 at position t); hidden_states fused [B,T,3H] or own [B,T,h].
         attention_mask: None (causal), 2D padding [B, past+T], or 4D bool [B,1,T,past+T] (True = attend).
-        Returns out [B,T,h] (pre-norm; feed back or pass to compute_logits), or (out, cache)."""
-        g = self.fc(hidden_states.to(self.fc.weight.dtype)) if self._is_fused(hidden_states, fused) else hidden_states
+        Returns out [B,T,h] (pre-norm, normed in EAGLE-3.1; feed back or pass to compute_logits), or (out, cache)."""
+        g = self.project(hidden_states) if self._is_fused(hidden_states, fused) else hidden_states
         embeds = self.embed_tokens(input_ids).to(g.dtype)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
@@ -253,23 +273,25 @@ class Eagle3Draft(nn.Module):
         mask = _additive_or_bool_mask(attention_mask, B, T, past_len, g.device)
         pos_emb = self.rotary_emb(g, position_ids)
         attn = self.midlayer.self_attn
-        out = self.midlayer(embeds, g, lambda x2: attn(x2, pos_emb, mask, past_key_values))
+        out = self.output_state(self.midlayer(embeds, g, lambda x2: attn(x2, pos_emb, mask, past_key_values)))
         return (out, past_key_values) if use_cache else out
 
     def ttt_step(self, input_ids, hidden_states, cache, mask0, step):
         """One training-time-test step over the whole sequence (see modules/draft/ttt_attention.py):
         step 0 takes fused features, step k the step-(k-1) output; positions shift by k."""
-        g = self.fc(hidden_states.to(self.fc.weight.dtype)) if step == 0 else hidden_states
+        g = self.project(hidden_states) if step == 0 else hidden_states
         embeds = self.embed_tokens(input_ids).to(g.dtype)
         B, T = input_ids.shape
         position_ids = torch.arange(step, step + T, device=g.device).unsqueeze(0)
         pos_emb = self.rotary_emb(g, position_ids)
         attn, impl = self.midlayer.self_attn, ttt_attention.implementation(self.config)
-        return self.midlayer(embeds, g, lambda x2: ttt_attention.run_attention(attn, x2, pos_emb, cache, mask0, impl))
+        return self.output_state(
+            self.midlayer(embeds, g, lambda x2: ttt_attention.run_attention(attn, x2, pos_emb, cache, mask0, impl)))
 
     def compute_logits(self, h):
-        """Logits over the DRAFT vocabulary [.., draft_vocab_size]."""
-        return self.lm_head(self.norm(h))
+        """Logits over the DRAFT vocabulary [.., draft_vocab_size]: lm_head(norm(out)) either way (an EAGLE-3.1
+        state is normed already)."""
+        return self.lm_head(h if self.norm_output else self.norm(h))
 
     def to_target_ids(self, draft_token):
         return draft_token + self.d2t[draft_token]
@@ -277,7 +299,7 @@ class Eagle3Draft(nn.Module):
     # ---- save / load --------------------------------------------------------------------
     def serving_state_dict(self, with_embed=True):
         sd = {k: v for k, v in self.state_dict().items()
-              if k.startswith(("fc.", "midlayer.", "norm.", "lm_head.")) or k in ("d2t", "t2d")}
+              if k.startswith(("fc.", "midlayer.", "norm.", "lm_head.", "input_norm.")) or k in ("d2t", "t2d")}
         if with_embed:
             sd["embed_tokens.weight"] = self.embed_tokens.weight
         return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
@@ -317,7 +339,9 @@ class Eagle3Draft(nn.Module):
             from modules import target_weights
             n = cfg_dict["target_num_hidden_layers"] = target_weights.target_config(target).num_hidden_layers
         cfg_dict[engines.AUX_KEY] = engines.read_aux_layers(cfg_dict, n)
-        cfg_dict.pop("eagle_config", None)
+        eagle_config = cfg_dict.pop("eagle_config", None) or {}
+        if "norm_before_fc" in eagle_config:  # vLLM reads it there first (speculators writes it there)
+            cfg_dict["norm_before_fc"] = eagle_config["norm_before_fc"]
         config = LlamaConfig(**cfg_dict)
         draft = cls(config)
         sd = load_file(str(draft_dir / WEIGHTS_NAME))
@@ -355,7 +379,7 @@ class Eagle3Adapter(DraftAdapter):
 
     def target_features(self, last_hidden, hidden_states):
         fused = torch.cat([hidden_states[i] for i in self.aux_layers], dim=-1)
-        return self.draft.fc(fused.to(self.draft.fc.weight.dtype))
+        return self.draft.project(fused)
 
     def new_cache(self, capacity):
         return TreeKVCache(1, capacity)
@@ -406,10 +430,13 @@ def engine_layout(draft, num_target_layers, where="draft"):
     except engines.EngineConventionError as err:
         raise Eagle3ExportError(str(err)) from err
     sd = draft.serving_state_dict(with_embed=True)
-    if sorted_ids != ids:
+    if sorted_ids != ids:  # fc's input blocks (and EAGLE-3.1's input_norm weight over them) in layer order
         h = draft.fused_size // len(ids)
         blocks = sd["fc.weight"].split(h, dim=1)
         sd["fc.weight"] = torch.cat([blocks[ids.index(i)] for i in sorted_ids], dim=1)
+        if "input_norm.weight" in sd:
+            blocks = sd["input_norm.weight"].split(h)
+            sd["input_norm.weight"] = torch.cat([blocks[ids.index(i)] for i in sorted_ids])
     cfg = draft.config_dict()
     cfg.pop(engines.AUX_KEY, None)
     cfg.update(engines.aux_layer_fields(sorted_ids, num_target_layers))
@@ -460,9 +487,9 @@ class Eagle3Kind(DraftKind):
             return False
         return config.get("eagle_version") == 3 or any("Eagle3" in a for a in config.get("architectures") or [])
 
-    def build(self, target, draft_ids=None, aux_layers=None, weights=None, **_):
+    def build(self, target, draft_ids=None, aux_layers=None, weights=None, eagle31_norms=False, **_):
         draft = Eagle3Draft.from_target(target, draft_ids=draft_ids, aux_layers=aux_layers,
-                                        load_weights=weights is None)
+                                        load_weights=weights is None, eagle31_norms=eagle31_norms)
         if weights is not None:
             draft.load_target_weights(*weights)
         return draft

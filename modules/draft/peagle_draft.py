@@ -71,7 +71,7 @@ class PEagleDraft(Eagle3Draft):
         """(mask token ids [batch, length], projected mask features [batch, length, h]) for the
         positions not known yet."""
         ids = torch.full((batch, length), self.mask_token_id, dtype=torch.long, device=self.mask_hidden.device)
-        g = self.fc(self.mask_hidden.to(self.fc.weight.dtype))
+        g = self.project(self.mask_hidden)
         return ids, g.view(1, 1, -1).expand(batch, length, -1)
 
     def ttt_step(self, input_ids, hidden_states, cache, mask0, step):
@@ -118,9 +118,9 @@ class PEagleKind(Eagle3Kind):
         return bool(config.get("parallel_drafting")) and config.get("eagle_version") == 3
 
     def build(self, target, draft_ids=None, aux_layers=None, weights=None, parallel_tokens=None,
-              mask_token_id=None, **_):
+              mask_token_id=None, eagle31_norms=False, **_):
         draft = PEagleDraft.from_target(target, draft_ids=draft_ids, aux_layers=aux_layers,
-                                        load_weights=weights is None)
+                                        load_weights=weights is None, eagle31_norms=eagle31_norms)
         if weights is not None:
             draft.load_target_weights(*weights)
         if parallel_tokens is not None:
