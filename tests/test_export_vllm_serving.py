@@ -66,6 +66,7 @@ def run(*cmd):
 TRAINING = {  # kind: (script, its own flags)
     "eagle2": ("train/train.py", []),
     "eagle3": ("train/train_eagle_ttt.py", ["--ttt-steps", "3"]),
+    "eagle3-31": ("train/train_eagle_ttt.py", ["--ttt-steps", "3", "--eagle31-norms"]),  # EAGLE-3.1's norms
     "peagle": ("train/train_eagle_ttt.py", ["--arch", "peagle", "--parallel-tokens", K]),
     "dflash": ("train/train_eagle_ttt.py", ["--arch", "dflash", "--parallel-tokens", K]),
 }
@@ -162,7 +163,7 @@ def check(tmp_path, name, draft, reference, plain, k=K):
     return served, ours, served_as_trained(served, ours, plain)
 
 
-@pytest.mark.parametrize("kind", ["eagle2", "eagle3", "peagle", "dflash"])
+@pytest.mark.parametrize("kind", ["eagle2", "eagle3", "eagle3-31", "peagle", "dflash"])
 def test_vllm_serves_the_trained_draft_as_our_decoder_measures(tmp_path, kind, exports, checkpoints, plain):
     served, ours, problems = check(tmp_path, kind, exports[kind], checkpoints[kind], plain)
     assert problems == []
@@ -218,6 +219,14 @@ def drop_fc(folder):
     drop_weight(folder, "fc.weight")
 
 
+def drop_eagle31_norms(folder):
+    """The config without norm_before_fc / norm_output: vLLM then skips input_norm.weight without a word and feeds
+    the raw output back, a plain EAGLE-3 draft with the 3.1 weights."""
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["norm_before_fc"], cfg["norm_output"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
 def drop_mask_hidden(folder):
     sd = load_file(str(folder / "model.safetensors"))
     del sd["mask_hidden"]
@@ -239,10 +248,11 @@ def drop_dflash_mask_token(folder):
 @pytest.mark.parametrize("kind,mutate", [("eagle3", shift_capture_layers), ("eagle2", old_architecture_name),
                                          ("eagle3", drop_fc), ("peagle", drop_mask_hidden),
                                          ("peagle", drop_mask_token), ("dflash", drop_dflash_mask_token),
-                                         ("dflash", shift_capture_layers), ("dflash", drop_weight)],
+                                         ("dflash", shift_capture_layers), ("dflash", drop_weight),
+                                         ("eagle3-31", drop_eagle31_norms)],
                          ids=["capture-layer-ids", "architecture-name", "dropped-fc-weight", "no-mask-hidden",
                               "no-mask-token", "dflash-no-mask-token", "dflash-capture-layer-ids",
-                              "dflash-dropped-weight"])
+                              "dflash-dropped-weight", "eagle31-norms-dropped"])
 def test_a_broken_export_fails_the_check(tmp_path, kind, mutate, exports, checkpoints, plain):
     broken = tmp_path / "broken"
     shutil.copytree(exports[kind], broken)
