@@ -255,9 +255,9 @@ def stage_decode(model, drafts: dict, shape, data, out: Path, report: dict, devi
                        "target_ms_per_cycle": round(1000 * split.target_s / cycles, 2),
                        "other_ms_per_cycle": round(1000 * split.overhead_s / cycles, 2),
                        "tau_random_weights": round(res.tau, 2)}
-        if arch == "eagle3":
+        if arch == next(iter(drafts)):  # the first draft trained (EAGLE-3): its tree cycle profiled
             _, table = profiled(lambda d=wall: d.generate(prompt, new), device)
-            (out / "profile_decode.txt").write_text(f"EAGLE-3 tree decoding, {new} new tokens after a {len(prompt)}-"
+            (out / "profile_decode.txt").write_text(f"{arch} tree decoding, {new} new tokens after a {len(prompt)}-"
                                                     f"token prompt (tree {total} tokens, depth {depth}, top-k {top_k})"
                                                     f"\n{table}\n")
         del draft, adapter, wall, timed
