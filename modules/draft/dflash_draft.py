@@ -30,12 +30,13 @@ from torch import nn
 from transformers import Qwen3Config
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from modules.decode.tree_decoding import DraftAdapter, TreeKVCache
+from modules.draft.adapter import DraftAdapter
 from modules.draft.eagle3_draft import Eagle3Draft, Eagle3MLP, check_fits_target
 from modules.draft.kinds import DraftKind
 from modules.draft.vocab import build_mappings
 from modules.export import engines
 from modules.io import cast_floats, save_draft_folder
+from modules.kv_cache import TreeKVCache
 
 DFLASH_ARCHITECTURE = "DFlashDraftModel"  # vLLM 0.32 models/registry.py -> qwen3_dflash.DFlashQwen3ForCausalLM
 WEIGHTS_NAME = "model.safetensors"

@@ -41,10 +41,11 @@ from transformers.models.llama.modeling_llama import (
 from modules.export import engines
 
 from modules.draft import ttt_attention
+from modules.draft.adapter import DraftAdapter
 from modules.draft.kinds import DraftKind
 from modules.draft.vocab import build_mappings
 from modules.io import cast_floats, save_draft_folder
-from modules.decode.tree_decoding import DraftAdapter, TreeKVCache
+from modules.kv_cache import TreeKVCache
 
 EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
 WEIGHTS_NAME = "model.safetensors"

@@ -38,7 +38,8 @@ class DraftKind:
     export_files = ()       # what export() writes
     parallel = False        # proposes a block of tokens in one forward (P-EAGLE): modules/decode/parallel.py
     vllm_method = None      # vLLM 0.32's speculative_config "method" for this kind; None = vLLM does not serve it
-    anchored = False        # trains one block per anchor slot (DFlash): training samples --block-anchors of them
+    anchored = False        # trains one block per anchor slot in one pass (DFlash): the trainer calls the draft's
+                            # block_unroll instead of unrolling ttt_step, and samples --block-anchors anchors
 
     @property
     def data_script(self) -> str:

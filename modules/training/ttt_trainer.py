@@ -137,13 +137,14 @@ class TTTUnroll(nn.Module):
     def __init__(self, draft):
         super().__init__()
         self.draft = draft
+        self.anchored = kind_of(draft).anchored  # the kind decides: a whole block per anchor in one pass (DFlash)
 
     def forward(self, slot_ids, features, slot_am, steps, select):
         """`steps` TTT steps over every slot (slot_ids [B,T], step-0 input features [B,T,*],
         attention mask [B,T]). select: index tensors (k, b, t) [N] naming the (step, row, slot)
         outputs wanted. Returns (draft outputs [N, h], draft logits [N, draft vocab])."""
         draft = self.draft
-        if hasattr(draft, "block_unroll"):  # a drafter that fills its whole block in one pass (DFlash)
+        if self.anchored:  # the draft fills each anchor's whole block in one pass: its block_unroll
             h = draft.block_unroll(slot_ids, features, slot_am, steps, select)
             return h, draft.compute_logits(h)
         mask0 = step0_mask(slot_am, slot_ids.shape[1], slot_ids.device)
