@@ -38,7 +38,7 @@ class Settings:
     out: str = setting("demo_out", "everything the demo writes goes here", aliases=["--output-dir", "--outdir"])
     arch: str = setting("peagle", "draft kind (modules/draft/kinds.py): peagle (a block of 4 in one forward), eagle3 "
                                   "(fused features + TTT + draft vocab), dflash, eagle2",
-                        choices=list(draft_kinds.KINDS))
+                        choices=draft_kinds.KINDS)
     ttt_steps: int = setting(4, "unrolled steps of a sequential kind (EAGLE-3: official 7; each costs a draft forward)")
     rows: int = setting(600, "ShareGPT rows turned into training data")
     workers: int = setting(2, "CPU processes for data generation (threads are split between them)")

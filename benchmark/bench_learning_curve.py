@@ -45,7 +45,7 @@ TTT_STEPS = 4                  # EAGLE-3 unrolled steps (the demo's; official 7)
 class Settings:
     data: list[str] = setting([f"sharegpt={DEFAULT_DATA_DIR}"], "NAME=FOLDER of generated data, one or more "
                                                                "(fused features for EAGLE-3 cells)")
-    archs: list[str] = setting(["eagle3", "eagle2"], "draft kinds to train", choices=list(draft_kinds.KINDS))
+    archs: list[str] = setting(["eagle3", "eagle2"], "draft kinds to train", choices=draft_kinds.KINDS)
     conversations: list[int] = setting([125, 250, 500, 1000], "training conversations per cell (nested subsets of "
                                                               "one split)")
     epochs: float = setting(2, "passes over each cell's conversations: training tokens grow with the data")

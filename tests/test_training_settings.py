@@ -32,7 +32,7 @@ FLAGS_BEFORE = {
             "--max-new-tokens --tree --eval-fraction",
 }
 # Flags added since (a new setting is one field: it must show up here and nowhere else).
-FLAGS_ADDED = {"train": "--train-conversations --lr-schedule --config --fsdp",
+FLAGS_ADDED = {"train": "--train-conversations --lr-schedule --config --fsdp --arch",
                "ttt": "--train-conversations --lr-schedule --topk-distill --topk-distill-weight --parallel-tokens "
                       "--draft-layers --config --fsdp --block-anchors --engine --engine-url --engine-port "
                       "--engine-gpu-index --engine-tensor-parallel --engine-pipeline-parallel --engine-gpu-memory "

@@ -27,6 +27,8 @@ from modules.training.setup import run_and_finish_distributed, training_argument
 # (--lr, --max-steps, --grad-accum, ...) are TrainingSettings in modules/training/settings.py.
 @dataclass
 class Settings(TrainingSettings):
+    arch: str = setting("eagle2", "draft kind (modules/draft/kinds.py) whose train_script is this one: eagle2 "
+                                  "(train_eagle_ttt.py trains every kind)", choices=draft_kinds.KINDS)
     data: list[str] = setting([str(DEFAULT_DATA_DIR)], "one or more data folders (or parents of part-XXXX/ folders)")
     output_dir: str = setting(str(DEFAULT_TRAIN_DIR), "checkpoints, the exported draft and the run's json files",
                               hf="output_dir")
@@ -36,11 +38,14 @@ class Settings(TrainingSettings):
                                       hidden=True)
 # ----------------------------------------------------------------------------- end of SETTINGS
 
-KIND = draft_kinds.get("eagle2")  # EagleTrainer trains EAGLE-1/2; train_eagle_ttt.py trains every kind
-
-
 def parse_args(argv=None) -> Settings:
-    return with_kind_defaults(parse_settings(Settings, argv, description=__doc__.splitlines()[0]), KIND)
+    args = parse_settings(Settings, argv, description=__doc__.splitlines()[0])
+    kind = draft_kinds.get(args.arch)
+    if kind.train_script != "train/train.py":  # EagleTrainer trains EAGLE-1/2 and the kinds derived from it
+        print(f"error: --arch {args.arch} trains with {kind.train_script} (its kind's train_script), not "
+              f"train/train.py", file=sys.stderr)
+        raise SystemExit(2)
+    return with_kind_defaults(args, kind)
 
 
 def load_data(args):
@@ -65,7 +70,7 @@ def build_trainer(args, train_ds, eval_ds, display):
     from modules.training.eagle_trainer import EagleTrainer
 
     set_seed(args.seed)  # the same initial draft for the same seed (DDP also broadcasts rank 0's)
-    draft = KIND.build(args.model, bias=args.bias, attn_implementation=pick_attention(args.attn))
+    draft = draft_kinds.get(args.arch).build(args.model, bias=args.bias, attn_implementation=pick_attention(args.attn))
     draft.config.target_model = display
     return EagleTrainer(model=draft, args=training_arguments(args, eval_ds is not None), train_dataset=train_ds,
                         eval_dataset=eval_ds, data_collator=EagleCollator(max_length=args.max_length))
@@ -87,7 +92,7 @@ def save_outputs(args, trainer, draft, result, metrics, t0):
 
     out = Path(args.output_dir) / "draft"
     if not args.no_export:
-        KIND.save_trained(draft, out, target=args.model)
+        draft_kinds.get(args.arch).save_trained(draft, out, target=args.model)
     summary = {"steps": result.global_step, "train_loss": round(result.training_loss, 5),
                "train_runtime_s": round(time.time() - t0, 1), **{k: round(v, 4) for k, v in metrics.items()},
                "draft": None if args.no_export else str(out)}

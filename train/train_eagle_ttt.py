@@ -45,7 +45,7 @@ ONLINE = "online training (features computed by the target inside the loop)"  # 
 class Settings(TrainingSettings, TTTSettings):
     arch: str = setting("eagle3", "eagle3 | eagle2 (EAGLE-1/2 draft with the TTT loss) | peagle (P-EAGLE: EAGLE-3 "
                                   "proposing --parallel-tokens tokens in one forward) | dflash (DFlash block drafter)",
-                        choices=list(draft_kinds.KINDS))
+                        choices=draft_kinds.KINDS)
     data: list[str] = setting([str(DEFAULT_FUSED_DATA_DIR)], "offline data folders (ignored with --online)")
     output_dir: str = setting(str(DEFAULT_TTT_TRAIN_DIR), "checkpoints, the exported draft and the run's json files",
                               hf="output_dir")

@@ -457,13 +457,11 @@ class Eagle3Kind(DraftKind):
     vllm_method = "eagle3"  # vLLM 0.32: config/speculative.py
 
     def owns_config(self, config):
-        if config.get("parallel_drafting"):  # P-EAGLE's layout (modules/draft/peagle_draft.py)
-            return False
         return config.get("eagle_version") == 3 or any("Eagle3" in a for a in config.get("architectures") or [])
 
     def build(self, target, draft_ids=None, aux_layers=None, weights=None, **_):
-        draft = Eagle3Draft.from_target(target, draft_ids=draft_ids, aux_layers=aux_layers,
-                                        load_weights=weights is None)
+        draft = self.draft_class.from_target(target, draft_ids=draft_ids, aux_layers=aux_layers,
+                                             load_weights=weights is None)
         if weights is not None:
             draft.load_target_weights(*weights)
         return draft

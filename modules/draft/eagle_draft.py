@@ -441,19 +441,20 @@ class Eagle2Kind(DraftKind):
     vllm_method = "eagle"  # vLLM 0.32: config/speculative.py
 
     def owns_config(self, config):
-        # ours say eagle_version 2; official and engine checkpoints carry no version and are not EAGLE-3 / DFlash
-        return config.get("eagle_version", 2) == 2 and not any("Eagle3" in a or "DFlash" in a
-                                                               for a in config.get("architectures") or [])
+        # ours say eagle_version 2; official and engine checkpoints carry none (kinds.FALLBACK: when no other claims)
+        return config.get("eagle_version", 2) == 2
 
     def build(self, target, bias=False, attn_implementation="sdpa", weights=None, **_):
-        draft = EagleDraft.from_target(target, bias=bias, attn_implementation=attn_implementation,
-                                       load_head=weights is None)
+        draft = self.draft_class.from_target(target, bias=bias, attn_implementation=attn_implementation,
+                                            load_head=weights is None)
         if weights is not None:
             draft.load_frozen(*weights)
         return draft
 
+    train_script = "train/train.py"  # EagleTrainer (train_eagle_ttt.py --arch eagle2 also trains it, with the TTT loss)
+
     def train_command(self, ttt_steps):
-        return ["train/train.py"]  # EagleTrainer (train_eagle_ttt.py --arch eagle2 also trains it, with the TTT loss)
+        return [self.train_script, "--arch", self.name]  # EagleTrainer unrolls no steps
 
     def tree_adapter(self, draft, vocab_ids=None):
         return Eagle2Adapter(draft, vocab_ids)

@@ -131,8 +131,8 @@ class PEagleKind(Eagle3Kind):
 
     def build(self, target, draft_ids=None, aux_layers=None, weights=None, parallel_tokens=None,
               mask_token_id=None, **_):
-        draft = PEagleDraft.from_target(target, draft_ids=draft_ids, aux_layers=aux_layers,
-                                        load_weights=weights is None)
+        draft = self.draft_class.from_target(target, draft_ids=draft_ids, aux_layers=aux_layers,
+                                             load_weights=weights is None)
         if weights is not None:
             draft.load_target_weights(*weights)
         if parallel_tokens is not None:
@@ -157,8 +157,8 @@ class PEagleKind(Eagle3Kind):
         return PEagleAdapter(draft)
 
     def export(self, draft, out_dir, target=None, dtype=torch.bfloat16):
-        if not isinstance(draft, PEagleDraft):  # a folder: export_eagle3 would read it as plain EAGLE-3
-            draft = PEagleDraft.from_pretrained(draft, target=target)
+        if not isinstance(draft, self.draft_class):  # a folder: export_eagle3 would read it as plain EAGLE-3
+            draft = self.draft_class.from_pretrained(draft, target=target)
         return export_eagle3(draft, out_dir, target=target, dtype=dtype)
 
 
