@@ -35,3 +35,13 @@ def test_refuses_a_draft_for_another_target(tmp_path):
         export_eagle3(draft, tmp_path / "y", target=tiny_target_config())
     with pytest.raises(Eagle3ExportError, match="not a draft folder"):
         export_eagle3(tmp_path / "nothing", tmp_path / "z")
+
+
+def test_export_help_names_every_kind(capsys):
+    """train/export.py --help describes what it exports: any registered kind, not only EAGLE-1/2 or EAGLE-3."""
+    from train import export
+
+    with pytest.raises(SystemExit):
+        export.main(["--help"])
+    first = capsys.readouterr().out.split("\n\n")[1]
+    assert "any registered kind" in first and "EAGLE-1/2 or EAGLE-3" not in first

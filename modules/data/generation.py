@@ -347,6 +347,7 @@ class FolderJob:
         self.bar = None
         self.tokens_done, self.t0 = 0, time.perf_counter()
         self.rows_computing = 0  # rows of the window being computed whose features are done
+        self.rows_shown = 0      # what the bar and progress.json show: it never goes back
         self.progress_lock, self.progress_written = threading.Lock(), 0.0
 
     def write_manifest(self):
@@ -380,8 +381,8 @@ class FolderJob:
         """The bar and OUTPUT_DIR/progress.json ({"rows_done", "rows_total"}: rows of the shards on disk plus
         those computed in the window at work; allocation.py reads it) move with the rows, not only per shard."""
         with self.progress_lock:
-            done = self.rows_on_disk() + self.rows_computing
-            self.bar.n = max(self.bar.n, done - self.rows_before)
+            done = self.rows_shown = max(self.rows_shown, self.rows_on_disk() + self.rows_computing)
+            self.bar.n = done - self.rows_before
             self.bar.set_postfix(tok_s=f"{self.tokens_done / max(time.perf_counter() - self.t0, 1e-9):.0f}",
                                  refresh=False)
             self.bar.refresh()
@@ -407,7 +408,6 @@ class FolderJob:
 
     def compute(self, examples) -> list:
         """Per example: a conversation ready for storage, or the reason it is skipped."""
-        self.rows_computing = 0
         if self.engine is not None:
             return self.engine(examples, self.store_dtype, on_batch=self.count_tokens)
         if self.distill is not None:
@@ -419,6 +419,8 @@ class FolderJob:
         """(first row, end row, conversations, skipped, truncated) per block of a window, its features computed."""
         examples = [ex for block_examples, _, _ in encoded for ex in block_examples]
         results = iter(self.compute(examples))
+        with self.progress_lock:  # from now on these rows count once their shards are on disk, not twice
+            self.rows_computing = 0
         shards = []
         for (_, (a, b)), (block_examples, skipped, truncated) in zip(window, encoded):
             convs, skipped = [], Counter(skipped)
