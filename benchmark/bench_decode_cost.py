@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from modules.data.storage import atomic_write_text
+from modules.io import atomic_write_text
 from modules.settings import parse_settings, setting
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from modules.draft import kinds as draft_kinds
 from modules.paths import DEFAULT_DATA_DIR, DEFAULT_TRAIN_DIR
-from modules.training.settings import TrainingSettings, parse_settings, save_run_config, setting, with_kind_defaults
-from modules.training.setup import UsageError, check_data_fits_target, pick_attention, resume_checkpoint, split
+from modules.settings import parse_settings, save_run_config, setting
+from modules.training.settings import TrainingSettings, with_kind_defaults
+from modules.training.setup import check_data_fits_target, exit_code, pick_attention, resume_checkpoint, split
 from modules.training.setup import run_and_finish_distributed, training_arguments
 
 
@@ -57,7 +58,7 @@ def load_data(args):
     ds = EagleDataset(args.data, read_aux=False)
     display = model_display_name(args.model)
     cfg = target_config(args.model)
-    check_data_fits_target(ds, cfg, display, args.allow_other_model)
+    check_data_fits_target(ds, cfg, display, args.allow_other_model, args.max_length)
     train_ds, eval_ds = split(ds, args.eval_fraction, args.seed, args.train_conversations)
     return ds, train_ds, eval_ds, cfg, display
 
@@ -101,13 +102,6 @@ def save_outputs(args, trainer, draft, result, metrics, t0):
 
 def main(argv=None):
     args = parse_args(argv)
-    from safetensors import SafetensorError
-
-    from modules.data.storage import DataFormatError
-    from modules.draft.eagle_draft import ExportError
-    from modules.target import TargetLoadError
-    from modules.training.eagle_trainer import NonFiniteLossError
-
     t0 = time.time()
     try:
         ds, train_ds, eval_ds, cfg, display = load_data(args)
@@ -119,16 +113,11 @@ def main(argv=None):
                   f"{len(ds.folders)} folder(s); target {display} (hidden {cfg.hidden_size}, vocab {cfg.vocab_size}); "
                   f"trainable params {n_params:,}", flush=True)
         result = trainer.train(resume_from_checkpoint=resume_checkpoint(args.resume, args.output_dir))
-    except (DataFormatError, UsageError, TargetLoadError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except SafetensorError as err:  # a shard damaged after the dataset index was read (mid-epoch)
-        print(f"error: corrupt data shard in {', '.join(args.data)}: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
-        last = resume_checkpoint("auto", args.output_dir)
-        print(f"error: {err}; last good checkpoint: {last or 'none (no checkpoint saved yet)'}", file=sys.stderr)
-        return 3
+    except Exception as err:  # the scripts' one error ladder (modules/training/setup.py)
+        code = exit_code(err, args)
+        if code is None:
+            raise
+        return code
 
     metrics = trainer.evaluate() if eval_ds is not None else {}
     if args.dump_rank_weights:
@@ -138,9 +127,11 @@ def main(argv=None):
         return 0
     try:
         save_outputs(args, trainer, draft, result, metrics, t0)
-    except ExportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        code = exit_code(err, args)
+        if code is None:
+            raise
+        return code
     return 0
 
 

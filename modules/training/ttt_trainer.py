@@ -1,4 +1,4 @@
-"""Training-time test (TTT) trainer: EAGLE-3 (and EAGLE-1/2 with `arch="eagle2"`).
+"""Training-time test (TTT) trainer of every registered draft kind (EAGLE-3, P-EAGLE, DFlash, EAGLE-1/2).
 
 Subclasses modules/training/eagle_trainer.EagleTrainer; only the loss and the evaluation change.
 
@@ -212,8 +212,8 @@ class TTTTrainer(EagleTrainer):
         else:
             last, aux = inputs["hidden_states"], inputs.get("aux_hidden_states")
             if self.kind.fused_features and aux is None:
-                raise ValueError("EAGLE-3 training needs fused features (aux_hidden_states): generate the data "
-                                 "with generate_data_fused_features.py, or train with --online")
+                raise ValueError(f"{self.kind.name} training needs fused features (aux_hidden_states): generate the "
+                                 "data with generate_data_fused_features.py, or train with --online")
         return (aux if self.kind.fused_features else last), last
 
     def _draft_ids(self, draft):
