@@ -28,25 +28,28 @@ from pathlib import Path
 
 from modules.draft import kinds as draft_kinds
 from modules.stages import run_stage
-from modules.training.settings import parse_settings, setting
+from modules.settings import like, parse_settings, setting
+from modules.training.settings import TrainingSettings, TTTSettings
 
 
 # ----------------------------------------------------------------------------- SETTINGS
 # Edit a default here or pass the flag (--rows 1000); field max_new_tokens is flag --max-new-tokens.
 @dataclass
 class Settings:
-    out: str = setting("demo_out", "everything the demo writes goes here", aliases=["--output-dir", "--outdir"])
+    output_dir: str = setting("demo_out", "everything the demo writes goes here", aliases=["--out", "--outdir"])
     arch: str = setting("peagle", "draft kind (modules/draft/kinds.py): peagle (a block of 4 in one forward), eagle3 "
                                   "(fused features + TTT + draft vocab), dflash, eagle2",
-                        choices=list(draft_kinds.KINDS))
-    ttt_steps: int = setting(4, "unrolled steps of a sequential kind (EAGLE-3: official 7; each costs a draft forward)")
+                        choices=draft_kinds.KINDS)
+    ttt_steps: int = like(TTTSettings, "ttt_steps", 4, help="unrolled steps of a sequential kind (EAGLE-3: official 7; "
+                                                             "each costs a draft forward)")
     rows: int = setting(600, "ShareGPT rows turned into training data")
     workers: int = setting(2, "CPU processes for data generation (threads are split between them)")
-    max_length: int = setting(640, "tokens per conversation (shorter than the 2048 default: CPU time)")
+    max_length: int = like(TrainingSettings, "max_length", 640, help="tokens per conversation (shorter than the 2048 "
+                                                                     "default: CPU time)")
     steps: int = setting(320, "optimizer steps of draft training (x --grad-accum conversations each)")
-    batch_size: int = setting(1, "conversations per micro-batch")
-    grad_accum: int = setting(4, "micro-batches per optimizer step")
-    lr: float = setting(3e-4, "peak learning rate")
+    batch_size: int = like(TrainingSettings, "batch_size")
+    grad_accum: int = like(TrainingSettings, "grad_accum")
+    lr: float = like(TrainingSettings, "lr")
     questions: int = setting(6, "MT-bench questions in the benchmark (both turns each)")
     max_new_tokens: int = setting(96, "tokens generated per turn")
     tree: list[int] = setting([8, 4, 2], "total tokens, depth, top-k: small trees suit a 2-core CPU "
@@ -63,7 +66,7 @@ def parse_args(argv=None) -> Settings:
 
 def stage_commands(args) -> dict[str, list[str]]:
     """The command line of every stage; a stage is redone when its command changes."""
-    out = Path(args.out)
+    out = Path(args.output_dir)
     py = sys.executable
     eval_fraction = args.eval_fraction or min(0.5, max(0.02, 10 / max(args.rows, 1)))
     kind = draft_kinds.get(args.arch)  # the registry decides the data script and the trainer
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from modules.demo_report import write_report
 
-    out = Path(args.out)
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seconds = {}
     try:

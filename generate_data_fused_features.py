@@ -58,7 +58,7 @@ def regenerate_rows_fn(args):
 
 
 def main(argv=None) -> int:
-    from modules.data.features import default_aux_layers
+    from modules.export.engines import default_aux_layers
 
     args = parse_settings(Settings, argv, description=__doc__.splitlines()[0])
 

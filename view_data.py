@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     print(to_terminal(runs))
     print(f"\n{counts}   ({GREEN}trained{RESET} / {RED}not trained{RESET})")
     if args.html:
-        from modules.data.storage import atomic_write_text
+        from modules.io import atomic_write_text
         from pathlib import Path
 
         atomic_write_text(Path(args.html), to_html(runs, f"{args.data} #{args.index}", counts))

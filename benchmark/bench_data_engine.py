@@ -24,9 +24,10 @@ from types import SimpleNamespace
 import torch
 
 from modules.data.chat import load_rows
-from modules.data.features import default_aux_layers
+from modules.export.engines import default_aux_layers
 from modules.data.generation import GenerationSettings, generate_folder
-from modules.data.storage import EagleDataset, atomic_write_text
+from modules.data.storage import EagleDataset
+from modules.io import atomic_write_text
 from modules.settings import parse_settings, setting
 from modules.target import embedded_converted, load_target_model, load_tokenizer, pick_dtype
 
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     n = max(args.prefill_rows, args.distill_rows)
     rows = load_rows("sharegpt", 0, n)
     base = dict(model=str(embedded_converted().name), dataset="sharegpt", start=0, max_length=args.max_length,
-                dtype="bfloat16", aux_layers=aux, max_new_tokens=args.max_new_tokens)
+                store_dtype="bf16", aux_layers=aux, max_new_tokens=args.max_new_tokens)
     prefill = dict(base, end=args.prefill_rows)
     distill = dict(base, end=args.distill_rows, replies="greedy")
     settings = {**dataclasses.asdict(args), "threads": torch.get_num_threads(), "aux_layers": aux}

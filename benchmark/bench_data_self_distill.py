@@ -21,7 +21,7 @@ import torch
 
 from benchmark.bench_data_generation import DataBenchSettings
 from modules.data.chat import load_rows
-from modules.data.features import default_aux_layers
+from modules.export.engines import default_aux_layers
 from modules.data.generation import GenerationSettings, generate_folder, resolve_batch_tokens
 from modules.data.regenerate import LocalGenerator, regenerate_cached
 from modules.data.storage import EagleDataset

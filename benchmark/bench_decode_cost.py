@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from modules.data.storage import atomic_write_text
+from modules.io import atomic_write_text
 from modules.settings import parse_settings, setting
 
 
@@ -62,7 +62,7 @@ def median_ms(fn, repeats, warmup=3):
 
 def target_costs(target, sizes, context, repeats, aux):
     """ms of one target forward (+ LM head over the new tokens) over q tokens on a `context` cache."""
-    from modules.decode.tree_decoding import TreeKVCache
+    from modules.kv_cache import TreeKVCache
 
     base, head = target.model, target.get_output_embeddings()
     vocab = target.config.vocab_size

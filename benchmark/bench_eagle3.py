@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modules.paths import REPO_ROOT
-from modules.settings import parse_settings, setting
+from modules.settings import like, parse_settings, setting
+from modules.training.settings import TrainingSettings, TTTSettings
 
 
 VARIANTS = ["a_eagle2", "b_eagle2_ttt", "c_eagle3", "d_eagle3_regen"]
@@ -38,12 +39,13 @@ VARIANTS = ["a_eagle2", "b_eagle2_ttt", "c_eagle3", "d_eagle3_regen"]
 @dataclass
 class Settings:
     rows: int = setting(80, "ShareGPT rows 0..ROWS (the same for every variant)")
-    max_length: int = setting(384, "tokens per conversation")
-    epochs: float = setting(6, "passes over the training conversations")
-    lr: float = setting(3e-4, "peak learning rate")
-    grad_accum: int = setting(4, "micro-batches per optimizer step")
-    ttt_steps: int = setting(4, "unrolled TTT steps (CPU budget; the trainer's default is the official 7)")
-    eval_fraction: float = setting(0.05, "held-out share of the conversations")
+    max_length: int = like(TrainingSettings, "max_length", 384)
+    epochs: float = like(TrainingSettings, "epochs", 6)
+    lr: float = like(TrainingSettings, "lr")
+    grad_accum: int = like(TrainingSettings, "grad_accum")
+    ttt_steps: int = like(TTTSettings, "ttt_steps", 4, help="unrolled TTT steps (CPU budget; the trainer's default "
+                                                             "is the official 7)")
+    eval_fraction: float = like(TrainingSettings, "eval_fraction", 0.05)
     regen_max_new_tokens: int = setting(128, "variant d: tokens per regenerated reply")
     regen_temperature: float = setting(0.8, "variant d: regeneration temperature")
     regen_batch_size: int = setting(8, "variant d: conversations regenerated together")
@@ -53,7 +55,8 @@ class Settings:
                               metavar=("TOTAL", "DEPTH", "TOPK"))
     dtype: str = setting("fp32", "decoding dtype")
     variants: list[str] = setting(list(VARIANTS), "variants to run", choices=list(VARIANTS))
-    out: str = setting(str(REPO_ROOT / "outputs" / "bench_eagle3"), "the variants' data, drafts and results")
+    output_dir: str = setting(str(REPO_ROOT / "outputs" / "bench_eagle3"), "the variants' data, drafts and results",
+                              aliases=["--out"])
 # ----------------------------------------------------------------------------- end of SETTINGS
 
 LABELS = {"a_eagle2": "(a) EAGLE-2", "b_eagle2_ttt": "(b) EAGLE-2 + TTT", "c_eagle3": "(c) EAGLE-3",
@@ -153,7 +156,7 @@ def stage_speed(args, fused, batches=4, repeats=3):
     e2 = EagleDraft.from_target(None)
     e3 = Eagle3Draft.from_target(cfg, draft_ids=ids, aux_layers=ds.aux_layers, load_weights=False)
     e3.load_target_weights(embed, head)
-    common = dict(output_dir=str(Path(args.out) / "speed_tmp"), use_cpu=True, report_to=[])
+    common = dict(output_dir=str(Path(args.output_dir) / "speed_tmp"), use_cpu=True, report_to=[])
     configs = {"a_eagle2": (EagleTrainer(model=e2, args=EagleTrainingArguments(**common)), e2,
                             EagleCollator(args.max_length))}
     for steps in sorted({1, args.ttt_steps}):
@@ -236,7 +239,7 @@ def plot(result, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     fused, regen = stage_data(args, out)

@@ -30,10 +30,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from modules.data.storage import atomic_write_text
+from modules.io import atomic_write_text
 from modules.draft import kinds as draft_kinds
 from modules.paths import DEFAULT_DATA_DIR, REPO_ROOT
-from modules.settings import parse_settings, setting
+from modules.settings import like, parse_settings, setting
+from modules.training.settings import TrainingSettings
 
 TTT_STEPS = 4                  # EAGLE-3 unrolled steps (the demo's; official 7)
 
@@ -45,14 +46,15 @@ TTT_STEPS = 4                  # EAGLE-3 unrolled steps (the demo's; official 7)
 class Settings:
     data: list[str] = setting([f"sharegpt={DEFAULT_DATA_DIR}"], "NAME=FOLDER of generated data, one or more "
                                                                "(fused features for EAGLE-3 cells)")
-    archs: list[str] = setting(["eagle3", "eagle2"], "draft kinds to train", choices=list(draft_kinds.KINDS))
+    archs: list[str] = setting(["eagle3", "eagle2"], "draft kinds to train", choices=draft_kinds.KINDS)
     conversations: list[int] = setting([125, 250, 500, 1000], "training conversations per cell (nested subsets of "
                                                               "one split)")
-    epochs: float = setting(2, "passes over each cell's conversations: training tokens grow with the data")
+    epochs: float = like(TrainingSettings, "epochs", 2, help="passes over each cell's conversations: training tokens "
+                                                              "grow with the data")
     eval_conversations: int = setting(20, "held out, the same for every cell of a data kind")
-    max_length: int = setting(640, "tokens per conversation")
-    lr: float = setting(3e-4, "peak learning rate")
-    grad_accum: int = setting(4, "micro-batches per optimizer step")
+    max_length: int = like(TrainingSettings, "max_length", 640)
+    lr: float = like(TrainingSettings, "lr")
+    grad_accum: int = like(TrainingSettings, "grad_accum")
     prompts: str = setting("mt-bench", "prompt set the drafts decode (benchmark/prompt_sets.py: mt-bench, humaneval, "
                                        "sharegpt-heldout): every turn of each question")
     questions: int = setting(6, "questions of the prompt set (MT-bench: both turns each)")
@@ -61,8 +63,8 @@ class Settings:
                               metavar=("TOTAL", "DEPTH", "TOP_K"))
     hybrid_lookup: int = setting(8, "> 0: also measure the hybrid tree (EAGLE + a prompt-lookup branch of N tokens)")
     seed: int = setting(0, "seed of the split and the drafts")
-    out: str = setting(str(REPO_ROOT / "outputs" / "learning_curve"), "cells' training runs and measurements",
-                       aliases=["--output-dir"])
+    output_dir: str = setting(str(REPO_ROOT / "outputs" / "learning_curve"), "cells' training runs and measurements",
+                              aliases=["--out"])
     result: str = setting("benchmark/results/learning_curve.json", "result file (.json + .png)")
     model: str | None = setting(None, "target (None: embedded SmolLM2-135M-Instruct)")
     report_only: bool = setting(False, "train and measure nothing: report the planned cells that are done, name the "
@@ -132,7 +134,8 @@ def plan_cells(args):
 def train_command(args, cell):
     steps_per_epoch = -(-cell["conversations"] // args.grad_accum)
     return [sys.executable, *draft_kinds.get(cell["arch"]).train_command(TTT_STEPS), "--data", cell["folder"],
-            "--output-dir", str(Path(args.out) / cell["name"]), "--train-conversations", str(cell["conversations"]),
+            "--output-dir", str(Path(args.output_dir) / cell["name"]),
+            "--train-conversations", str(cell["conversations"]),
             "--eval-fraction", f"{cell['eval_fraction']:.8f}", "--epochs", str(args.epochs),
             "--max-length", str(args.max_length), "--lr", str(args.lr), "--batch-size", "1",
             "--grad-accum", str(args.grad_accum), "--seed", str(args.seed),
@@ -186,7 +189,7 @@ def measure_cell(args, cell, target, turns, eos):
     from modules.placement import output_device
     from modules.target import pick_dtype
 
-    draft_dir = resolve_draft_dir(Path(args.out) / cell["name"])
+    draft_dir = resolve_draft_dir(Path(args.output_dir) / cell["name"])
     device = output_device(target)
     draft = load_draft(draft_dir, target_model=target, dtype=pick_dtype("auto", device)).to(device).eval()
     kind = kind_of(draft)
@@ -229,7 +232,7 @@ def measure_settings(args):
 
 
 def measurement_file(args, cell) -> Path:
-    return Path(args.out) / cell["name"] / f"{set_key(args.prompts)}.json"
+    return Path(args.output_dir) / cell["name"] / f"{set_key(args.prompts)}.json"
 
 
 def measured(args, cell):
@@ -265,7 +268,7 @@ def measure(args, cells):
 def collect(args, cells):
     rows = []
     for cell in cells:
-        run = Path(args.out) / cell["name"]
+        run = Path(args.output_dir) / cell["name"]
         if args.report_only and not ((run / "summary.json").is_file() and measured(args, cell)):
             continue
         summary = json.loads((run / "summary.json").read_text())
@@ -333,7 +336,7 @@ def main(argv=None):
     print(f"{len(cells)} cells: " + ", ".join(c["name"] for c in cells))
     try:
         for cell in cells if not args.report_only else []:
-            run_stage(cell["name"], train_command(args, cell), Path(args.out) / ".done")
+            run_stage(cell["name"], train_command(args, cell), Path(args.output_dir) / ".done")
         if not args.report_only:
             measure(args, cells)
     except KeyboardInterrupt:
@@ -345,7 +348,7 @@ def main(argv=None):
     if not rows:
         sys.exit("error: no finished cell to report")
     print_table(rows, tau_key(args.prompts))
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "result", "data", "model")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("output_dir", "result", "data", "model")}
     # names, not machine paths
     settings["data"] = sorted(args.data)
     settings["model"] = Path(model_display_name(args.model)).name

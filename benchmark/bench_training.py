@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modules.paths import DEFAULT_DATA_DIR, REPO_ROOT
-from modules.data.storage import atomic_write_text
-from modules.settings import parse_settings, setting
+from modules.io import atomic_write_text
+from modules.settings import like, parse_settings, setting
+from modules.training.settings import TrainingSettings
 
 
 RECIPES = {"ours": {"detach_cls_pred": False}, "baldeagle": {"detach_cls_pred": True}}
@@ -40,17 +41,19 @@ class Settings:
     model: str | None = setting(None, "target of the data; None = embedded SmolLM2-135M-Instruct")
     train_conversations: int = setting(24, "subset of the data; 0 = all but the eval ones")
     eval_conversations: int = setting(8, "held-out conversations")
-    max_length: int = setting(384, "tokens per conversation")
-    epochs: int = setting(3, "passes over the training conversations")
-    lr: float = setting(5e-4, "peak learning rate (short budget: higher than train.py's default)")
-    batch_size: int = setting(1, "conversations per micro-batch")
-    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    max_length: int = like(TrainingSettings, "max_length", 384)
+    epochs: int = like(TrainingSettings, "epochs", 3)
+    lr: float = like(TrainingSettings, "lr", 5e-4, help="peak learning rate (short budget: higher than train.py's "
+                                                         "default)")
+    batch_size: int = like(TrainingSettings, "batch_size")
+    grad_accum: int = like(TrainingSettings, "grad_accum", 1)
     sim_steps: int = setting(5, "chain length of the simulated tau")
     evals_per_epoch: int = setting(1, ">1: also evaluate inside epochs (curves from a single long epoch)")
     precision: str = setting("auto", "auto: bf16 autocast on CUDA and on CPUs with bf16 units, else fp32",
                              choices=["auto", "bf16", "fp32"])
     seed: int = setting(0, "seed of the split, the draft and the data order")
-    out: str = setting(str(REPO_ROOT / "outputs" / "bench_training"), "the recipes' runs and results")
+    output_dir: str = setting(str(REPO_ROOT / "outputs" / "bench_training"), "the recipes' runs and results",
+                              aliases=["--out"])
     recipe: str | None = setting(None, "child process mode: train this recipe", choices=list(RECIPES), hidden=True)
 # ----------------------------------------------------------------------------- end of SETTINGS
 
@@ -98,7 +101,7 @@ def run_recipe(args):
     eval_schedule = {"eval_strategy": "epoch"} if args.evals_per_epoch <= 1 else {
         "eval_strategy": "steps", "eval_steps": 1.0 / (args.epochs * args.evals_per_epoch)}
     targs = EagleTrainingArguments(
-        output_dir=str(Path(args.out) / args.recipe), num_train_epochs=args.epochs, learning_rate=args.lr,
+        output_dir=str(Path(args.output_dir) / args.recipe), num_train_epochs=args.epochs, learning_rate=args.lr,
         warmup_steps=0.05, min_lr_ratio=0.1, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=1, gradient_accumulation_steps=args.grad_accum, max_grad_norm=0.5,
         adam_beta2=0.95, bf16=use_bf16(args.precision), use_cpu=not cuda, **eval_schedule,
@@ -114,7 +117,7 @@ def run_recipe(args):
     if not last_eval or last_eval[0]["step"] != trainer.state.global_step:
         trainer.evaluate()  # the step schedule can stop short of the last step; always end with an eval
     wall = time.time() - t0
-    trainer.save_model(str(Path(args.out) / args.recipe / "final"))  # loadable with modules.draft.loading.load_draft
+    trainer.save_model(str(Path(args.output_dir) / args.recipe / "final"))  # modules.draft.loading.load_draft reads it
     evals = [entry for entry in trainer.state.log_history if "eval_tau_sim" in entry]
     eval_time = sum(entry["eval_runtime"] for entry in evals)
     peak = (torch.cuda.max_memory_allocated() if cuda
@@ -128,8 +131,8 @@ def run_recipe(args):
         "train_wall_s": wall, "eval_s": eval_time,
         "peak_memory_gb": peak / 2**30, "peak_memory_kind": "cuda allocated" if cuda else "process RSS",
     }
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(args.out) / f"{args.recipe}.json", json.dumps(result, indent=2))
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(args.output_dir) / f"{args.recipe}.json", json.dumps(result, indent=2))
 
 
 def print_table(results):
@@ -188,12 +191,12 @@ def main(argv=None):
         if r.returncode != 0:
             print(f"error: recipe {recipe} failed (exit {r.returncode})", file=sys.stderr)
             return 1
-        results[recipe] = json.loads((Path(args.out) / f"{recipe}.json").read_text())
+        results[recipe] = json.loads((Path(args.output_dir) / f"{recipe}.json").read_text())
     print_table(results)
-    png = Path(args.out) / "bench_training.png"
+    png = Path(args.output_dir) / "bench_training.png"
     plot(results, png)
-    atomic_write_text(Path(args.out) / "results.json", json.dumps(results, indent=2))
-    print(f"saved {png} and {Path(args.out) / 'results.json'}")
+    atomic_write_text(Path(args.output_dir) / "results.json", json.dumps(results, indent=2))
+    print(f"saved {png} and {Path(args.output_dir) / 'results.json'}")
     return 0
 
 

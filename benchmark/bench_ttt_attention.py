@@ -46,7 +46,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modules.paths import REPO_ROOT
-from modules.data.storage import atomic_write_text
+from modules.io import atomic_write_text
 from modules.settings import parse_settings, setting
 
 # ----------------------------------------------------------------------------- SETTINGS

@@ -308,7 +308,7 @@ def main(argv=None):
               "prompts": len(prompts), "threads": os.cpu_count(), "results": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from modules.data.storage import atomic_write_text
+    from modules.io import atomic_write_text
     atomic_write_text(out, json.dumps(report, indent=1))
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")

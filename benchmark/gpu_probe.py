@@ -145,7 +145,8 @@ def profiled(fn, device, rows: int = 12):
 
 
 def stage_data(model, tokenizer, head_dir, shape, work: Path, out: Path, report: dict):
-    from modules.data.features import default_aux_layers, target_features
+    from modules.data.features import target_features
+    from modules.export.engines import default_aux_layers
     from modules.data.generation import (GenerationSettings, encode_rows, generate_folder, make_batches, pad_batch,
                                          resolve_batch_tokens)
 
@@ -153,7 +154,7 @@ def stage_data(model, tokenizer, head_dir, shape, work: Path, out: Path, report:
     rows = synthetic_rows(tokenizer, shape["rows"], shape["max_length"])
     aux = default_aux_layers(model.config.num_hidden_layers)
     settings = GenerationSettings(model=head_dir, dataset="synthetic", start=0, end=len(rows),
-                                  max_length=shape["max_length"], dtype="bfloat16", aux_layers=aux)
+                                  max_length=shape["max_length"], store_dtype="bf16", aux_layers=aux)
     # the target forward alone, on the first (largest) batch: warm-up, then timed, then profiled
     examples, _, _ = encode_rows(tokenizer, rows, shape["max_length"], None)
     batch_tokens = resolve_batch_tokens(0, device)

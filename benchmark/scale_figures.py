@@ -13,7 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from modules.settings import parse_settings, setting
+from modules.settings import like, parse_settings, setting
+from modules.training.settings import TTTSettings
 
 # ----------------------------------------------------------------------------- SETTINGS
 # Edit a default here or pass the flag (--gpu-memory-gb 141); --config FILE reads them from a JSON/YAML file.
@@ -25,7 +26,7 @@ class Settings:
     batch_tokens: int = setting(8192, "padded tokens per data-generation forward (the generators' GPU auto value is "
                                       "16384; 8192 is what these figures were recorded with)")
     draft_vocab: int = setting(32000, "EAGLE-3 draft vocabulary")
-    ttt_steps: int = setting(7, "unrolled TTT steps")
+    ttt_steps: int = like(TTTSettings, "ttt_steps")
     json: str | None = setting(None, "also write the figures to this file")
 
 

@@ -6,6 +6,7 @@
     target.py          load the target (hub id, local folder, GGUF) ; target_weights.py: embedding + head only
     placement.py       which device each model and rank uses (the one rule)
     cpu_linear.py      fp32 linear layers on CPU through oneDNN with pre-packed weights (targets and drafts)
+    kv_cache.py        TreeKVCache: the decoders' KV cache (preallocated buffers, in-place compaction)
     data/              stage 1: chat rows -> token ids, loss mask, target features -> shards
     draft/             stage 2: the draft architectures and their registry (draft/kinds.py)
     training/          stage 2: the Trainer subclasses and their config dataclasses

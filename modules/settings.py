@@ -167,8 +167,3 @@ def save_run_config(settings, output_dir) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(dataclasses.asdict(settings), indent=2))
     return path
-
-
-def load_run_config(cls, path):
-    """The settings a run saved (run_config.json) as a `cls` instance: rerun with exactly them."""
-    return cls(**json.loads(Path(path).read_text()))

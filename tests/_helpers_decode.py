@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from modules.decode.tree_decoding import DraftAdapter, TreeKVCache
+from modules.draft.adapter import DraftAdapter
+from modules.kv_cache import TreeKVCache
 
 
 @pytest.fixture(autouse=True)

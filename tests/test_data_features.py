@@ -1,7 +1,8 @@
 """Target features: the stored `last` feature is what lm_head consumes; aux ids index layer inputs."""
 import torch
 
-from modules.data.features import default_aux_layers, target_features
+from modules.data.features import target_features
+from modules.export.engines import default_aux_layers
 
 
 def test_default_aux_layers():

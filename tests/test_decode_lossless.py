@@ -134,7 +134,7 @@ def test_sampling_keeps_the_target_distribution():
 
 
 def test_draft_vocab_subset_is_still_lossless():
-    from modules.decode.tree_decoding import Eagle2Adapter
+    from modules.draft.eagle_draft import Eagle2Adapter
 
     target, draft = tiny_pair("qwen2")
     prompt = torch.arange(100, 120)
@@ -174,7 +174,7 @@ def test_smollm2_greedy_is_lossless(smollm2):
 
 def test_adapter_asking_for_aux_layers_gets_the_target_hidden_states():
     """The EAGLE-3 path of the protocol: aux_layers makes the decoder hand over all hidden states."""
-    from modules.decode.tree_decoding import Eagle2Adapter
+    from modules.draft.eagle_draft import Eagle2Adapter
 
     target, draft = tiny_pair("llama")
     seen = []

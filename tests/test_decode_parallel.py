@@ -4,7 +4,8 @@ we decode, and what vLLM's proposers build: modules/draft/peagle_draft.py, dflas
 import pytest
 import torch
 
-from modules.decode.parallel import ParallelDecoder, mask_slot_block
+from modules.decode.parallel import ParallelDecoder
+from modules.draft.peagle_draft import mask_slot_block
 from modules.decode.tree_decoding import EagleDecoder
 from modules.decode.tree import MaskBuffer
 from modules.training.ttt_trainer import TTTUnroll

@@ -6,7 +6,7 @@ from tests._helpers_eagle import tiny_target
 
 from modules.decode.sampling import sample_accept
 from modules.decode.tree import CandidatePool, MaskBuffer, Tree, ancestor_matrix, chain_tree, greedy_accept
-from modules.decode.tree_decoding import TreeKVCache
+from modules.kv_cache import TreeKVCache
 
 
 def naive_anc(parents):

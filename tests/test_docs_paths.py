@@ -21,8 +21,9 @@ MODULE_PATH_RE = re.compile(rf"(?<![\w/.-])modules((?:/{IDENT})+)(\.py)?((?:\.{I
 MODULE_DOTTED_RE = re.compile(rf"(?<![\w/.-])modules((?:\.{IDENT})+)")
 REPO_PATH_RE = re.compile(r"(?<![\w/.-])((?:train|benchmark|tests|docs)/[\w./-]*\w\.(?:py|md))\b(#[\w-]+)?")
 COMMAND_RE = re.compile(r"python3?\s+(?:-m\s+\S+\s+)?([\w./-]+\.py)\b")
-# Names that stand for "yours" in examples (docs/extending.md's `modules/draft/my_draft.py`, this docstring).
-PLACEHOLDERS = {"x", "y", "my_draft", "test_x"}
+# Names that stand for "yours" in examples (docs/extending.md's `modules/draft/my_draft.py` and its walkthrough's
+# `modules/draft/toy_draft.py`, which tests/test_draft_toy_kind.py writes from the page; this docstring).
+PLACEHOLDERS = {"x", "y", "my_draft", "toy_draft", "test_x"}
 ANCHOR_RE = re.compile(r"\[[^\]]*\]\(([\w./-]*\.md)?#([^)\s]+)\)")
 
 

@@ -3,10 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modules.draft.vocab import (
-    build_draft_vocab, build_mappings, count_tokens, draft_to_target, select_draft_vocab,
-    shard_token_pairs, target_to_draft_index,
-)
+from modules.draft.vocab import build_mappings, count_tokens, select_draft_vocab, shard_token_pairs
 
 
 def test_counts_only_loss_masked_tokens():
@@ -47,9 +44,6 @@ def test_official_mapping_format():
     assert d2t.tolist() == [0, 2, 2, 6]  # target id = draft id + d2t[draft id]
     assert (torch.arange(4) + d2t).tolist() == ids.tolist()
     assert t2d.nonzero().flatten().tolist() == ids.tolist()
-    assert draft_to_target(torch.tensor([[1, 3]]), d2t).tolist() == [[3, 9]]
-    index = target_to_draft_index(t2d)
-    assert index[9] == 3 and index[1] == -1
     with pytest.raises(ValueError):
         build_mappings(torch.tensor([3, 1]), 12)
 
@@ -61,9 +55,10 @@ def test_reads_token_ids_from_shards(tmp_path):
                "loss_mask": torch.tensor([0, 1, 1, 1], dtype=torch.uint8),
                "hidden_states": torch.zeros(4, 8, dtype=torch.bfloat16)},
               str(part / "shard-00000000-00000002.safetensors"))
-    vocab = build_draft_vocab(shard_token_pairs(tmp_path), vocab_size=6, coverage=0.6)
-    assert vocab["draft_ids"].tolist() == [2] and vocab["coverage"] == pytest.approx(2 / 3)
-    assert vocab["counts"].tolist() == [0, 0, 2, 1, 0, 0]
+    counts = count_tokens(shard_token_pairs(tmp_path), 6)
+    ids, covered = select_draft_vocab(counts, coverage=0.6)
+    assert ids.tolist() == [2] and covered == pytest.approx(2 / 3)
+    assert counts.tolist() == [0, 0, 2, 1, 0, 0]
     with pytest.raises(FileNotFoundError):
         list(shard_token_pairs(tmp_path / "nothing"))
 

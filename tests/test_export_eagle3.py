@@ -64,3 +64,13 @@ def test_export_keeps_the_eagle31_norms(tmp_path):
         return d.compute_logits(d(ids, torch.cat([layer[i] for i in d.aux_layers], dim=-1)))
 
     torch.testing.assert_close(logits(again), logits(draft))
+
+
+def test_export_help_names_every_kind(capsys):
+    """train/export.py --help describes what it exports: any registered kind, not only EAGLE-1/2 or EAGLE-3."""
+    from train import export
+
+    with pytest.raises(SystemExit):
+        export.main(["--help"])
+    first = capsys.readouterr().out.split("\n\n")[1]
+    assert "any registered kind" in first and "EAGLE-1/2 or EAGLE-3" not in first

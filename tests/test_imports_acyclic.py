@@ -3,6 +3,8 @@
 Layering rule (docs/extending.md#layers): a module imports only modules of lower layers; a leaf
 utility (modules/io.py, modules/paths.py, modules/export/engines.py) imports nothing from modules/.
 A function-level import is still a dependency: it only hides the cycle until the function runs.
+The same holds between folders: the graph of modules/ subpackages (modules/decode -> modules/draft when any
+file of decode/ imports any file of draft/) has no cycle either, so each pair of folders depends one way.
 """
 import ast
 from pathlib import Path
@@ -66,6 +68,22 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def folder_of(module: str) -> str:
+    """modules.draft.kinds -> modules.draft; a top-level module (modules.io) is its own node."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def folder_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The import graph between the folders (subpackages) of modules/: every file-level edge but those within
+    a folder."""
+    folders = {}
+    for name, edges in graph.items():
+        src = folder_of(name)
+        folders.setdefault(src, set()).update(folder_of(t) for t in edges if folder_of(t) != src)
+    return folders
+
+
 def test_checker_finds_a_cycle_control():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     cycle = find_cycle(graph)
@@ -81,6 +99,30 @@ def test_checker_sees_function_level_imports_control(tmp_path):
     (pkg / "high.py").write_text("from modules import low\n")
     cycle = find_cycle(import_graph(tmp_path))
     assert cycle is not None and {"modules.low", "modules.high"} <= set(cycle)
+
+
+def test_checker_finds_a_folder_cycle_control(tmp_path):
+    """No file cycle, but a loop between folders (a draft file imports decode/, a decode file imports another
+    draft file inside a function): the folder graph must see it."""
+    pkg = tmp_path / "modules"
+    for folder in ("draft", "decode"):
+        (pkg / folder).mkdir(parents=True)
+        (pkg / folder / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "draft" / "kinds.py").write_text("")
+    (pkg / "draft" / "eagle.py").write_text("from modules.decode.tree_decoding import DraftAdapter\n")
+    (pkg / "decode" / "tree_decoding.py").write_text("def make_adapter(d):\n    from modules.draft.kinds import get\n")
+    graph = import_graph(tmp_path)
+    assert find_cycle(graph) is None
+    cycle = find_cycle(folder_graph(graph))
+    assert cycle is not None and {"modules.draft", "modules.decode"} <= set(cycle)
+
+
+def test_modules_folders_import_one_way():
+    folders = folder_graph(import_graph())
+    assert "modules.draft" in folders["modules.decode"]  # the walk saw decode's imports of draft
+    cycle = find_cycle(folders)
+    assert cycle is None, "import loop between folders: " + " -> ".join(cycle)
 
 
 def test_modules_import_graph_is_acyclic():

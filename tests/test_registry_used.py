@@ -9,6 +9,10 @@ in KINDS. What counts as deciding by name, for the names registered in KINDS:
   - a `match` case on one.
 Passing a name on (`--arch eagle2`, `draft_kinds.get("eagle2")`) is not deciding; tests/ name kinds to
 check what the registry returns, so they are not scanned.
+
+Capabilities come from the kind only (`kind.parallel`, `kind.anchored`, ...): no .py file outside tests/, not
+even in modules/draft/, asks `hasattr` of a draft or an adapter (`hasattr(draft, "block_unroll")` would be a
+second answer to the question `kind.anchored` answers).
 """
 import ast
 from pathlib import Path
@@ -45,10 +49,23 @@ def name_decisions(source: str, names) -> list[tuple[int, str]]:
     return found
 
 
-def scanned_files():
+def _names_a_drafter(node) -> bool:
+    """node is a variable or attribute naming a draft or an adapter: draft, self.adapter, drafter, draft_model."""
+    name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+    return "draft" in name.lower() or "adapter" in name.lower()
+
+
+def capability_probes(source: str) -> list[tuple[int, str]]:
+    """(line, what) of every `hasattr(<a draft or an adapter>, ...)` in the source."""
+    return [(node.lineno, f"hasattr({ast.unparse(node.args[0])}, ...)") for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hasattr"
+            and node.args and _names_a_drafter(node.args[0])]
+
+
+def scanned_files(skip=SKIP):
     for path in sorted(ROOT.rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
-        if not rel.startswith(SKIP) and "/." not in f"/{rel}":
+        if not rel.startswith(skip) and "/." not in f"/{rel}":
             yield rel, path
 
 
@@ -82,4 +99,27 @@ def test_no_kind_name_decisions_outside_modules_draft():
     problems = [f"{rel}:{line}: {what}" for rel, path in files.items()
                 for line, what in name_decisions(path.read_text(), names)]
     assert not problems, ("decided by kind name instead of asking the kind (modules/draft/kinds.py):\n"
+                          + "\n".join(problems))
+
+
+def test_checker_finds_capability_probes_control():
+    bad = '''
+if hasattr(draft, "block_unroll"):
+    pass
+ok = hasattr(self.adapter, "propose_block") or hasattr(drafter, "x")
+'''
+    assert [line for line, _ in capability_probes(bad)] == [2, 4, 4]
+    ok = '''
+if kind.anchored or hasattr(target, "model_type") or hasattr(config, "get_text_config"):
+    pass
+'''
+    assert capability_probes(ok) == []
+
+
+def test_no_hasattr_on_drafts_or_adapters():
+    files = dict(scanned_files(skip=SKIP[1:]))  # modules/draft/ too: the kind, not its draft, answers
+    assert "modules/draft/kinds.py" in files and "modules/training/ttt_trainer.py" in files
+    problems = [f"{rel}:{line}: {what}" for rel, path in files.items()
+                for line, what in capability_probes(path.read_text())]
+    assert not problems, ("asks the draft instead of its kind (kind.parallel, kind.anchored, ...):\n"
                           + "\n".join(problems))

@@ -136,6 +136,40 @@ def test_progress_moves_with_rows_before_the_shard_is_written(tmp_path, monkeypa
     assert allocation.rows_done(str(tmp_path / "alloc"), worker) == 4
 
 
+def test_row_bar_stops_at_its_total_when_rows_are_skipped(tmp_path, monkeypatch, capsys):
+    """20 rows, 7 of them unusable (no reply): the bar ends at 20 of 20 (it counted the computed rows twice once
+    their shard was on disk: 33 of 20), and never goes back."""
+    model = tiny_target_dir(tmp_path / "model")
+    rows = chat_rows(20)
+    for row in rows[:7]:
+        row["conversations"] = row["conversations"][:1]  # a human turn only: skipped
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    shown = []
+
+    class Bar:
+        def __init__(self, total, **_):
+            self.total, self.n = total, 0
+
+        def refresh(self):
+            shown.append(self.n)
+
+        def set_postfix(self, **_):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(generation, "tqdm", Bar)
+    threads = torch.get_num_threads()
+    try:
+        assert generate_data.main(["--model", model, "--dataset", data, "--output-dir", str(tmp_path / "out"),
+                                   "--max-length", "256", "--threads", "1", "--target-dtype", "fp32"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    assert shown[-1] == 20 and max(shown) == 20 and shown == sorted(shown), shown
+
+
 def test_trainer_run_config_reruns_the_run(tmp_path):
     """train/train_eagle_ttt.py's run_config.json fed back with --config (another --output-dir): the same draft.
     Separate processes, as a user reruns (the TTT script's initial draft comes from the process's RNG state)."""

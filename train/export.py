@@ -1,10 +1,12 @@
-"""Export a trained draft checkpoint (EAGLE-1/2 or EAGLE-3) for SGLang, vLLM and the official EAGLE code.
+"""Export a trained draft checkpoint of any registered kind for SGLang, vLLM and the official EAGLE code.
 
     python train/export.py --checkpoint outputs/eagle2/checkpoint-400 --output-dir outputs/eagle2/export
 
 EAGLE-1/2: config.json + model.safetensors (SGLang `LlamaForCausalLMEagle`, vLLM `EagleLlamaForCausalLM`)
 and pytorch_model.bin (official `eagle-llm` EaModel). EAGLE-3: config.json + model.safetensors (SGLang
-`LlamaForCausalLMEagle3`, vLLM `Eagle3LlamaForCausalLM`). bf16 weights by default. Each engine's reading
+`LlamaForCausalLMEagle3`, vLLM `Eagle3LlamaForCausalLM`); P-EAGLE and DFlash: their kind's layout
+(modules/draft/peagle_draft.py, dflash_draft.py). The folder's config.json names the kind
+(modules/draft/kinds.py). bf16 weights by default. Each engine's reading
 of the files is in modules/export/engines.py; docs/serving.md has the serve commands. Refuses a draft whose keys
 or shapes do not fit the target, or that no engine could serve as trained.
 """
@@ -38,7 +40,7 @@ def main(argv=None):
 
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
-        kind = kind_of_folder(args.checkpoint)  # EAGLE-1/2 or EAGLE-3 (modules/draft/kinds.py)
+        kind = kind_of_folder(args.checkpoint)  # any registered kind (modules/draft/kinds.py)
         out = kind.export(args.checkpoint, args.output_dir, target=args.model, dtype=dtype)
         files = ", ".join(kind.export_files)
     except (ExportError, ValueError, TargetLoadError, FileNotFoundError, OSError) as err:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from modules.draft import kinds as draft_kinds
 from modules.paths import DEFAULT_DATA_DIR, DEFAULT_TRAIN_DIR
-from modules.training.settings import TrainingSettings, parse_settings, save_run_config, setting, with_kind_defaults
-from modules.training.setup import UsageError, check_data_fits_target, pick_attention, resume_checkpoint, split
+from modules.settings import parse_settings, save_run_config, setting
+from modules.training.settings import TrainingSettings, with_kind_defaults
+from modules.training.setup import check_data_fits_target, exit_code, pick_attention, resume_checkpoint, split
 from modules.training.setup import run_and_finish_distributed, training_arguments
 
 
@@ -27,6 +28,8 @@ from modules.training.setup import run_and_finish_distributed, training_argument
 # (--lr, --max-steps, --grad-accum, ...) are TrainingSettings in modules/training/settings.py.
 @dataclass
 class Settings(TrainingSettings):
+    arch: str = setting("eagle2", "draft kind (modules/draft/kinds.py) whose train_script is this one: eagle2 "
+                                  "(train_eagle_ttt.py trains every kind)", choices=draft_kinds.KINDS)
     data: list[str] = setting([str(DEFAULT_DATA_DIR)], "one or more data folders (or parents of part-XXXX/ folders)")
     output_dir: str = setting(str(DEFAULT_TRAIN_DIR), "checkpoints, the exported draft and the run's json files",
                               hf="output_dir")
@@ -36,11 +39,14 @@ class Settings(TrainingSettings):
                                       hidden=True)
 # ----------------------------------------------------------------------------- end of SETTINGS
 
-KIND = draft_kinds.get("eagle2")  # EagleTrainer trains EAGLE-1/2; train_eagle_ttt.py trains every kind
-
-
 def parse_args(argv=None) -> Settings:
-    return with_kind_defaults(parse_settings(Settings, argv, description=__doc__.splitlines()[0]), KIND)
+    args = parse_settings(Settings, argv, description=__doc__.splitlines()[0])
+    kind = draft_kinds.get(args.arch)
+    if kind.train_script != "train/train.py":  # EagleTrainer trains EAGLE-1/2 and the kinds derived from it
+        print(f"error: --arch {args.arch} trains with {kind.train_script} (its kind's train_script), not "
+              f"train/train.py", file=sys.stderr)
+        raise SystemExit(2)
+    return with_kind_defaults(args, kind)
 
 
 def load_data(args):
@@ -52,7 +58,7 @@ def load_data(args):
     ds = EagleDataset(args.data, read_aux=False)
     display = model_display_name(args.model)
     cfg = target_config(args.model)
-    check_data_fits_target(ds, cfg, display, args.allow_other_model)
+    check_data_fits_target(ds, cfg, display, args.allow_other_model, args.max_length)
     train_ds, eval_ds = split(ds, args.eval_fraction, args.seed, args.train_conversations)
     return ds, train_ds, eval_ds, cfg, display
 
@@ -65,7 +71,7 @@ def build_trainer(args, train_ds, eval_ds, display):
     from modules.training.eagle_trainer import EagleTrainer
 
     set_seed(args.seed)  # the same initial draft for the same seed (DDP also broadcasts rank 0's)
-    draft = KIND.build(args.model, bias=args.bias, attn_implementation=pick_attention(args.attn))
+    draft = draft_kinds.get(args.arch).build(args.model, bias=args.bias, attn_implementation=pick_attention(args.attn))
     draft.config.target_model = display
     return EagleTrainer(model=draft, args=training_arguments(args, eval_ds is not None), train_dataset=train_ds,
                         eval_dataset=eval_ds, data_collator=EagleCollator(max_length=args.max_length))
@@ -87,7 +93,7 @@ def save_outputs(args, trainer, draft, result, metrics, t0):
 
     out = Path(args.output_dir) / "draft"
     if not args.no_export:
-        KIND.save_trained(draft, out, target=args.model)
+        draft_kinds.get(args.arch).save_trained(draft, out, target=args.model)
     summary = {"steps": result.global_step, "train_loss": round(result.training_loss, 5),
                "train_runtime_s": round(time.time() - t0, 1), **{k: round(v, 4) for k, v in metrics.items()},
                "draft": None if args.no_export else str(out)}
@@ -96,13 +102,6 @@ def save_outputs(args, trainer, draft, result, metrics, t0):
 
 def main(argv=None):
     args = parse_args(argv)
-    from safetensors import SafetensorError
-
-    from modules.data.storage import DataFormatError
-    from modules.draft.eagle_draft import ExportError
-    from modules.target import TargetLoadError
-    from modules.training.eagle_trainer import NonFiniteLossError
-
     t0 = time.time()
     try:
         ds, train_ds, eval_ds, cfg, display = load_data(args)
@@ -114,16 +113,11 @@ def main(argv=None):
                   f"{len(ds.folders)} folder(s); target {display} (hidden {cfg.hidden_size}, vocab {cfg.vocab_size}); "
                   f"trainable params {n_params:,}", flush=True)
         result = trainer.train(resume_from_checkpoint=resume_checkpoint(args.resume, args.output_dir))
-    except (DataFormatError, UsageError, TargetLoadError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except SafetensorError as err:  # a shard damaged after the dataset index was read (mid-epoch)
-        print(f"error: corrupt data shard in {', '.join(args.data)}: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
-        last = resume_checkpoint("auto", args.output_dir)
-        print(f"error: {err}; last good checkpoint: {last or 'none (no checkpoint saved yet)'}", file=sys.stderr)
-        return 3
+    except Exception as err:  # the scripts' one error ladder (modules/training/setup.py)
+        code = exit_code(err, args)
+        if code is None:
+            raise
+        return code
 
     metrics = trainer.evaluate() if eval_ds is not None else {}
     if args.dump_rank_weights:
@@ -133,9 +127,11 @@ def main(argv=None):
         return 0
     try:
         save_outputs(args, trainer, draft, result, metrics, t0)
-    except ExportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        code = exit_code(err, args)
+        if code is None:
+            raise
+        return code
     return 0
 
 

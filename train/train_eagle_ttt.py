@@ -1,5 +1,5 @@
-"""Train an EAGLE-3 draft (fused features + training-time test + draft vocabulary), the pair of
-train/train.py. `--arch eagle2` trains the EAGLE-1/2 draft with the same TTT loss instead.
+"""Train a draft of any registered kind with training-time test (TTT), the pair of train/train.py: eagle3 (fused
+features + draft vocabulary, the default), peagle, dflash, or eagle2 (the EAGLE-1/2 draft with the TTT loss).
 
     python train/train_eagle_ttt.py                      # embedded SmolLM2 on data_out/eagle3
     python train/train_eagle_ttt.py --online --end 2000  # no stored features: the target runs in the loop
@@ -28,9 +28,10 @@ from modules.draft import kinds as draft_kinds
 from modules.paths import DEFAULT_FUSED_DATA_DIR, DEFAULT_TTT_TRAIN_DIR
 from modules.data.feature_server import FeatureServerSettings
 from modules.data.generation_cli import FusedGenerateSettings, GenerateSettings
-from modules.training.settings import TrainingSettings, TTTSettings, like, parse_settings, save_run_config, setting
-from modules.training.settings import with_kind_defaults
-from modules.training.setup import UsageError, check_data_fits_target, pick_attention, resume_checkpoint, split
+from modules.settings import like, parse_settings, save_run_config, setting
+from modules.training.settings import TrainingSettings, TTTSettings, with_kind_defaults
+from modules.training.setup import UsageError, check_data_fits_target, exit_code, pick_attention, resume_checkpoint
+from modules.training.setup import split
 from modules.training.setup import run_and_finish_distributed, training_arguments
 
 ONLINE = "online training (features computed by the target inside the loop)"  # a --help section
@@ -45,7 +46,7 @@ ONLINE = "online training (features computed by the target inside the loop)"  # 
 class Settings(TrainingSettings, TTTSettings):
     arch: str = setting("eagle3", "eagle3 | eagle2 (EAGLE-1/2 draft with the TTT loss) | peagle (P-EAGLE: EAGLE-3 "
                                   "proposing --parallel-tokens tokens in one forward) | dflash (DFlash block drafter)",
-                        choices=list(draft_kinds.KINDS))
+                        choices=draft_kinds.KINDS)
     data: list[str] = setting([str(DEFAULT_FUSED_DATA_DIR)], "offline data folders (ignored with --online)")
     output_dir: str = setting(str(DEFAULT_TTT_TRAIN_DIR), "checkpoints, the exported draft and the run's json files",
                               hf="output_dir")
@@ -201,7 +202,7 @@ def engine_features(args, kind, cfg, display, aux_layers, cleanup):
 def load_data(args, kind, cfg, display, cleanup):
     """(dataset, aux layers, online target or None): offline shards, or with --online the tokenised
     conversations and the target that computes their features (--engine vllm: the feature server's client)."""
-    from modules.data.features import default_aux_layers
+    from modules.export.engines import default_aux_layers
     from modules.data.storage import EagleDataset
 
     if args.engine != "hf" and not args.online:
@@ -216,7 +217,7 @@ def load_data(args, kind, cfg, display, cleanup):
             target = engine_features(args, kind, cfg, display, aux_layers, cleanup)
         return ds, aux_layers, target
     ds = EagleDataset(args.data, read_aux=kind.fused_features)
-    check_data_fits_target(ds, cfg, display, args.allow_other_model)
+    check_data_fits_target(ds, cfg, display, args.allow_other_model, args.max_length, args.aux_layers)
     if kind.fused_features and not ds.has_aux:
         raise UsageError(f"{ds.folders[0] / 'manifest.json'}: no fused features (aux_layers is null): "
                          f"generate with generate_data_fused_features.py, or train with --online")
@@ -278,15 +279,9 @@ def main(argv=None):
 
 
 def run(args, cleanup):
-    from safetensors import SafetensorError
-
-    from modules.data.chat import DatasetError
     from modules.data.feature_server import FeatureServerError
-    from modules.data.regenerate import RegenerationError
-    from modules.data.storage import DataFormatError
-    from modules.target import TargetLoadError, model_display_name
+    from modules.target import model_display_name
     from modules.target_weights import target_config
-    from modules.training.eagle_trainer import NonFiniteLossError
 
     t0 = time.time()
     kind = draft_kinds.get(args.arch)
@@ -303,17 +298,11 @@ def run(args, cleanup):
                   f"{'online' if args.online else 'offline'} features; trainable params "
                   f"{sum(p.numel() for p in trainer.model.parameters() if p.requires_grad):,}", flush=True)
         result = trainer.train(resume_from_checkpoint=resume_checkpoint(args.resume, args.output_dir))
-    except (DataFormatError, UsageError, TargetLoadError, DatasetError, RegenerationError, FileNotFoundError,
-            FeatureServerError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except SafetensorError as err:  # a shard damaged after the dataset index was read (mid-epoch)
-        print(f"error: corrupt data shard in {', '.join(args.data)}: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
-        print(f"error: {err}; last good checkpoint: {resume_checkpoint('auto', args.output_dir) or 'none'}",
-              file=sys.stderr)
-        return 3
+    except Exception as err:  # the scripts' one error ladder (modules/training/setup.py)
+        code = exit_code(err, args)
+        if code is None:
+            raise
+        return code
 
     try:
         metrics, eval_error = trainer.evaluate() if trainer.eval_dataset is not None else {}, None

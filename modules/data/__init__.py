@@ -6,7 +6,10 @@
     self_distill.py --replies greedy|sampled: the target writes the replies, features kept from those forwards
     features.py    target forward -> the features a draft learns from (last hidden state, fused aux layers)
     generation_cli.py the generators' settings (one dataclass: GenerateSettings) and run(): the command line
-    generation.py  the loop of generate_data.py / generate_data_fused_features.py: batch, resume, write shards
+    generation.py  the loop of generate_data.py / generate_data_fused_features.py: batch, resume, write shards;
+                   GenerationSettings, the settings it records (the command line takes them with `like`)
+    engine_vllm.py --engine vllm: the target as a vLLM engine (prefill features or self-distilled replies)
+    feature_server.py one engine process serving features to online training (serve_features.py, --engine vllm)
     storage.py     the on-disk format (shards + manifest), reading it back as a Dataset
     collate.py     EAGLE-1/2 training batches (shift by one, pad)
 """

@@ -161,7 +161,7 @@ def _serve_batch(engine, batch: list[_Job], dtype: torch.dtype) -> None:
 def serve(settings: FeatureServerSettings) -> None:
     """Load the engine, then answer requests until SIGTERM / SIGINT."""
     from modules.data.engine_vllm import VllmFeatureEngine
-    from modules.data.features import default_aux_layers
+    from modules.export.engines import default_aux_layers
     from modules.data.generation_cli import loop_settings, place_process
     from modules.placement import pick_device
     from modules.target import load_target_config, load_tokenizer, model_display_name, pick_dtype

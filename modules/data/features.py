@@ -8,7 +8,6 @@ gathered onto the target's output device (modules/placement.py), where the draft
 """
 import torch
 
-from modules.export.engines import default_aux_layers  # noqa: F401  (re-exported: the official choice)
 from modules.placement import output_device
 
 

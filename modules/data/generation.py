@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 from modules.data.chat import BadRow, row_to_messages
 from modules.data.features import target_features
 from modules.data.loss_mask import encode_messages
+from modules.settings import setting
 from modules.data.storage import (FORMAT, MANIFEST, SHARD_RE, DataFormatError, list_shards, read_manifest,
-                                  read_shard_stats, shard_name, write_manifest, write_shard,
-                                  atomic_write_text)
+                                  read_shard_stats, shard_name, write_manifest, write_shard)
+from modules.io import atomic_write_text
 
 SHARD_BYTES = 2**30  # default shard size bound: few files (and memory maps) for large targets, still easy to copy
 # A batching window holds this many full batches of max-length rows: length-sorting a window's rows
@@ -49,27 +50,47 @@ class GenerationError(RuntimeError):
     """A setting or out dir that makes generation impossible (one-line message for users)."""
 
 
+REPLY_MODES = ("dataset", "greedy", "sampled")
+ENGINES = ("hf", "vllm")  # who runs the target (vllm: modules/data/engine_vllm.py)
+STORE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # --store-dtype -> the manifest's dtype
+
+
 @dataclass
 class GenerationSettings:
-    """Everything that determines the bytes written; a resumed run must use the same values."""
+    """Everything that determines the bytes written; a resumed run must use the same values.
+
+    The settings the command line passes through unchanged are declared here, once: the generators' command
+    line (modules/data/generation_cli.GenerateSettings) takes them with `like`, and `loop_settings` copies them.
+    model, dataset, end and aux_layers are the command line's, resolved (display names, the end row, layer ids)."""
     model: str
     dataset: str
     start: int
     end: int
-    max_length: int = 2048
-    system_prompt: str | None = None
-    dtype: str = "bfloat16"            # storage dtype of the features
     aux_layers: list[int] | None = None  # EAGLE-3 fused features (None for EAGLE-1/2 data)
-    rows_per_shard: int = 0            # 0: auto, shards of at most shard_bytes at max_length
-    shard_bytes: int = SHARD_BYTES     # the bound of auto rows_per_shard
-    batch_tokens: int = 0              # padded tokens per forward (longest row x rows); 0: auto per device
-    split: str | None = None
-    replies: str = "dataset"           # dataset | greedy | sampled: who writes the assistant replies
-    temperature: float = 0.8           # replies=sampled: sampling temperature
-    max_new_tokens: int = 512          # replies=greedy|sampled: tokens per reply
-    seed: int = 0                      # replies=sampled: per-row seeds derive from it
-    reply_batch_size: int = 8          # replies=greedy|sampled: conversations generated together
-    engine: str = "hf"                 # hf: a forward of the HF model here; vllm: modules/data/engine_vllm.py
+    split: str | None = setting(None, "dataset split for hub datasets (None: train, ultrachat: train_sft)")
+    max_length: int = setting(2048, "tokens per conversation (longer ones are truncated)")
+    store_dtype: str = setting("bf16", "dtype of the stored features", choices=list(STORE_DTYPES))
+    batch_tokens: int = setting(0, "padded tokens per forward, length-sorted batches (0: auto, 16384 on GPU, one "
+                                   "conversation per forward on CPU: measured faster there, benchmark/README.md)")
+    rows_per_shard: int = setting(0, "rows per shard file (0: auto, shards <= --shard-bytes)")
+    shard_bytes: int = setting(SHARD_BYTES, "auto rows per shard keeps a shard of max-length rows within this many "
+                                            "bytes")
+    system_prompt: str | None = setting(None, "system prompt for rows without one (the original used Llama-2's)")
+    replies: str = setting("dataset", "who writes the assistant replies: dataset (as is), greedy or sampled (the "
+                                      "target's own, features kept from the generating forwards; "
+                                      "modules/data/self_distill.py, docs/data.md)", choices=list(REPLY_MODES))
+    temperature: float = setting(0.8, "sampling temperature of --replies sampled (and of --regenerate)")
+    max_new_tokens: int = setting(512, "tokens per generated reply")
+    reply_batch_size: int = setting(8, "conversations generated together (or requests in flight to a --server-url)",
+                                    aliases=["--regen-batch-size"])
+    seed: int = setting(0, "sampling seed (--replies sampled: per-row seeds derive from it)")
+    engine: str = setting("hf", "who runs the target: hf (a Hugging Face forward in this process) or vllm (a vLLM "
+                                "engine: prefill or self-distilled replies, same shards)", choices=list(ENGINES))
+
+    @property
+    def dtype(self) -> str:
+        """The stored features' dtype as the manifest names it (bfloat16, float16, float32)."""
+        return STORE_DTYPES[self.store_dtype]
 
     def replies_manifest(self) -> dict | None:
         """The manifest's `replies` entry: None for the dataset's own replies, else what fixes them."""
@@ -79,10 +100,6 @@ class GenerationSettings:
         return {"mode": self.replies, "temperature": self.temperature if sampled else 0.0,
                 "max_new_tokens": self.max_new_tokens, "seed": self.seed if sampled else None,
                 "batch_size": self.reply_batch_size}
-
-
-REPLY_MODES = ("dataset", "greedy", "sampled")
-ENGINES = ("hf", "vllm")  # who runs the target (vllm: modules/data/engine_vllm.py)
 
 
 def check_reply_settings(settings: GenerationSettings) -> None:
@@ -347,6 +364,7 @@ class FolderJob:
         self.bar = None
         self.tokens_done, self.t0 = 0, time.perf_counter()
         self.rows_computing = 0  # rows of the window being computed whose features are done
+        self.rows_shown = 0      # what the bar and progress.json show: it never goes back
         self.progress_lock, self.progress_written = threading.Lock(), 0.0
 
     def write_manifest(self):
@@ -380,8 +398,8 @@ class FolderJob:
         """The bar and OUTPUT_DIR/progress.json ({"rows_done", "rows_total"}: rows of the shards on disk plus
         those computed in the window at work; allocation.py reads it) move with the rows, not only per shard."""
         with self.progress_lock:
-            done = self.rows_on_disk() + self.rows_computing
-            self.bar.n = max(self.bar.n, done - self.rows_before)
+            done = self.rows_shown = max(self.rows_shown, self.rows_on_disk() + self.rows_computing)
+            self.bar.n = done - self.rows_before
             self.bar.set_postfix(tok_s=f"{self.tokens_done / max(time.perf_counter() - self.t0, 1e-9):.0f}",
                                  refresh=False)
             self.bar.refresh()
@@ -407,7 +425,6 @@ class FolderJob:
 
     def compute(self, examples) -> list:
         """Per example: a conversation ready for storage, or the reason it is skipped."""
-        self.rows_computing = 0
         if self.engine is not None:
             return self.engine(examples, self.store_dtype, on_batch=self.count_tokens)
         if self.distill is not None:
@@ -419,6 +436,8 @@ class FolderJob:
         """(first row, end row, conversations, skipped, truncated) per block of a window, its features computed."""
         examples = [ex for block_examples, _, _ in encoded for ex in block_examples]
         results = iter(self.compute(examples))
+        with self.progress_lock:  # from now on these rows count once their shards are on disk, not twice
+            self.rows_computing = 0
         shards = []
         for (_, (a, b)), (block_examples, skipped, truncated) in zip(window, encoded):
             convs, skipped = [], Counter(skipped)

@@ -11,6 +11,7 @@ by re-declaring the field in its own dataclass at its top.
 `run(settings)` loads target, tokenizer and rows and calls the generator loop
 (modules/data/generation.py, which knows nothing of flags).
 """
+import dataclasses
 import functools
 import os
 import sys
@@ -18,11 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from modules.data.generation import (ENGINES, REPLY_MODES, GenerationError, GenerationSettings, SHARD_BYTES,
-                                     check_reply_settings, finished_manifest, generate_folder, manifest_header,
-                                     writable_folder)
+from modules.data.generation import (GenerationError, GenerationSettings, check_reply_settings, finished_manifest,
+                                     generate_folder, manifest_header, writable_folder)
 from modules.paths import DEFAULT_DATA_DIR
-from modules.settings import save_run_config, setting
+from modules.settings import like, save_run_config, setting
 
 OUTPUT_DIR_ALIASES = ["--outdir", "--out"]  # the older spellings of --output-dir
 
@@ -32,7 +32,7 @@ class GenerateSettings:
     model: str | None = setting(None, "target: hub id, local folder or .gguf file; None = embedded "
                                       "SmolLM2-135M-Instruct")
     dataset: str = setting("sharegpt", "sharegpt (embedded), ultrachat, a .json/.jsonl file or a hub dataset id")
-    split: str | None = setting(None, "dataset split for hub datasets (None: train, ultrachat: train_sft)")
+    split: str | None = like(GenerationSettings, "split")
     start: int = setting(0, "first dataset row")
     end: int | None = setting(None, "end row, exclusive (None: to the end of the dataset)")
     output_dir: str = setting(str(DEFAULT_DATA_DIR), "output folder", aliases=OUTPUT_DIR_ALIASES)
@@ -40,34 +40,28 @@ class GenerateSettings:
     gpu_index: list[int] | None = setting(None, "indexes of the visible GPUs this process may use (with "
                                                 "CUDA_VISIBLE_DEVICES=4,5 set, 0 = GPU 4)", nargs="*",
                                           aliases=["--gpu_index"])
-    max_length: int = setting(2048, "tokens per conversation (longer ones are truncated)")
+    max_length: int = like(GenerationSettings, "max_length")
     target_dtype: str = setting("auto", "dtype the target runs in: auto (bf16 on GPU and on CPUs with bf16 units, "
                                         "else fp32), bf16, fp16, fp32", aliases=["--dtype"])
-    store_dtype: str = setting("bf16", "dtype of the stored features", choices=["bf16", "fp16", "fp32"])
+    store_dtype: str = like(GenerationSettings, "store_dtype")
     device: str = setting("auto", "auto (this process's GPU if any, cuda:LOCAL_RANK under torchrun), cpu, cuda, "
                                   "cuda:1, ... (modules/placement.py)")
     spread_target: bool = setting(False, "spread the target over every visible GPU (device_map=auto; for targets "
                                          "too large for one GPU)")
     threads: int | None = setting(None, "CPU threads for torch (allocation.py splits the cores)")
-    batch_tokens: int = setting(0, "padded tokens per forward, length-sorted batches (0: auto, 16384 on GPU, one "
-                                   "conversation per forward on CPU: measured faster there, benchmark/README.md)")
-    rows_per_shard: int = setting(0, "rows per shard file (0: auto, shards <= --shard-bytes)")
-    shard_bytes: int = setting(SHARD_BYTES, "auto rows per shard keeps a shard of max-length rows within this many "
-                                            "bytes")
-    system_prompt: str | None = setting(None, "system prompt for rows without one (the original used Llama-2's)")
+    batch_tokens: int = like(GenerationSettings, "batch_tokens")
+    rows_per_shard: int = like(GenerationSettings, "rows_per_shard")
+    shard_bytes: int = like(GenerationSettings, "shard_bytes")
+    system_prompt: str | None = like(GenerationSettings, "system_prompt")
     chat_template: str | None = setting(None, "Jinja chat template file (for models without one)")
     no_progress: bool = setting(False, "no tqdm bar (logs of background workers)", action="store_true")
-    replies: str = setting("dataset", "who writes the assistant replies: dataset (as is), greedy or sampled (the "
-                                      "target's own, features kept from the generating forwards; "
-                                      "modules/data/self_distill.py, docs/data.md)", choices=list(REPLY_MODES))
-    temperature: float = setting(0.8, "sampling temperature of --replies sampled (and of --regenerate)")
-    max_new_tokens: int = setting(512, "tokens per generated reply")
-    reply_batch_size: int = setting(8, "conversations generated together (or requests in flight to a --server-url)",
-                                    aliases=["--regen-batch-size"])
-    seed: int = setting(0, "sampling seed (--replies sampled: per-row seeds derive from it)")
+    replies: str = like(GenerationSettings, "replies")
+    temperature: float = like(GenerationSettings, "temperature")
+    max_new_tokens: int = like(GenerationSettings, "max_new_tokens")
+    reply_batch_size: int = like(GenerationSettings, "reply_batch_size")
+    seed: int = like(GenerationSettings, "seed")
     # the target as a vLLM engine (modules/data/engine_vllm.py, docs/data.md "Engine-backed data")
-    engine: str = setting("hf", "who runs the target: hf (a Hugging Face forward in this process) or vllm (a vLLM "
-                                "engine: prefill or self-distilled replies, same shards)", choices=list(ENGINES))
+    engine: str = like(GenerationSettings, "engine")
     engine_tensor_parallel: int = setting(1, "--engine vllm: tensor parallel size (GPUs per engine)")
     engine_pipeline_parallel: int = setting(1, "--engine vllm: pipeline parallel size")
     engine_gpu_memory: float = setting(0.9, "--engine vllm: fraction of GPU memory the engine may use")
@@ -93,9 +87,6 @@ class FusedGenerateSettings(GenerateSettings):
                                            "--server-url, no features); rerun without it for the features")
 
 
-STORE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
 def out_folder(settings: GenerateSettings) -> Path:
     """OUTPUT_DIR, or OUTPUT_DIR/part-<index> for an allocation.py worker."""
     out = Path(settings.output_dir)
@@ -118,19 +109,17 @@ def place_process(settings: GenerateSettings) -> None:
 
 
 def loop_settings(settings: GenerateSettings, end: int, aux_layers) -> GenerationSettings:
-    """What the generator loop records and must match on resume (names resolved: display names, the
-    end row, the storage dtype)."""
+    """What the generator loop records and must match on resume: the command line's settings, the ones it
+    passes through copied (those it declares with `like(GenerationSettings, ...)`), the others resolved
+    (display names, the end row, the fused layer ids)."""
     from modules.data.chat import dataset_display_name
     from modules.target import model_display_name
 
-    return GenerationSettings(
-        model=model_display_name(settings.model), dataset=dataset_display_name(settings.dataset),
-        split=settings.split, start=settings.start, end=end, max_length=settings.max_length,
-        system_prompt=settings.system_prompt, dtype=STORE_DTYPES[settings.store_dtype], aux_layers=aux_layers,
-        rows_per_shard=settings.rows_per_shard, shard_bytes=settings.shard_bytes,
-        batch_tokens=settings.batch_tokens, replies=settings.replies, temperature=settings.temperature,
-        max_new_tokens=settings.max_new_tokens, seed=settings.seed, reply_batch_size=settings.reply_batch_size,
-        engine=settings.engine)
+    resolved = dict(model=model_display_name(settings.model), dataset=dataset_display_name(settings.dataset),
+                    start=settings.start, end=end, aux_layers=aux_layers)
+    passed = {f.name: getattr(settings, f.name) for f in dataclasses.fields(GenerationSettings)
+              if f.name not in resolved}
+    return GenerationSettings(**resolved, **passed)
 
 
 def run(settings: GenerateSettings, aux_layers_fn=None, rows_fn=None, extra_manifest: dict | None = None,

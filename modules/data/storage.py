@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from modules.io import atomic_write, atomic_write_text, save_draft_folder  # noqa: F401  (the writers' names here too)
+from modules.io import atomic_write_text
 
 FORMAT = "eagle-data-v1"
 MANIFEST = "manifest.json"
@@ -163,24 +163,6 @@ def read_shard_stats(path: str | Path) -> dict:
     stats = {k: (v if k == "format" else json.loads(v)) for k, v in meta.items()}
     stats["bytes"] = Path(path).stat().st_size
     return stats
-
-
-def summarize_shards(folder: str | Path) -> dict:
-    """Totals over a folder's shards: rows_written, tokens, trained_tokens, skipped, bytes, shards."""
-    total = {"rows_written": 0, "tokens": 0, "trained_tokens": 0, "truncated": 0, "skipped": {}, "bytes": 0,
-             "shards": 0}
-    for path in list_shards(folder):
-        s = read_shard_stats(path)
-        total["rows_written"] += s["rows"]
-        total["tokens"] += s["tokens"]
-        total["trained_tokens"] += s["trained_tokens"]
-        total["truncated"] += s.get("truncated", 0)
-        total["bytes"] += s["bytes"]
-        total["shards"] += 1
-        for reason, n in s["skipped"].items():
-            total["skipped"][reason] = total["skipped"].get(reason, 0) + n
-    total["skipped"] = dict(sorted(total["skipped"].items()))
-    return total
 
 
 def find_data_folders(dirs) -> list[Path]:

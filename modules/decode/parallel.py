@@ -15,24 +15,27 @@ The draft plugs in through its kind's adapter (modules/draft/kinds.py: a kind wi
 which adds to DraftAdapter: `block_size` (K) and `propose_block(ids, feats, start, cache, masks)`: read
 the accepted context (ids [1, L] at draft slots start.., feats [1, L, H_d]) into its cache and return
 the hidden states [1, K, H_d] of the K proposed positions (depth 1..K; `logprobs` maps them).
-`mask_slot_block` below is P-EAGLE's step (mask slots after the context, causal attention).
+P-EAGLE's step (mask slots after the context, causal attention) is `mask_slot_block` in modules/draft/peagle_draft.py.
+Which decoder a draft gets is its kind's `parallel` (modules/draft/kinds.py), never what its adapter happens to define.
 """
 import dataclasses
 
 import torch
 
 from modules.decode.tree import MaskBuffer, chain_tree
-from modules.decode.tree_decoding import EagleDecoder, make_adapter
+from modules.decode.tree_decoding import EagleDecoder, draft_kind, make_adapter
 
 
 class ParallelDecoder(EagleDecoder):
     """Chain speculative decoding, one draft forward per cycle proposing the adapter's block_size tokens."""
 
     def __init__(self, target, draft, timing=False, lookup_tokens=0, lookup_ngram=3):
-        adapter = make_adapter(draft)
-        if not hasattr(adapter, "propose_block"):
-            raise ValueError(f"{type(adapter).__name__} is not a parallel drafter (no propose_block / block_size): "
+        """draft: a draft of a parallel kind, or its adapter (block_size, propose_block)."""
+        kind = draft_kind(draft)
+        if kind is not None and not kind.parallel:
+            raise ValueError(f"a {kind.name} draft is not a parallel drafter (its kind is not parallel): "
                              f"use EagleDecoder")
+        adapter = make_adapter(draft)
         self.block = int(adapter.block_size)
         super().__init__(target, adapter, total_tokens=self.block + 1, depth=self.block, top_k=1, temperature=0.0,
                          timing=timing, lookup_tokens=lookup_tokens, lookup_ngram=lookup_ngram)
@@ -61,24 +64,11 @@ class ParallelDecoder(EagleDecoder):
         return chain_tree(torch.cat([root.view(1), proposals]))
 
 
-def mask_slot_block(adapter, ids, feats, start, cache, masks, mask_ids, mask_feats):
-    """P-EAGLE's block step: the context ids [1, L] / feats [1, L, H_d] at slots start.., then the mask
-    slots (mask_ids [1, K-1], mask_feats [1, K-1, H_d]) in one causal forward (adapter.forward). The cache
-    keeps the context only. Returns the hidden states of the last context slot and the mask slots [1, K, H_d]."""
-    L, extra = ids.shape[1], mask_ids.shape[1]
-    ids = torch.cat([ids, mask_ids.to(ids.device)], dim=1)
-    feats = torch.cat([feats, mask_feats.to(feats.dtype)], dim=1)
-    pos = torch.arange(start, start + L + extra, device=ids.device).unsqueeze(0)
-    h = adapter.forward(ids, feats, pos, masks.causal_after(start, L + extra), cache)
-    cache.truncate(start + L)  # the mask slots are no context
-    return h[:, L - 1:]
-
-
 def make_decoder(target, draft, total_tokens=16, depth=4, top_k=4, temperature=0.0, **options):
-    """Our lossless decoder for any registered draft: ParallelDecoder when its adapter proposes blocks (a
-    parallel kind: the tree shape does not apply, greedy only), else the EAGLE-2 tree decoder."""
-    adapter = make_adapter(draft)
-    if hasattr(adapter, "propose_block"):
+    """Our lossless decoder for any registered draft (or its kind's adapter): ParallelDecoder for a parallel kind
+    (the tree shape does not apply, greedy only), else the EAGLE-2 tree decoder."""
+    adapter, kind = make_adapter(draft), draft_kind(draft)
+    if kind is not None and kind.parallel:
         if temperature > 0:
             raise ValueError("parallel drafting is decoded greedily here (temperature 0)")
         return ParallelDecoder(target, adapter, **options)

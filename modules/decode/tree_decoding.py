@@ -12,203 +12,35 @@ One cycle, with n tokens already in the target's KV cache and the root token x_n
      drop the draft's tree entries and feed it the accepted tokens with the target's real features
      (its "catch-up" forward, whose last output starts the next tree).
 
-The draft protocol (what the decoder needs from any draft) is `DraftAdapter`. EAGLE-1/2 drafts
-(modules/draft/eagle_draft.EagleDraft) use `Eagle2Adapter`. An EAGLE-3 draft plugs in by subclassing
-DraftAdapter:
-  - `aux_layers = [low, mid, high]`: the decoder then runs the target with
-    output_hidden_states=True and hands all hidden states to `target_features`;
-  - `target_features(last_hidden, hidden_states)` returns
-    fc(cat(hidden_states[i] for i in aux_layers)): the features already projected to the draft
-    width, so `forward` receives the same kind of input for target features and for its own
-    outputs (which EAGLE-3 feeds back unprojected);
-  - `logprobs(hidden)` applies the draft's final norm and its own lm_head over the DRAFT vocab;
-  - `to_target_ids(draft_ids)` returns draft_ids + d2t[draft_ids].
-  Then return the adapter from the `tree_adapter()` of the draft's kind (modules/draft/kinds.py; EAGLE-3:
-  modules/draft/eagle3_draft.Eagle3Adapter), or pass the adapter instance itself to EagleDecoder: `make_adapter`
-  accepts both.
+The decoder talks to a draft through its kind's adapter (`kind.tree_adapter(draft)`, modules/draft/kinds.py),
+the protocol `DraftAdapter` of modules/draft/adapter.py; `make_adapter` accepts a draft or an adapter.
 """
 import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from modules.draft.adapter import DraftAdapter
+from modules.draft.kinds import kind_of
+from modules.kv_cache import TreeKVCache
 from modules.placement import output_device
 from modules.decode.sampling import probs_from_logits, sample_accept
 from modules.decode.lookup import PromptLookup, graft
 from modules.decode.tree import CandidatePool, MaskBuffer, greedy_accept
 
 
-# ---- KV cache with preallocated buffers and in-place compaction ----------------------------
-
-class BufferedLayer(DynamicLayer):
-    """A DynamicLayer writing into a preallocated [B, H, capacity, D] buffer.
-
-    No torch.cat per step (HF's DynamicLayer copies the whole cache each token), and the tree's
-    rejected entries are dropped by moving the accepted ones down (`compact`).
-    """
-
-    def __init__(self, capacity):
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-
-    def lazy_initialization(self, key_states, value_states):
-        self.dtype, self.device = key_states.dtype, key_states.device
-        b, h, _, dk = key_states.shape
-        self.kbuf = key_states.new_zeros(b, h, self.capacity, dk)
-        self.vbuf = value_states.new_zeros(b, value_states.shape[1], self.capacity, value_states.shape[-1])
-        self.is_initialized = True
-        self._set_views()
-
-    def _set_views(self):
-        self.keys = self.kbuf[:, :, :self.length]
-        self.values = self.vbuf[:, :, :self.length]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({end} positions)")
-        self.kbuf[:, :, self.length:end] = key_states
-        self.vbuf[:, :, self.length:end] = value_states
-        self.length = end
-        self._set_views()
-        return self.keys, self.values
-
-    def get_seq_length(self):
-        return self.length
-
-    def truncate(self, length):
-        self.length = min(self.length, length)
-        if self.is_initialized:
-            self._set_views()
-
-    def crop(self, tokens_to_remove):
-        # Negative = remove that many; positive = keep that many (transformers' legacy meaning).
-        self.truncate(self.length + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove)
-
-    def compact(self, start, keep):
-        """Keep entries start + keep (ascending) at start.., drop everything after them."""
-        n = keep.shape[0]
-        src = (keep + start).to(self.kbuf.device)  # a spread target keeps each layer's cache on its own GPU
-        self.kbuf[:, :, start:start + n] = self.kbuf.index_select(2, src)
-        self.vbuf[:, :, start:start + n] = self.vbuf.index_select(2, src)
-        self.length = start + n
-        self._set_views()
-
-    def reset(self):
-        self.length = 0
-        if self.is_initialized:
-            self._set_views()
-
-
-class TreeKVCache(DynamicCache):
-    """A DynamicCache (what HF models and EagleDraft expect) made of BufferedLayers."""
-
-    def __init__(self, num_layers, capacity):
-        Cache.__init__(self, layers=[BufferedLayer(capacity) for _ in range(num_layers)])
-
-    def truncate(self, length):
-        for layer in self.layers:
-            layer.truncate(length)
-
-    def compact(self, start, keep):
-        for layer in self.layers:
-            layer.compact(start, keep)
-
-
-# ---- draft protocol -----------------------------------------------------------------------
-
-class DraftAdapter:
-    """What the tree decoder needs from a draft model (see the module docstring for EAGLE-3).
-
-    Shapes: batch 1. `features` are in the draft's input space (width H_d); `forward` returns
-    hidden states of the same width, which the decoder feeds back as the next step's features.
-    """
-
-    aux_layers = None  # None: the target's post-norm last hidden state; else hidden_states ids
-    draft = None
-
-    def check_target(self, target):
-        """Raise ValueError when the draft does not fit this target."""
-
-    def target_features(self, last_hidden, hidden_states):
-        """Target outputs [1,T,H] (+ all hidden states when aux_layers) -> draft features [1,T,H_d]."""
-        return last_hidden
-
-    def new_cache(self, capacity):
-        return TreeKVCache(self.draft.config.num_hidden_layers, capacity)
-
-    def forward(self, input_ids, features, position_ids, attention_mask, cache):
-        """input_ids [1,T] target ids (token t+1), features [1,T,H_d] (feature t), position_ids
-        [1,T], attention_mask [1,1,T,past+T] bool (True = attend), cache updated in place.
-        Returns hidden [1,T,H_d]."""
-        raise NotImplementedError
-
-    def logprobs(self, hidden):
-        """hidden [..., H_d] -> float32 log-probabilities over the draft vocab [..., V_d]."""
-        raise NotImplementedError
-
-    def to_target_ids(self, draft_ids):
-        """Draft-vocab ids -> target-vocab ids (identity when the vocabularies are the same)."""
-        return draft_ids
-
-
-class Eagle2Adapter(DraftAdapter):
-    """EAGLE-1/2 draft (EagleDraft): features = the target's last hidden state, target's lm_head.
-
-    vocab_ids: optional LongTensor of target token ids the draft may propose. The draft's lm_head
-    then scores only those rows: on a small target the full head is a large part of a draft step
-    (SmolLM2: 49152 x 576, a fifth of the target's weights, read once per tree level). Which
-    tokens the draft proposes never changes the output (the target verifies every token), only
-    how often proposals are accepted.
-    """
-
-    def __init__(self, draft, vocab_ids=None):
-        self.draft = draft
-        self.vocab_ids = None
-        if vocab_ids is not None:
-            w = draft.lm_head.weight
-            self.vocab_ids = torch.as_tensor(vocab_ids, device=w.device).long().unique()
-            self.head_weight = w[self.vocab_ids].contiguous()
-
-    def check_target(self, target):
-        tcfg = target.config.get_text_config()
-        dcfg = self.draft.config
-        problems = []
-        if dcfg.hidden_size != tcfg.hidden_size:
-            problems.append(f"hidden size {dcfg.hidden_size} vs target {tcfg.hidden_size}")
-        head = target.get_output_embeddings()
-        dvocab = self.draft.lm_head.weight.shape[0]
-        if head is not None and dvocab != head.weight.shape[0]:
-            problems.append(f"vocab {dvocab} vs target {head.weight.shape[0]}")
-        if problems:
-            raise ValueError("draft does not fit the target: " + "; ".join(problems))
-
-    def forward(self, input_ids, features, position_ids, attention_mask, cache):
-        out, _ = self.draft(input_ids, features.to(self.draft.fc.weight.dtype), attention_mask=attention_mask,
-                            position_ids=position_ids, past_key_values=cache, use_cache=True)
-        return out
-
-    def logprobs(self, hidden):
-        if self.vocab_ids is None:
-            logits = self.draft.compute_logits(hidden)
-        else:
-            logits = torch.nn.functional.linear(hidden.to(self.head_weight.dtype), self.head_weight)
-        return torch.log_softmax(logits.float(), dim=-1)
-
-    def to_target_ids(self, draft_ids):
-        return draft_ids if self.vocab_ids is None else self.vocab_ids[draft_ids]
-
-
 def make_adapter(draft):
     """A DraftAdapter for `draft`: itself if it is one, else its kind's (modules/draft/kinds.py)."""
     if isinstance(draft, DraftAdapter):
         return draft
-    from modules.draft.kinds import kind_of
     return kind_of(draft).tree_adapter(draft)
+
+
+def draft_kind(draft):
+    """The kind of a draft, or of an adapter's draft (modules/draft/kinds.py): what decides its capabilities.
+    None for an adapter of no registered draft (a test's oracle)."""
+    model = draft.draft if isinstance(draft, DraftAdapter) else draft
+    return None if model is None else kind_of(model)
 
 
 # ---- the decoder --------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Stage 2, the draft models: one file per architecture, one registry that decides the kind.
 
     kinds.py          the registry (KINDS) and DraftKind, the interface every architecture implements
+    adapter.py        DraftAdapter: the draft protocol of the decoders (modules/decode/); each kind implements it
     eagle_draft.py    EAGLE-1/2: fc(cat(embedding, feature)) -> one decoder layer -> the target's LM head
     eagle3_draft.py   EAGLE-3: fused aux-layer features, own draft vocabulary, training-time test
     peagle_draft.py   P-EAGLE: EAGLE-3 + a learned mask_hidden and a mask token, K tokens in one forward

@@ -30,12 +30,13 @@ from torch import nn
 from transformers import Qwen3Config
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from modules.decode.tree_decoding import DraftAdapter, TreeKVCache
+from modules.draft.adapter import DraftAdapter
 from modules.draft.eagle3_draft import Eagle3Draft, Eagle3MLP, check_fits_target
 from modules.draft.kinds import DraftKind
 from modules.draft.vocab import build_mappings
 from modules.export import engines
 from modules.io import cast_floats, save_draft_folder
+from modules.kv_cache import TreeKVCache
 
 DFLASH_ARCHITECTURE = "DFlashDraftModel"  # vLLM 0.32 models/registry.py -> qwen3_dflash.DFlashQwen3ForCausalLM
 WEIGHTS_NAME = "model.safetensors"
@@ -338,9 +339,9 @@ class DFlashKind(DraftKind):
 
     def build(self, target, draft_ids=None, aux_layers=None, weights=None, parallel_tokens=None, draft_layers=None,
               mask_token_id=None, **_):
-        draft = DFlashDraft.from_target(target, draft_ids=draft_ids, aux_layers=aux_layers,
-                                        num_layers=draft_layers or 2, block=parallel_tokens or 4,
-                                        mask_token_id=mask_token_id, load_weights=weights is None)
+        draft = self.draft_class.from_target(target, draft_ids=draft_ids, aux_layers=aux_layers,
+                                             num_layers=draft_layers or 2, block=parallel_tokens or 4,
+                                             mask_token_id=mask_token_id, load_weights=weights is None)
         if weights is not None:
             draft.load_target_weights(*weights)
         return draft
@@ -360,8 +361,8 @@ class DFlashKind(DraftKind):
     def export(self, draft, out_dir, target=None, dtype=torch.bfloat16):
         from modules.target_weights import target_config
 
-        if not isinstance(draft, DFlashDraft):
-            draft = DFlashDraft.from_pretrained(draft, target=target)
+        if not isinstance(draft, self.draft_class):
+            draft = self.draft_class.from_pretrained(draft, target=target)
         tcfg = target_config(target or getattr(draft.config, "target_model", None))
         check_fits_target(draft, tcfg)
         engines.check_aux_layers(draft.aux_layers, tcfg.num_hidden_layers, "DFlash capture layers")

@@ -41,10 +41,11 @@ from transformers.models.llama.modeling_llama import (
 from modules.export import engines
 
 from modules.draft import ttt_attention
+from modules.draft.adapter import DraftAdapter
 from modules.draft.kinds import DraftKind
 from modules.draft.vocab import build_mappings
 from modules.io import cast_floats, save_draft_folder
-from modules.decode.tree_decoding import DraftAdapter, TreeKVCache
+from modules.kv_cache import TreeKVCache
 
 EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
 WEIGHTS_NAME = "model.safetensors"
@@ -483,13 +484,11 @@ class Eagle3Kind(DraftKind):
     vllm_method = "eagle3"  # vLLM 0.32: config/speculative.py
 
     def owns_config(self, config):
-        if config.get("parallel_drafting"):  # P-EAGLE's layout (modules/draft/peagle_draft.py)
-            return False
         return config.get("eagle_version") == 3 or any("Eagle3" in a for a in config.get("architectures") or [])
 
     def build(self, target, draft_ids=None, aux_layers=None, weights=None, eagle31_norms=False, **_):
-        draft = Eagle3Draft.from_target(target, draft_ids=draft_ids, aux_layers=aux_layers,
-                                        load_weights=weights is None, eagle31_norms=eagle31_norms)
+        draft = self.draft_class.from_target(target, draft_ids=draft_ids, aux_layers=aux_layers,
+                                             load_weights=weights is None, eagle31_norms=eagle31_norms)
         if weights is not None:
             draft.load_target_weights(*weights)
         return draft

@@ -43,6 +43,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from modules.export import engines
 
 from modules.draft import ttt_attention
+from modules.draft.adapter import DraftAdapter
 from modules.draft.kinds import DraftKind
 from modules.io import atomic_write, save_draft_folder
 
@@ -383,6 +384,53 @@ def export_draft(draft, out_dir, target=None, dtype=torch.bfloat16, warn=print, 
 
 # ---- the registry entry (modules/draft/kinds.py) --------------------------------------------
 
+class Eagle2Adapter(DraftAdapter):
+    """EAGLE-1/2 draft (EagleDraft): features = the target's last hidden state, target's lm_head.
+
+    vocab_ids: optional LongTensor of target token ids the draft may propose. The draft's lm_head
+    then scores only those rows: on a small target the full head is a large part of a draft step
+    (SmolLM2: 49152 x 576, a fifth of the target's weights, read once per tree level). Which
+    tokens the draft proposes never changes the output (the target verifies every token), only
+    how often proposals are accepted.
+    """
+
+    def __init__(self, draft, vocab_ids=None):
+        self.draft = draft
+        self.vocab_ids = None
+        if vocab_ids is not None:
+            w = draft.lm_head.weight
+            self.vocab_ids = torch.as_tensor(vocab_ids, device=w.device).long().unique()
+            self.head_weight = w[self.vocab_ids].contiguous()
+
+    def check_target(self, target):
+        tcfg = target.config.get_text_config()
+        dcfg = self.draft.config
+        problems = []
+        if dcfg.hidden_size != tcfg.hidden_size:
+            problems.append(f"hidden size {dcfg.hidden_size} vs target {tcfg.hidden_size}")
+        head = target.get_output_embeddings()
+        dvocab = self.draft.lm_head.weight.shape[0]
+        if head is not None and dvocab != head.weight.shape[0]:
+            problems.append(f"vocab {dvocab} vs target {head.weight.shape[0]}")
+        if problems:
+            raise ValueError("draft does not fit the target: " + "; ".join(problems))
+
+    def forward(self, input_ids, features, position_ids, attention_mask, cache):
+        out, _ = self.draft(input_ids, features.to(self.draft.fc.weight.dtype), attention_mask=attention_mask,
+                            position_ids=position_ids, past_key_values=cache, use_cache=True)
+        return out
+
+    def logprobs(self, hidden):
+        if self.vocab_ids is None:
+            logits = self.draft.compute_logits(hidden)
+        else:
+            logits = torch.nn.functional.linear(hidden.to(self.head_weight.dtype), self.head_weight)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def to_target_ids(self, draft_ids):
+        return draft_ids if self.vocab_ids is None else self.vocab_ids[draft_ids]
+
+
 class Eagle2Kind(DraftKind):
     """EAGLE-1/2: the target's last hidden state in, the target's frozen lm_head out (full vocabulary)."""
 
@@ -393,22 +441,22 @@ class Eagle2Kind(DraftKind):
     vllm_method = "eagle"  # vLLM 0.32: config/speculative.py
 
     def owns_config(self, config):
-        # ours say eagle_version 2; official and engine checkpoints carry no version and are not EAGLE-3 / DFlash
-        return config.get("eagle_version", 2) == 2 and not any("Eagle3" in a or "DFlash" in a
-                                                               for a in config.get("architectures") or [])
+        # ours say eagle_version 2; official and engine checkpoints carry none (kinds.FALLBACK: when no other claims)
+        return config.get("eagle_version", 2) == 2
 
     def build(self, target, bias=False, attn_implementation="sdpa", weights=None, **_):
-        draft = EagleDraft.from_target(target, bias=bias, attn_implementation=attn_implementation,
-                                       load_head=weights is None)
+        draft = self.draft_class.from_target(target, bias=bias, attn_implementation=attn_implementation,
+                                            load_head=weights is None)
         if weights is not None:
             draft.load_frozen(*weights)
         return draft
 
+    train_script = "train/train.py"  # EagleTrainer (train_eagle_ttt.py --arch eagle2 also trains it, with the TTT loss)
+
     def train_command(self, ttt_steps):
-        return ["train/train.py"]  # EagleTrainer (train_eagle_ttt.py --arch eagle2 also trains it, with the TTT loss)
+        return [self.train_script, "--arch", self.name]  # EagleTrainer unrolls no steps
 
     def tree_adapter(self, draft, vocab_ids=None):
-        from modules.decode.tree_decoding import Eagle2Adapter
         return Eagle2Adapter(draft, vocab_ids)
 
     def save_trained(self, draft, out_dir, target):

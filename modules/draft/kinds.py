@@ -38,7 +38,9 @@ class DraftKind:
     export_files = ()       # what export() writes
     parallel = False        # proposes a block of tokens in one forward (P-EAGLE): modules/decode/parallel.py
     vllm_method = None      # vLLM 0.32's speculative_config "method" for this kind; None = vLLM does not serve it
-    anchored = False        # trains one block per anchor slot (DFlash): training samples --block-anchors of them
+    train_script = "train/train_eagle_ttt.py"  # the trainer of this kind: the TTT trainer trains every kind
+    anchored = False        # trains one block per anchor slot in one pass (DFlash): the trainer calls the draft's
+                            # block_unroll instead of unrolling ttt_step, and samples --block-anchors anchors
 
     @property
     def data_script(self) -> str:
@@ -47,8 +49,8 @@ class DraftKind:
 
     def train_command(self, ttt_steps: int) -> list[str]:
         """The training script and the flags that pick this kind (run from the repo root; the caller adds --data,
-        --output-dir, ...): the TTT trainer, which trains every registered kind."""
-        return ["train/train_eagle_ttt.py", "--arch", self.name, "--ttt-steps", str(ttt_steps)]
+        --output-dir, ...): `train_script --arch NAME`, so a subclass trains itself, never its parent."""
+        return [self.train_script, "--arch", self.name, "--ttt-steps", str(ttt_steps)]
 
     def unroll_steps(self, draft, requested: int) -> int:
         """Draft steps the TTT trainer unrolls and simulates: `requested` (--ttt-steps / --sim-steps) for a
@@ -62,7 +64,8 @@ class DraftKind:
         return {"method": self.vllm_method, "model": str(folder), "num_speculative_tokens": int(num_tokens)}
 
     def owns_config(self, config: dict) -> bool:
-        """True when a saved draft's config.json describes a draft of this kind."""
+        """True when a saved draft's config.json looks like one of this kind (its architecture name, a marker
+        it writes). Overlaps with other kinds are settled by kind_of_config, not here."""
         raise NotImplementedError
 
     def build(self, target, **options):
@@ -106,14 +109,30 @@ def kind_of(draft) -> DraftKind:
     raise ValueError(f"{type(draft).__name__} is not a registered draft kind ({', '.join(KINDS)})")
 
 
+FALLBACK = "eagle2"  # the kind of a config no other kind claims: official EAGLE-1/2 checkpoints carry no marker
+
+
+def kind_of_config(config: dict) -> DraftKind:
+    """The one place that decides which kind a config.json describes. Each kind's owns_config says only
+    whether the config looks like its own; overlaps are settled here, so a new kind edits no sibling:
+      - a kind derived from another wins over it (a P-EAGLE config is also an EAGLE-3 one);
+      - FALLBACK (EAGLE-1/2) counts only when no other kind claims the config."""
+    claims = [kind for kind in all_kinds() if kind.owns_config(config)]
+    owners = [kind for kind in claims if kind.name != FALLBACK] or claims
+    owners = [kind for kind in owners
+              if not any(other is not kind and isinstance(other, type(kind)) for other in owners)]
+    if len(owners) != 1:
+        raise ValueError(f"{len(owners)} registered draft kinds read this config "
+                         f"({', '.join(k.name for k in owners) or 'none of ' + ', '.join(KINDS)}); exactly one must")
+    return owners[0]
+
+
 def kind_of_folder(folder) -> DraftKind:
-    """The kind of a saved draft, from its config.json."""
+    """The kind of a saved draft, from its config.json (kind_of_config)."""
     cfg_file = Path(folder) / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: no draft config (is {folder} a draft folder?)")
-    config = json.loads(cfg_file.read_text())
-    owners = [kind for kind in all_kinds() if kind.owns_config(config)]
-    if len(owners) != 1:
-        raise ValueError(f"{cfg_file}: {len(owners)} registered draft kinds read this config "
-                         f"({', '.join(k.name for k in owners) or 'none of ' + ', '.join(KINDS)}); exactly one must")
-    return owners[0]
+    try:
+        return kind_of_config(json.loads(cfg_file.read_text()))
+    except ValueError as err:
+        raise ValueError(f"{cfg_file}: {err}") from None

@@ -102,9 +102,21 @@ class PEagleAdapter(Eagle3Adapter):
         return self.draft.parallel_tokens
 
     def propose_block(self, ids, feats, start, cache, masks):
-        from modules.decode.parallel import mask_slot_block
         mask_ids, mask_feats = self.draft.mask_inputs(1, self.block_size - 1)
         return mask_slot_block(self, ids, feats, start, cache, masks, mask_ids, mask_feats)
+
+
+def mask_slot_block(adapter, ids, feats, start, cache, masks, mask_ids, mask_feats):
+    """P-EAGLE's block step: the context ids [1, L] / feats [1, L, H_d] at slots start.., then the mask
+    slots (mask_ids [1, K-1], mask_feats [1, K-1, H_d]) in one causal forward (adapter.forward). The cache
+    keeps the context only. Returns the hidden states of the last context slot and the mask slots [1, K, H_d]."""
+    L, extra = ids.shape[1], mask_ids.shape[1]
+    ids = torch.cat([ids, mask_ids.to(ids.device)], dim=1)
+    feats = torch.cat([feats, mask_feats.to(feats.dtype)], dim=1)
+    pos = torch.arange(start, start + L + extra, device=ids.device).unsqueeze(0)
+    h = adapter.forward(ids, feats, pos, masks.causal_after(start, L + extra), cache)
+    cache.truncate(start + L)  # the mask slots are no context
+    return h[:, L - 1:]
 
 
 class PEagleKind(Eagle3Kind):
@@ -119,8 +131,8 @@ class PEagleKind(Eagle3Kind):
 
     def build(self, target, draft_ids=None, aux_layers=None, weights=None, parallel_tokens=None,
               mask_token_id=None, eagle31_norms=False, **_):
-        draft = PEagleDraft.from_target(target, draft_ids=draft_ids, aux_layers=aux_layers,
-                                        load_weights=weights is None, eagle31_norms=eagle31_norms)
+        draft = self.draft_class.from_target(target, draft_ids=draft_ids, aux_layers=aux_layers,
+                                             load_weights=weights is None, eagle31_norms=eagle31_norms)
         if weights is not None:
             draft.load_target_weights(*weights)
         if parallel_tokens is not None:
@@ -145,8 +157,8 @@ class PEagleKind(Eagle3Kind):
         return PEagleAdapter(draft)
 
     def export(self, draft, out_dir, target=None, dtype=torch.bfloat16):
-        if not isinstance(draft, PEagleDraft):  # a folder: export_eagle3 would read it as plain EAGLE-3
-            draft = PEagleDraft.from_pretrained(draft, target=target)
+        if not isinstance(draft, self.draft_class):  # a folder: export_eagle3 would read it as plain EAGLE-3
+            draft = self.draft_class.from_pretrained(draft, target=target)
         return export_eagle3(draft, out_dir, target=target, dtype=dtype)
 
 

@@ -90,24 +90,3 @@ def build_mappings(draft_ids: torch.Tensor, vocab_size: int):
     t2d = torch.zeros(vocab_size, dtype=torch.bool)
     t2d[draft_ids] = True
     return d2t, t2d
-
-
-def draft_to_target(draft_token, d2t: torch.Tensor):
-    """Target ids of draft ids (any shape)."""
-    return draft_token + d2t[draft_token]
-
-
-def target_to_draft_index(t2d: torch.Tensor) -> torch.Tensor:
-    """int64 [V]: the draft id of each target id, -1 where it is not in the draft vocab."""
-    index = torch.full(t2d.shape, -1, dtype=torch.long, device=t2d.device)
-    index[t2d] = torch.arange(int(t2d.sum()), device=t2d.device)
-    return index
-
-
-def build_draft_vocab(pairs, vocab_size: int, size: int | None = None,
-                      coverage: float = DEFAULT_COVERAGE, always_include=()):
-    """Count, select and map in one go. Returns a dict with d2t, t2d, draft_ids, coverage, counts."""
-    counts = count_tokens(pairs, vocab_size)
-    ids, covered = select_draft_vocab(counts, size=size, coverage=coverage, always_include=always_include)
-    d2t, t2d = build_mappings(ids, vocab_size)
-    return {"d2t": d2t, "t2d": t2d, "draft_ids": ids, "coverage": covered, "counts": counts}

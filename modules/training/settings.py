@@ -13,8 +13,9 @@ it and adds its own. `hf=` names the TrainingArguments field that receives a set
 import dataclasses
 from dataclasses import dataclass
 
-from modules.settings import (default_of, flag_name, like, load_run_config, parse_settings,  # noqa: F401 (re-exported)
-                              save_run_config, setting, settings_parser)
+from modules.data.generation import GenerationSettings
+from modules.data.generation_cli import GenerateSettings
+from modules.settings import like, setting
 
 
 def with_kind_defaults(settings, kind):
@@ -82,7 +83,7 @@ class TTTSettings:
 
 @dataclass
 class TrainingSettings(LossSettings):
-    model: str | None = setting(None, "target: hub id, local folder or .gguf; None = embedded SmolLM2-135M-Instruct")
+    model: str | None = like(GenerateSettings, "model")  # the generators' (modules/data/generation_cli.py)
     epochs: float = setting(4, "passes over the training conversations", hf="num_train_epochs")
     max_steps: int = setting(-1, "optimizer steps; > 0 overrides --epochs", hf="max_steps")
     lr: float = setting(3e-4, "peak learning rate; small data: higher than the official 3e-5 (which used 68k "
@@ -91,7 +92,7 @@ class TrainingSettings(LossSettings):
     batch_size: int = setting(1, "conversations per device and micro-batch (padded on the right)",
                               hf="per_device_train_batch_size")
     grad_accum: int = setting(4, "micro-batches per optimizer step", hf="gradient_accumulation_steps")
-    max_length: int = setting(2048, "tokens per conversation (longer ones are cut)")
+    max_length: int = like(GenerationSettings, "max_length")  # the data's (setup.check_data_fits_target compares)
     eval_fraction: float = setting(0.02, "conversations held out for eval (top-k accuracy, simulated tau)")
     train_conversations: int = setting(0, "train on only the first N conversations of the seeded split (the eval "
                                           "ones stay the same; benchmark/bench_learning_curve.py); 0 = all")

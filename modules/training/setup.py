@@ -11,9 +11,20 @@ class UsageError(RuntimeError):
     """Bad input found before training: printed as one line, exit code 2."""
 
 
-def check_data_fits_target(ds, target_cfg, model_display, allow_other_model):
-    """Data made for another target (hidden size, vocab, name in the manifest) is refused."""
+def check_data_fits_target(ds, target_cfg, model_display, allow_other_model, max_length=None, aux_layers=None):
+    """Training's settings against the data's manifests, the one place that compares them. Data made for another
+    target (hidden size, vocab, name) or with other capture layers (--aux-layers) is refused in one line; a
+    --max-length other than the data's is adapted to and said in one line (the rows were cut at the data's:
+    training cuts them shorter, or changes nothing)."""
     where = ds.folders[0] / "manifest.json"
+    if aux_layers is not None and ds.aux_layers and list(aux_layers) != list(ds.aux_layers):
+        raise UsageError(f"{where}: the data's capture layers are {ds.aux_layers}, training asks for "
+                         f"--aux-layers {' '.join(map(str, aux_layers))}: drop the flag or regenerate the data")
+    data_length = max(int(m.get("max_length") or 0) for m in ds.manifests)
+    if max_length and data_length and max_length != data_length and int(os.environ.get("RANK", "0")) == 0:
+        effect = (f"training cuts them to {max_length}" if max_length < data_length
+                  else f"--max-length {max_length} changes nothing")
+        print(f"note: {where}: the data's conversations were cut at max_length {data_length}; {effect}", flush=True)
     if ds.hidden_size != target_cfg.hidden_size:
         raise UsageError(f"{where}: hidden_size {ds.hidden_size} but the target '{model_display}' has "
                          f"{target_cfg.hidden_size}: data was generated for another model")
@@ -83,6 +94,35 @@ def resume_checkpoint(resume, output_dir):
     if resume == "auto":
         return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
     return resume
+
+
+def exit_code(err, args) -> int | None:
+    """The training scripts' error ladder, one for both: an error a user can fix is one line on stderr and exit
+    code 2 (3: a non-finite loss, with the last good checkpoint); None for any other error (raise it)."""
+    import sys
+
+    from safetensors import SafetensorError
+
+    from modules.data.chat import DatasetError
+    from modules.data.feature_server import FeatureServerError
+    from modules.data.regenerate import RegenerationError
+    from modules.data.storage import DataFormatError
+    from modules.draft.eagle_draft import ExportError
+    from modules.target import TargetLoadError
+    from modules.training.eagle_trainer import NonFiniteLossError
+
+    if isinstance(err, NonFiniteLossError):
+        last = resume_checkpoint("auto", args.output_dir)
+        print(f"error: {err}; last good checkpoint: {last or 'none (no checkpoint saved yet)'}", file=sys.stderr)
+        return 3
+    if isinstance(err, SafetensorError):  # a shard damaged after the dataset index was read (mid-epoch)
+        print(f"error: corrupt data shard in {', '.join(args.data)}: {err}", file=sys.stderr)
+        return 2
+    if isinstance(err, (DataFormatError, UsageError, TargetLoadError, DatasetError, RegenerationError,
+                        FileNotFoundError, FeatureServerError, ExportError)):
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return None
 
 
 def pick_attention(attn):

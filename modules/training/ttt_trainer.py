@@ -1,4 +1,4 @@
-"""Training-time test (TTT) trainer: EAGLE-3 (and EAGLE-1/2 with `arch="eagle2"`).
+"""Training-time test (TTT) trainer of every registered draft kind (EAGLE-3, P-EAGLE, DFlash, EAGLE-1/2).
 
 Subclasses modules/training/eagle_trainer.EagleTrainer; only the loss and the evaluation change.
 
@@ -153,13 +153,14 @@ class TTTUnroll(nn.Module):
     def __init__(self, draft):
         super().__init__()
         self.draft = draft
+        self.anchored = kind_of(draft).anchored  # the kind decides: a whole block per anchor in one pass (DFlash)
 
     def forward(self, slot_ids, features, slot_am, steps, select):
         """`steps` TTT steps over every slot (slot_ids [B,T], step-0 input features [B,T,*],
         attention mask [B,T]). select: index tensors (k, b, t) [N] naming the (step, row, slot)
         outputs wanted. Returns (draft outputs [N, h], draft logits [N, draft vocab])."""
         draft = self.draft
-        if hasattr(draft, "block_unroll"):  # a drafter that fills its whole block in one pass (DFlash)
+        if self.anchored:  # the draft fills each anchor's whole block in one pass: its block_unroll
             h = draft.block_unroll(slot_ids, features, slot_am, steps, select)
             return h, draft.compute_logits(h)
         mask0 = step0_mask(slot_am, slot_ids.shape[1], slot_ids.device)
@@ -230,8 +231,8 @@ class TTTTrainer(EagleTrainer):
         else:
             last, aux = inputs["hidden_states"], inputs.get("aux_hidden_states")
             if self.kind.fused_features and aux is None:
-                raise ValueError("EAGLE-3 training needs fused features (aux_hidden_states): generate the data "
-                                 "with generate_data_fused_features.py, or train with --online")
+                raise ValueError(f"{self.kind.name} training needs fused features (aux_hidden_states): generate the "
+                                 "data with generate_data_fused_features.py, or train with --online")
         return (aux if self.kind.fused_features else last), last
 
     def _draft_ids(self, draft):
