@@ -6,7 +6,8 @@ EAGLE-1/2: config.json + model.safetensors (SGLang `LlamaForCausalLMEagle`, vLLM
 and pytorch_model.bin (official `eagle-llm` EaModel). EAGLE-3: config.json + model.safetensors (SGLang
 `LlamaForCausalLMEagle3`, vLLM `Eagle3LlamaForCausalLM`). bf16 weights by default. Each engine's reading
 of the files is in modules/export/engines.py; docs/serving.md has the serve commands. Refuses a draft whose keys
-or shapes do not fit the target, or that no engine could serve as trained.
+or shapes do not fit the target, or that no engine could serve as trained, and, after writing, an export that
+lacks a tensor its kind needs (modules/draft/export_check.py).
 """
 import sys
 from dataclasses import dataclass
@@ -34,12 +35,14 @@ def main(argv=None):
     import torch
     from modules.draft.kinds import kind_of_folder
     from modules.draft.eagle_draft import ExportError
+    from modules.draft.export_check import check_export
     from modules.target import TargetLoadError
 
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
         kind = kind_of_folder(args.checkpoint)  # EAGLE-1/2 or EAGLE-3 (modules/draft/kinds.py)
         out = kind.export(args.checkpoint, args.output_dir, target=args.model, dtype=dtype)
+        check_export(out)  # every tensor its kind and config need, nothing else (modules/draft/export_check.py)
         files = ", ".join(kind.export_files)
     except (ExportError, ValueError, TargetLoadError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
