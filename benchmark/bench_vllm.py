@@ -51,6 +51,8 @@ class Settings:
                                        "or an MT-bench-style .jsonl file; each question's first turn")
     num_questions: int = setting(10, "questions of the prompt set (first turns)")
     max_new_tokens: int = setting(128, "tokens generated per question")
+    concurrency: int = setting(1, "vLLM methods: requests in flight at once (1: one at a time, the latency a single "
+                                  "user sees; N: all prompts submitted together, N at a time, for throughput)")
     dtype: str = setting("fp32", "the target's (and vLLM's draft's) dtype", choices=["fp32", "bf16"])
     kv_cache_fraction: float = setting(0.15, "vLLM gpu_memory_utilization; on CPU it sizes the KV cache in RAM")
     max_model_len: int = setting(2048, "vLLM max_model_len")
@@ -136,21 +138,22 @@ def spec_counters(llm):
 
 
 def run_vllm(target, prompts, max_new_tokens, dtype, spec=None, kv_fraction=Settings.kv_cache_fraction,
-             max_model_len=Settings.max_model_len):
+             max_model_len=Settings.max_model_len, concurrency=1):
     """Generate greedily with a fresh vLLM engine. -> {outputs, seconds, tokens, counters}."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=target, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype], max_model_len=max_model_len,
-              max_num_seqs=1, gpu_memory_utilization=kv_fraction, enforce_eager=True, disable_log_stats=False,
-              speculative_config=spec, seed=0)
+              max_num_seqs=concurrency, gpu_memory_utilization=kv_fraction, enforce_eager=True,
+              disable_log_stats=False, speculative_config=spec, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
     llm.generate([{"prompt_token_ids": prompts[0][:16]}], SamplingParams(temperature=0.0, max_tokens=8),
                  use_tqdm=False)  # warm-up
     before = spec_counters(llm)
     outputs, t0 = [], time.perf_counter()
-    for ids in prompts:  # one at a time: the latency a single user sees
-        res = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
-        outputs.append(list(res[0].outputs[0].token_ids))
+    batches = [prompts] if concurrency > 1 else [[ids] for ids in prompts]  # 1: the latency a single user sees
+    for batch in batches:
+        res = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
+        outputs += [list(r.outputs[0].token_ids) for r in res]
     seconds = time.perf_counter() - t0
     after = spec_counters(llm)
     counters = {k: after[k] - before[k] for k in SPEC_COUNTERS}
@@ -258,7 +261,7 @@ def run_method(method, args, target, prompts):
     with tempfile.TemporaryDirectory() as tmp:
         spec = speculative_config(method, args.draft, k, args.ngram_max, args.hybrid_min_match, tmp)
         r = run_vllm(target, prompts, args.max_new_tokens, args.dtype, spec, args.kv_cache_fraction,
-                     args.max_model_len)
+                     args.max_model_len, args.concurrency)
     r["label"] = "vLLM plain" if spec is None else f"vLLM {spec['method']}, {k} tokens"
     if method == "hybrid":
         r["label"] += f" + lookup rule {args.hybrid_min_match}"
@@ -300,8 +303,8 @@ def report_settings(args) -> dict:
 
 
 BASELINES = ("plain", "ngram")                 # methods that do not depend on the draft
-SAME_FOR_BASELINES = ("model", "prompts", "num_questions", "max_new_tokens", "dtype", "num_spec_tokens", "ngram_max",
-                      "kv_cache_fraction", "max_model_len")
+SAME_FOR_BASELINES = ("model", "prompts", "num_questions", "max_new_tokens", "concurrency", "dtype", "num_spec_tokens",
+                      "ngram_max", "kv_cache_fraction", "max_model_len")
 
 
 def load_baselines(args) -> dict:
