@@ -78,7 +78,8 @@ $(VLLM_REPO_STAMP): $(VLLM_STAMP) pyproject.toml
 install-vllm: $(VLLM_REPO_STAMP)
 
 test-vllm: $(VLLM_REPO_STAMP)
-	$(VLLM_PY) -m pytest -q tests/test_export_vllm_serving.py tests/test_data_engine_vllm.py tests/test_training_engine_online.py
+	$(VLLM_PY) -m pytest -q tests/test_export_vllm_serving.py tests/test_vllm_hybrid.py tests/test_data_engine_vllm.py \
+		tests/test_training_engine_online.py
 
 # CUDA checks (tests/test_gpu.py, marker gpu): on a machine without CUDA every one reports itself skipped.
 # They need no .venv: GPU_PY is .venv's python when there is one, else the system python3 (the lent GPU

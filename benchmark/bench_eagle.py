@@ -4,6 +4,7 @@
     python benchmark/bench_eagle.py --num-questions 3 --max-new-tokens 64
     python benchmark/bench_eagle.py --sweep              # which tree shape is fastest here
     python benchmark/bench_eagle.py --prompts humaneval --hybrid-lookup 8   # code prompts, + hybrid trees
+    python benchmark/bench_eagle.py --depth 3 --hybrid-rule 2               # + chain of 3, alone and with the rule
 
 Both turns of every question are run (the second after the model's own first answer). Per
 question and turn the methods run one after another (interleaved, so machine noise hits them
@@ -41,6 +42,9 @@ class Settings:
     prompt_lookup_tokens: int = setting(10, "HF prompt lookup: tokens per proposal")
     hybrid_lookup: int = setting(0, "also run EAGLE with a prompt-lookup branch of up to N tokens grafted onto every "
                                     "tree (modules/decode/lookup.py; greedy only); 0 = off")
+    hybrid_rule: int = setting(0, "also run a chain of --depth draft tokens, alone and with the hybrid rule: a "
+                                  "prompt-lookup match of >= N tokens replaces the chain (modules/decode/hybrid.py, "
+                                  "what the vLLM plugin serves; greedy only); 0 = off")
     draft_vocab: int = setting(16384, "draft scores only the N most frequent tokens (cheaper head, output "
                                       "unchanged; 0 = all)")
     draft_vocab_data: str | None = setting(None, "generated-data folder to count token frequencies (None: "
@@ -99,13 +103,14 @@ def draft_vocab_ids(n, data_dir, vocab_size, eos):
 
 
 def print_table(summary):
-    print(f"{'method':<22}{'tok/s':>8}{'speedup':>9}{'tau':>7}{'ms/cyc':>8}{'draft':>7}{'verify':>8}"
-          f"{'ovh%':>6}{'match':>8}")
+    print(f"{'method':<30}{'tok/s':>8}{'speedup':>9}{'tau':>7}{'ms/cyc':>8}{'draft':>7}{'verify':>8}"
+          f"{'ovh%':>6}{'lookup%':>8}{'match':>8}")
     for m, s in summary.items():
         f = lambda k, fmt: (fmt.format(s[k]) if s.get(k) is not None else "-")  # noqa: E731
-        print(f"{m:<22}{f('tokens_per_s', '{:.1f}'):>8}{f('speedup', '{:.2f}x'):>9}{f('tau', '{:.2f}'):>7}"
+        print(f"{m:<30}{f('tokens_per_s', '{:.1f}'):>8}{f('speedup', '{:.2f}x'):>9}{f('tau', '{:.2f}'):>7}"
               f"{f('ms_per_cycle', '{:.1f}'):>8}{f('draft_ms_per_cycle', '{:.1f}'):>7}"
               f"{f('target_ms_per_cycle', '{:.1f}'):>8}{f('overhead_pct', '{:.1f}'):>6}"
+              f"{f('lookup_cycle_share', '{:.0%}'):>8}"
               + (f"{s['matched_plain']:>4}/{s['runs']:<3}" if s["matched_plain"] is not None else f"{'-':>8}"))
 
 
@@ -202,10 +207,11 @@ def build_methods(args, target, adapter):
     from benchmark.methods import run_eagle, run_lookup, run_plain
     from modules.decode.parallel import make_decoder
 
-    def decoder_for(total, depth, k, lookup=0):  # a parallel draft (P-EAGLE, DFlash) proposes its block instead
+    def decoder_for(total, depth, k, lookup=0, rule=0):  # a parallel draft (P-EAGLE, DFlash) proposes its block
         try:
             return make_decoder(target, adapter, total_tokens=total, depth=depth, top_k=k, lookup_tokens=lookup,
-                                temperature=args.temperature, timing=True)  # the report splits draft / target time
+                                hybrid_min_match=rule, temperature=args.temperature,
+                                timing=True)  # the report splits draft / target time
         except ValueError as e:
             sys.exit(f"error: {e}")
 
@@ -222,6 +228,11 @@ def build_methods(args, target, adapter):
     if args.hybrid_lookup > 0:
         methods.append((f"eagle + lookup {args.hybrid_lookup}", run_eagle,
                         {"decoder": decoder_for(*shapes[0], lookup=args.hybrid_lookup)}))
+    if args.hybrid_rule > 0:  # the chain vLLM serves (--depth tokens), alone and with the rule
+        chain = (args.depth + 1, args.depth, 1)
+        methods += [(f"chain {args.depth}", run_eagle, {"decoder": decoder_for(*chain)}),
+                    (f"chain {args.depth} + lookup rule {args.hybrid_rule}", run_eagle,
+                     {"decoder": decoder_for(*chain, rule=args.hybrid_rule)})]
     return methods, shapes, args.turns
 
 

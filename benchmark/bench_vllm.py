@@ -9,6 +9,10 @@ greedy, one sequence at a time) each method generates the same prompts:
   plain   vLLM without speculation (the baseline and the reference output)
   draft   vLLM with our exported draft (method eagle or eagle3, from the draft's config)
   ngram   vLLM's training-free prompt-lookup speculation
+  hybrid  vLLM with our draft and this repo's plugin (modules/vllm_plugin/): a prompt-lookup match of
+          >= --hybrid-min-match tokens replaces the draft's tokens (modules/decode/hybrid.py); served from a
+          copy of the export's config.json with the field train/export.py --hybrid-lookup writes
+  ours-hybrid  our decoder's chain with the same rule: what vLLM's hybrid acceptance should match
   ours    our EAGLE decoder (modules/decode/tree_decoding.py) run as a CHAIN of the same length on the same
           target folder, with --reference-draft (default: the same draft): what vLLM's acceptance
           should match. Give the training checkpoint as reference to check the export itself.
@@ -39,13 +43,16 @@ class Settings:
     draft: str = setting(str(DEFAULT_TTT_TRAIN_DIR / "export"), "an exported draft folder (train/export.py)")
     reference_draft: str | None = setting(None, "the draft our decoder runs ('ours'); None = --draft")
     methods: list[str] = setting(["plain", "draft", "ngram", "ours"], "methods to run",
-                                 choices=["plain", "draft", "ngram", "ours"])
+                                 choices=["plain", "draft", "ngram", "hybrid", "ours", "ours-hybrid"])
+    hybrid_min_match: int = setting(2, "hybrid, ours-hybrid: the rule's min_match (modules/decode/hybrid.py)")
     num_spec_tokens: int = setting(3, "draft tokens per cycle (vLLM's num_speculative_tokens; our chain depth)")
     ngram_max: int = setting(4, "n-gram: longest prompt n-gram to match")
     prompts: str = setting("mt-bench", "prompt set (benchmark/prompt_sets.py: mt-bench, humaneval, sharegpt-heldout) "
                                        "or an MT-bench-style .jsonl file; each question's first turn")
     num_questions: int = setting(10, "questions of the prompt set (first turns)")
     max_new_tokens: int = setting(128, "tokens generated per question")
+    concurrency: int = setting(1, "vLLM methods: requests in flight at once (1: one at a time, the latency a single "
+                                  "user sees; N: all prompts submitted together, N at a time, for throughput)")
     dtype: str = setting("fp32", "the target's (and vLLM's draft's) dtype", choices=["fp32", "bf16"])
     kv_cache_fraction: float = setting(0.15, "vLLM gpu_memory_utilization; on CPU it sizes the KV cache in RAM")
     max_model_len: int = setting(2048, "vLLM max_model_len")
@@ -82,7 +89,7 @@ def first_turn_prompts(target, prompt_set, n):
                                     tokenize=True, return_dict=False) for r in rows]
 
 
-def speculative_config(method, draft, k, ngram_max):
+def speculative_config(method, draft, k, ngram_max, min_match=0, tmp=None):
     from modules.draft.kinds import kind_of_folder
 
     if method == "plain":
@@ -90,7 +97,28 @@ def speculative_config(method, draft, k, ngram_max):
     if method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": ngram_max,
                 "prompt_lookup_min": 1}
-    return kind_of_folder(draft).vllm_speculative_config(draft, k)  # the draft's kind decides (modules/draft/kinds.py)
+    kind = kind_of_folder(draft)  # the draft's kind decides (modules/draft/kinds.py)
+    return kind.vllm_speculative_config(with_hybrid_field(draft, min_match if method == "hybrid" else 0, tmp), k)
+
+
+def with_hybrid_field(draft, min_match, tmp):
+    """A folder serving `draft` with the plugin's hybrid field set to min_match (0: none, the draft alone): the
+    export itself when it already says so, else a copy in `tmp` (weights linked, config.json rewritten)."""
+    from modules.export import engines
+
+    config = json.loads((Path(draft) / "config.json").read_text())
+    if engines.read_hybrid_min_match(config) == min_match:
+        return draft
+    config.pop(engines.HYBRID_KEY, None)
+    if min_match:
+        config.update(engines.hybrid_lookup_fields(min_match))
+    folder = Path(tmp) / f"{Path(draft).name}-hybrid-{min_match}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in Path(draft).iterdir():
+        if f.name != "config.json" and not (folder / f.name).exists():
+            (folder / f.name).symlink_to(f.resolve())
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
 
 
 def spec_counters(llm):
@@ -110,21 +138,22 @@ def spec_counters(llm):
 
 
 def run_vllm(target, prompts, max_new_tokens, dtype, spec=None, kv_fraction=Settings.kv_cache_fraction,
-             max_model_len=Settings.max_model_len):
+             max_model_len=Settings.max_model_len, concurrency=1):
     """Generate greedily with a fresh vLLM engine. -> {outputs, seconds, tokens, counters}."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=target, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype], max_model_len=max_model_len,
-              max_num_seqs=1, gpu_memory_utilization=kv_fraction, enforce_eager=True, disable_log_stats=False,
-              speculative_config=spec, seed=0)
+              max_num_seqs=concurrency, gpu_memory_utilization=kv_fraction, enforce_eager=True,
+              disable_log_stats=False, speculative_config=spec, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
     llm.generate([{"prompt_token_ids": prompts[0][:16]}], SamplingParams(temperature=0.0, max_tokens=8),
                  use_tqdm=False)  # warm-up
     before = spec_counters(llm)
     outputs, t0 = [], time.perf_counter()
-    for ids in prompts:  # one at a time: the latency a single user sees
-        res = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
-        outputs.append(list(res[0].outputs[0].token_ids))
+    batches = [prompts] if concurrency > 1 else [[ids] for ids in prompts]  # 1: the latency a single user sees
+    for batch in batches:
+        res = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
+        outputs += [list(r.outputs[0].token_ids) for r in res]
     seconds = time.perf_counter() - t0
     after = spec_counters(llm)
     counters = {k: after[k] - before[k] for k in SPEC_COUNTERS}
@@ -135,9 +164,10 @@ def run_vllm(target, prompts, max_new_tokens, dtype, spec=None, kv_fraction=Sett
     return {"outputs": outputs, "seconds": seconds, "tokens": sum(map(len, outputs)), "counters": counters}
 
 
-def run_ours(target, draft, prompts, max_new_tokens, dtype, k):
+def run_ours(target, draft, prompts, max_new_tokens, dtype, k, min_match=0):
     """Our decoder as a chain of k draft tokens (top-1, depth k) with the same draft and target folder; a
-    parallel draft (P-EAGLE) proposes the block it was trained for in one forward (modules/decode/parallel.py)."""
+    parallel draft (P-EAGLE) proposes the block it was trained for in one forward (modules/decode/parallel.py).
+    min_match > 0: with the hybrid rule (modules/decode/hybrid.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -150,22 +180,24 @@ def run_ours(target, draft, prompts, max_new_tokens, dtype, k):
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, attn_implementation="sdpa").eval()
     drafter = load_draft(draft, target_model=model, dtype=torch_dtype)
     if kind_of(drafter).parallel:
-        decoder = ParallelDecoder(model, drafter)
+        decoder = ParallelDecoder(model, drafter, hybrid_min_match=min_match)
         k = decoder.block
     else:
-        decoder = EagleDecoder(model, drafter, total_tokens=k + 1, depth=k, top_k=1)
+        decoder = EagleDecoder(model, drafter, total_tokens=k + 1, depth=k, top_k=1, hybrid_min_match=min_match)
     eos = model.generation_config.eos_token_id
     decoder.generate(prompts[0][:16], max_new_tokens=8, eos_token_id=eos)  # warm-up
-    outputs, lengths, t0 = [], [], time.perf_counter()
+    outputs, lengths, from_lookup, t0 = [], [], [], time.perf_counter()
     for ids in prompts:
         r = decoder.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos)
         outputs.append(r.tokens)
         lengths += r.accept_lengths
+        from_lookup += r.from_lookup
     seconds = time.perf_counter() - t0
     accepted = [n - 1 for n in lengths]
     counters = {"num_drafts": len(accepted), "num_draft_tokens": k * len(accepted),
                 "num_accepted_tokens": sum(accepted),
-                "accepted_per_pos": [sum(a > i for a in accepted) for i in range(k)]}
+                "accepted_per_pos": [sum(a > i for a in accepted) for i in range(k)],
+                "lookup_cycles": sum(from_lookup)}
     return {"outputs": outputs, "seconds": seconds, "tokens": sum(map(len, outputs)), "counters": counters}
 
 
@@ -218,15 +250,21 @@ def plot(results, path):
 
 
 def run_method(method, args, target, prompts):
+    import tempfile
+
     k = args.num_spec_tokens
-    if method == "ours":
-        r = run_ours(target, args.reference_draft or args.draft, prompts, args.max_new_tokens, args.dtype, k)
-        r["label"] = f"our decoder, chain of {k}"
-    else:
-        spec = speculative_config(method, args.draft, k, args.ngram_max)
+    if method in ("ours", "ours-hybrid"):
+        rule = args.hybrid_min_match if method == "ours-hybrid" else 0
+        r = run_ours(target, args.reference_draft or args.draft, prompts, args.max_new_tokens, args.dtype, k, rule)
+        r["label"] = f"our decoder, chain of {k}" + (f" + lookup rule {rule}" if rule else "")
+        return r
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = speculative_config(method, args.draft, k, args.ngram_max, args.hybrid_min_match, tmp)
         r = run_vllm(target, prompts, args.max_new_tokens, args.dtype, spec, args.kv_cache_fraction,
-                     args.max_model_len)
-        r["label"] = "vLLM plain" if spec is None else f"vLLM {spec['method']}, {k} tokens"
+                     args.max_model_len, args.concurrency)
+    r["label"] = "vLLM plain" if spec is None else f"vLLM {spec['method']}, {k} tokens"
+    if method == "hybrid":
+        r["label"] += f" + lookup rule {args.hybrid_min_match}"
     return r
 
 
@@ -265,8 +303,8 @@ def report_settings(args) -> dict:
 
 
 BASELINES = ("plain", "ngram")                 # methods that do not depend on the draft
-SAME_FOR_BASELINES = ("model", "prompts", "num_questions", "max_new_tokens", "dtype", "num_spec_tokens", "ngram_max",
-                      "kv_cache_fraction", "max_model_len")
+SAME_FOR_BASELINES = ("model", "prompts", "num_questions", "max_new_tokens", "concurrency", "dtype", "num_spec_tokens",
+                      "ngram_max", "kv_cache_fraction", "max_model_len")
 
 
 def load_baselines(args) -> dict:
@@ -303,7 +341,7 @@ def main(argv=None):
     import vllm
     report = {"engine": f"vllm {vllm.__version__}",
               "target": EMBEDDED_MODEL_NAME if args.model is None else engines_name(args.model),
-              "draft": engines_name(args.draft) if "draft" in args.methods or "ours" in args.methods else None,
+              "draft": engines_name(args.draft) if set(args.methods) - set(BASELINES) else None,
               "settings": report_settings(args), "baselines_from": engines_name(args.baselines) if reused else None,
               "prompts": len(prompts), "threads": os.cpu_count(), "results": results}
     out = Path(args.out)

@@ -33,8 +33,9 @@ def run_eagle(target, ids, max_new, eos, decoder=None, generator=None, **_):
     t = time.perf_counter()
     res = decoder.generate(ids, max_new, eos_token_id=eos, generator=generator)
     sec = time.perf_counter() - t
-    return res.tokens, sec, {"accept_lengths": res.accept_lengths, "draft_s": res.draft_s,
-                             "target_s": res.target_s, "cycles_s": res.cycles_s, "prefill_s": res.prefill_s}
+    return res.tokens, sec, {"accept_lengths": res.accept_lengths, "from_lookup": res.from_lookup,
+                             "draft_s": res.draft_s, "target_s": res.target_s, "cycles_s": res.cycles_s,
+                             "prefill_s": res.prefill_s}
 
 
 # ---- summary -------------------------------------------------------------------------------
@@ -73,6 +74,9 @@ def summarize(records, depth):
                 "target_ms_per_cycle": round(1000 * tgt / len(acc), 3),
                 "overhead_pct": round(100 * (cyc - draft - tgt) / cyc, 2) if cyc else None,
             })
+            used = [u for r in rs for u in r.get("from_lookup", [])]
+            if any(used):  # the hybrid rule (modules/decode/hybrid.py): cycles that verified the lookup's tokens
+                s["lookup_cycle_share"] = round(sum(used) / len(used), 4)
         summary[m] = s
         if m == "plain":
             plain_tps = s["tokens_per_s"]

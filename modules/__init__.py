@@ -12,6 +12,7 @@
     training/          stage 2: the Trainer subclasses and their config dataclasses
     decode/            stage 3: lossless tree speculative decoding
     export/            stage 4: engine conventions and exports for SGLang / vLLM / official EAGLE
+    vllm_plugin/       loaded by vLLM 0.32 itself: the hybrid proposer (draft + prompt lookup), the export check
     stages.py          run a pipeline stage (a script) once, skipped on rerun: demo.py, learning curve
     demo_report.py     the `make demo` report
 

@@ -110,8 +110,9 @@ def exports(checkpoints, tmp_path_factory):
     return PerKind(export)
 
 
-def bench(tmp_path, name, methods, draft=None, reference=None, k=K):
-    """Run benchmark/bench_vllm.py as a user would; -> its results, or None if vLLM refused the draft."""
+def bench(tmp_path, name, methods, draft=None, reference=None, k=K, extra=()):
+    """Run benchmark/bench_vllm.py as a user would (`extra` flags override the defaults here); -> its results, or
+    None if vLLM refused the draft."""
     out = tmp_path / f"{name}.json"
     args = ["benchmark/bench_vllm.py", "--methods", *methods, "--num-spec-tokens", k, "--num-questions", PROMPTS,
             "--max-new-tokens", MAX_NEW, "--dtype", "fp32", "--out", out]
@@ -119,6 +120,7 @@ def bench(tmp_path, name, methods, draft=None, reference=None, k=K):
         args += ["--draft", draft]
     if reference is not None:
         args += ["--reference-draft", reference]
+    args += list(extra)
     try:
         run(*args)
     except RuntimeError as err:

@@ -64,6 +64,23 @@ def test_bench_eagle_end_to_end(tiny_bench_dirs, tmp_path, capsys):
     assert "eagle" in capsys.readouterr().out
 
 
+def test_bench_eagle_chain_with_the_hybrid_rule(tiny_bench_dirs, tmp_path, capsys):
+    """--hybrid-rule N: the chain alone and with the rule, both lossless; the random tiny target repeats itself,
+    so the rule takes the lookup in some cycles and accepts more than the chain alone."""
+    from benchmark import bench_eagle
+
+    out = tmp_path / "r.json"
+    bench_eagle.main(["--model", str(tiny_bench_dirs / "target"), "--draft", str(tiny_bench_dirs / "draft"),
+                      "--num-questions", "1", "--max-new-tokens", "24", "--out", str(out), "--depth", "3",
+                      "--hybrid-rule", "2", "--threads", "1"])
+    s = json.loads(out.read_text())["summary"]
+    chain, rule = s["chain 3"], s["chain 3 + lookup rule 2"]
+    assert chain["matched_plain"] == rule["matched_plain"] == 2
+    assert "lookup_cycle_share" not in chain and 0 < rule["lookup_cycle_share"] <= 1
+    assert rule["tau"] > chain["tau"]
+    assert "chain 3 + lookup rule 2" in capsys.readouterr().out
+
+
 def test_bench_eagle_missing_draft_is_a_clear_error(tmp_path):
     from benchmark import bench_eagle
 

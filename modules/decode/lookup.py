@@ -44,15 +44,21 @@ class PromptLookup:
                 if p - n >= 0:
                     index[tuple(ctx[p - n:p])] = p - n
 
-    def propose(self) -> list[int]:
-        """Up to num_tokens tokens that followed the most recent earlier match of the context's
-        last n tokens, longest n first; [] when nothing matches."""
+    def find(self) -> tuple[int, int]:
+        """(n, start): the context's last n tokens also occur at `start` (the most recent earlier
+        occurrence), longest n first; (0, -1) when nothing matches."""
         ctx = self.context
         for n in range(min(self.max_ngram, len(ctx)), self.min_ngram - 1, -1):
             start = self.index[n].get(tuple(ctx[-n:]))
             if start is not None:
-                return ctx[start + n:start + n + self.num_tokens]
-        return []
+                return n, start
+        return 0, -1
+
+    def propose(self) -> list[int]:
+        """Up to num_tokens tokens that followed the most recent earlier match of the context's
+        last n tokens, longest n first; [] when nothing matches."""
+        n, start = self.find()
+        return self.context[start + n:start + n + self.num_tokens] if n else []
 
 
 def graft(tree: Tree, chain: list[int]) -> Tree:

@@ -9,7 +9,8 @@ The cycle of EagleDecoder (modules/decode/tree_decoding.py) with two changes:
     (modules/draft/peagle_draft.py has the table);
   - the "tree" is the chain of the K greedy proposals, verified in one target forward as before.
 Greedy only (temperature 0). With lookup_tokens > 0 a prompt-lookup branch rides in the same verify
-(a hybrid chain + lookup tree). The output equals plain greedy decoding whatever the draft proposes.
+(a hybrid chain + lookup tree); with hybrid_min_match > 0 a lookup match replaces the block
+(modules/decode/hybrid.py). The output equals plain greedy decoding whatever the draft proposes.
 
 The draft plugs in through its kind's adapter (modules/draft/kinds.py: a kind with parallel = True),
 which adds to DraftAdapter: `block_size` (K) and `propose_block(ids, feats, start, cache, masks)`: read
@@ -29,7 +30,7 @@ from modules.decode.tree_decoding import EagleDecoder, draft_kind, make_adapter
 class ParallelDecoder(EagleDecoder):
     """Chain speculative decoding, one draft forward per cycle proposing the adapter's block_size tokens."""
 
-    def __init__(self, target, draft, timing=False, lookup_tokens=0, lookup_ngram=3):
+    def __init__(self, target, draft, timing=False, lookup_tokens=0, lookup_ngram=3, hybrid_min_match=0):
         """draft: a draft of a parallel kind, or its adapter (block_size, propose_block)."""
         kind = draft_kind(draft)
         if kind is not None and not kind.parallel:
@@ -38,7 +39,8 @@ class ParallelDecoder(EagleDecoder):
         adapter = make_adapter(draft)
         self.block = int(adapter.block_size)
         super().__init__(target, adapter, total_tokens=self.block + 1, depth=self.block, top_k=1, temperature=0.0,
-                         timing=timing, lookup_tokens=lookup_tokens, lookup_ngram=lookup_ngram)
+                         timing=timing, lookup_tokens=lookup_tokens, lookup_ngram=lookup_ngram,
+                         hybrid_min_match=hybrid_min_match)
 
     def _buffers(self, P, max_new):
         """EagleDecoder's, with draft cache and mask rows for the K-1 mask slots after every catch-up."""

@@ -25,8 +25,9 @@ from modules.draft.kinds import kind_of
 from modules.kv_cache import TreeKVCache
 from modules.placement import output_device
 from modules.decode.sampling import probs_from_logits, sample_accept
+from modules.decode.hybrid import HybridLookup
 from modules.decode.lookup import PromptLookup, graft
-from modules.decode.tree import CandidatePool, MaskBuffer, greedy_accept
+from modules.decode.tree import CandidatePool, MaskBuffer, chain_tree, greedy_accept
 
 
 def make_adapter(draft):
@@ -55,6 +56,7 @@ def synchronize(device):
 class DecodeResult:
     tokens: list                  # new token ids (prompt excluded), EOS included when hit
     accept_lengths: list = field(default_factory=list)  # per cycle: accepted draft tokens + 1 bonus
+    from_lookup: list = field(default_factory=list)     # per cycle: the hybrid rule verified the lookup's tokens
     # prefill_s .. cycles_s are measured only by a decoder built with timing=True (else 0)
     prefill_s: float = 0.0
     draft_s: float = 0.0          # draft forwards + log-probs inside cycles
@@ -115,21 +117,30 @@ class EagleDecoder:
     expanded per level and children per node. temperature 0 = greedy.
     lookup_tokens: > 0 grafts a prompt-lookup branch of up to that many tokens onto every tree (a hybrid
     tree, modules/decode/lookup.py; greedy only), matched on the context's last `lookup_ngram` tokens.
+    hybrid_min_match: > 0 applies the hybrid rule (modules/decode/hybrid.py; greedy only): in a cycle where the
+    context's last >= hybrid_min_match tokens occurred earlier, the `depth` tokens that followed are verified as
+    a chain instead of the draft's tree (no draft forwards that cycle), else the draft's tree is. With a chain
+    shape (top_k 1, total_tokens depth + 1) this is what the vLLM plugin serves (modules/vllm_plugin/).
     timing: fill DecodeResult's prefill / draft / target / cycle times. On a GPU this synchronises
     with the device around every forward, so it is off unless a benchmark asks for it; total_s is
     always measured (each cycle ends by reading the accepted tokens on the host anyway).
     """
 
     def __init__(self, target, draft, total_tokens=16, depth=4, top_k=4, temperature=0.0, timing=False,
-                 lookup_tokens=0, lookup_ngram=3):
+                 lookup_tokens=0, lookup_ngram=3, hybrid_min_match=0):
         if total_tokens < 1 or depth < 1 or top_k < 1:
             raise ValueError(f"need total_tokens, depth, top_k >= 1, got {total_tokens}, {depth}, {top_k}")
         if lookup_tokens < 0 or lookup_ngram < 1:
             raise ValueError(f"need lookup_tokens >= 0 and lookup_ngram >= 1, got {lookup_tokens}, {lookup_ngram}")
-        if lookup_tokens and temperature > 0:
-            raise ValueError("prompt-lookup branches (lookup_tokens > 0) need greedy decoding (temperature 0): "
-                             "speculative sampling needs every candidate's draft probability")
-        self.lookup_tokens, self.lookup_ngram = lookup_tokens, lookup_ngram
+        if (lookup_tokens or hybrid_min_match) and temperature > 0:
+            raise ValueError("prompt-lookup tokens (lookup_tokens, hybrid_min_match > 0) need greedy decoding "
+                             "(temperature 0): speculative sampling needs every candidate's draft probability")
+        if lookup_tokens and hybrid_min_match:
+            raise ValueError("lookup_tokens (a lookup branch grafted onto every tree) and hybrid_min_match (the "
+                             "lookup replaces the tree) are two ways to combine them: pick one")
+        if hybrid_min_match:
+            HybridLookup(depth, hybrid_min_match)  # a bad min_match is refused here, not mid-generation
+        self.lookup_tokens, self.lookup_ngram, self.hybrid_min_match = lookup_tokens, lookup_ngram, hybrid_min_match
         self.target = target
         self.adapter = make_adapter(draft)
         self.adapter.check_target(target)
@@ -246,9 +257,14 @@ class EagleDecoder:
             tree_depth = min(self.depth, self.max_positions - 1 - n)
             if tree_depth < 1:
                 break
-            tree = self._grow_tree(root, h[0, -1], lp[0], n, tree_depth, buf, result)
-            if lookup is not None:  # hybrid tree: the prompt-lookup branch rides in the same verify
+            chain = lookup.lookup() if isinstance(lookup, HybridLookup) else None  # the hybrid rule
+            if chain is not None:
+                tree = chain_tree(torch.tensor([int(root)] + chain[:tree_depth], device=self.device))
+            else:
+                tree = self._grow_tree(root, h[0, -1], lp[0], n, tree_depth, buf, result)
+            if isinstance(lookup, PromptLookup):  # hybrid tree: the prompt-lookup branch rides in the same verify
                 tree = graft(tree, lookup.propose()[:self.max_positions - 1 - n])
+            result.from_lookup.append(chain is not None)
             path, bonus, last, hs = self._verify(tree, n, buf, generator, result)
             new = torch.cat([tree.tokens[path[1:]], bonus.view(1)])  # accepted draft tokens + the bonus
             result.accept_lengths.append(new.shape[0])
@@ -277,10 +293,14 @@ class EagleDecoder:
         return ids
 
     def _new_lookup(self, ids, tokens):
-        """The prompt-lookup index over prompt + first token, or None when lookup branches are off."""
-        if not self.lookup_tokens:
+        """The prompt-lookup index over prompt + first token: a PromptLookup for grafted branches, a HybridLookup
+        for the hybrid rule, None when neither is on."""
+        if self.hybrid_min_match:
+            lookup = HybridLookup(self.depth, self.hybrid_min_match)
+        elif self.lookup_tokens:
+            lookup = PromptLookup(self.lookup_tokens, max_ngram=self.lookup_ngram)
+        else:
             return None
-        lookup = PromptLookup(self.lookup_tokens, max_ngram=self.lookup_ngram)
         lookup.reset(ids[0].tolist() + tokens)
         return lookup
 
@@ -289,6 +309,8 @@ class EagleDecoder:
         k, depth = self.top_k, self.depth
         tree_cap = 1 + k + max(depth - 1, 0) * k * k
         max_tree = min(self.total_tokens, tree_cap) + self.lookup_tokens
+        if self.hybrid_min_match:  # a lookup chain: the root and `depth` tokens
+            max_tree = max(max_tree, depth + 1)
         return _Buffers(
             tcache=TreeKVCache(self.config.num_hidden_layers, P + max_new + max_tree + 1),
             dcache=self.adapter.new_cache(P + max_new + k * depth + 1),

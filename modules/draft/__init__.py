@@ -9,5 +9,6 @@
     ttt_attention.py  the training-time-test attention both drafts use when trained with TTT
     vocab.py          EAGLE-3 draft vocabulary (most frequent trained tokens) and its id maps
     loading.py        load any saved draft folder; the registry decides its kind
+    export_check.py   is an export complete? its weights against the tensors its kind's config needs
 Add an architecture: docs/extending.md.
 """

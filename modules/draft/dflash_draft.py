@@ -152,7 +152,7 @@ class DFlashDraft(nn.Module):
         self.norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(h, n, bias=False)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        d2t, t2d = build_mappings(torch.arange(n), config.vocab_size)
+        d2t, t2d = build_mappings(torch.arange(n, device="cpu"), config.vocab_size)
         self.register_buffer("d2t", d2t)
         self.register_buffer("t2d", t2d)
         for m in [self.fc, self.layers, self.lm_head]:
@@ -238,11 +238,14 @@ class DFlashDraft(nn.Module):
         return self.lm_head(self.norm(h))
 
     # ---- save / load --------------------------------------------------------------------------
-    def serving_state_dict(self, with_embed=True):
+    def serving_tensors(self, with_embed=True):
+        """{name: tensor} of the serving layout, not copied (as Eagle3Draft.serving_tensors)."""
         sd = {k: v for k, v in self.state_dict().items() if not k.startswith(("embed_tokens.", "rotary_emb."))}
         if with_embed:
             sd["embed_tokens.weight"] = self.embed_tokens.weight
-        return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        return sd
+
+    serving_state_dict = Eagle3Draft.serving_state_dict
 
     def config_dict(self, dtype=None) -> dict:
         cfg = engines.clean_config(self.config.to_dict())
@@ -256,13 +259,17 @@ class DFlashDraft(nn.Module):
         save_draft_folder(out_dir, cast_floats(self.serving_state_dict(with_embed), dtype), self.config_dict(dtype),
                           WEIGHTS_NAME)
 
+    @staticmethod
+    def config_from_dict(cfg_dict):
+        """The Qwen3Config of a saved draft's config.json."""
+        return Qwen3Config(**{k: v for k, v in cfg_dict.items()
+                              if k not in ("dtype", "torch_dtype", "rope_theta", "rope_scaling")})
+
     @classmethod
     def from_pretrained(cls, draft_dir, target=None, dtype=torch.float32, **_):
         draft_dir = Path(draft_dir)
         cfg_dict = json.loads((draft_dir / "config.json").read_text())
-        for key in ("dtype", "torch_dtype", "rope_theta", "rope_scaling"):
-            cfg_dict.pop(key, None)
-        draft = cls(Qwen3Config(**cfg_dict))
+        draft = cls(cls.config_from_dict(cfg_dict))
         sd = load_file(str(draft_dir / WEIGHTS_NAME))
         if "embed_tokens.weight" not in sd:
             from modules import target_weights

@@ -174,8 +174,9 @@ class Eagle3Draft(nn.Module):
         self.norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(h, n, bias=False)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        # Default mapping: the first n target ids (replaced by set_draft_vocab).
-        d2t, t2d = build_mappings(torch.arange(n), vocab)
+        # Default mapping: the first n target ids (replaced by set_draft_vocab); built on the CPU even when the
+        # draft is built on the meta device (export_tensors: its value-dependent checks need values).
+        d2t, t2d = build_mappings(torch.arange(n, device="cpu"), vocab)
         self.register_buffer("d2t", d2t)
         self.register_buffer("t2d", t2d)
         std = getattr(config, "initializer_range", 0.02)
@@ -298,12 +299,17 @@ class Eagle3Draft(nn.Module):
         return draft_token + self.d2t[draft_token]
 
     # ---- save / load --------------------------------------------------------------------
-    def serving_state_dict(self, with_embed=True):
+    def serving_tensors(self, with_embed=True):
+        """{name: tensor} of the serving layout, not copied (on the meta device: the names and shapes an export
+        must hold, modules/draft/export_check.py)."""
         sd = {k: v for k, v in self.state_dict().items()
               if k.startswith(("fc.", "midlayer.", "norm.", "lm_head.", "input_norm.")) or k in ("d2t", "t2d")}
         if with_embed:
             sd["embed_tokens.weight"] = self.embed_tokens.weight
-        return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        return sd
+
+    def serving_state_dict(self, with_embed=True):
+        return {k: v.detach().contiguous().cpu() for k, v in self.serving_tensors(with_embed).items()}
 
     def save_pretrained(self, out_dir, with_embed=True, dtype=None):
         """config.json + model.safetensors in the SGLang EAGLE-3 layout, written atomically."""
@@ -325,9 +331,26 @@ class Eagle3Draft(nn.Module):
         """Load a saved EAGLE-3 draft. The embedding comes from the file when saved, otherwise
         from `target` (name/path/module; None = the config's target_model)."""
         draft_dir = Path(draft_dir)
-        cfg_dict = json.loads((draft_dir / "config.json").read_text())
+        draft = cls(cls.config_from_dict(json.loads((draft_dir / "config.json").read_text()), target,
+                                         draft_dir / "config.json"))
+        sd = load_file(str(draft_dir / WEIGHTS_NAME))
+        if "embed_tokens.weight" not in sd:
+            from modules import target_weights
+            embed, _ = target_weights.load_embed_and_head(target or getattr(draft.config, "target_model", None))
+            sd["embed_tokens.weight"] = embed
+        missing, unexpected = draft.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{draft_dir / WEIGHTS_NAME}: missing keys {missing}, unexpected keys {unexpected}")
+        return draft.to(dtype)
+
+    @staticmethod
+    def config_from_dict(cfg_dict, target=None, where="config.json"):
+        """The LlamaConfig of a saved draft's config.json (ours, an export's or SpecForge's): capture layers
+        read in our convention (modules/export/engines.py); `target` is asked only when the file does not say
+        how many layers it has."""
+        cfg_dict = dict(cfg_dict)
         if "draft_vocab_size" not in cfg_dict:
-            raise ValueError(f"{draft_dir / 'config.json'}: no 'draft_vocab_size': not an EAGLE-3 draft config")
+            raise ValueError(f"{where}: no 'draft_vocab_size': not an EAGLE-3 draft config")
         for key in ("dtype", "torch_dtype", "rope_theta", "rope_scaling"):  # rope_parameters holds the rope
             cfg_dict.pop(key, None)
         if target is None:
@@ -343,17 +366,7 @@ class Eagle3Draft(nn.Module):
         eagle_config = cfg_dict.pop("eagle_config", None) or {}
         if "norm_before_fc" in eagle_config:  # vLLM reads it there first (speculators writes it there)
             cfg_dict["norm_before_fc"] = eagle_config["norm_before_fc"]
-        config = LlamaConfig(**cfg_dict)
-        draft = cls(config)
-        sd = load_file(str(draft_dir / WEIGHTS_NAME))
-        if "embed_tokens.weight" not in sd:
-            from modules import target_weights
-            embed, _ = target_weights.load_embed_and_head(target)
-            sd["embed_tokens.weight"] = embed
-        missing, unexpected = draft.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{draft_dir / WEIGHTS_NAME}: missing keys {missing}, unexpected keys {unexpected}")
-        return draft.to(dtype)
+        return LlamaConfig(**cfg_dict)
 
 
 # ---- tree decoding (modules/decode/tree_decoding.py protocol) ---------------------------------------

@@ -249,13 +249,25 @@ class EagleDraft(nn.Module):
         return self.lm_head(h.to(self.lm_head.weight.dtype))
 
     # ---- save / load --------------------------------------------------------------------
-    def trainable_state_dict(self, with_embed=True):
-        """Serving-layout weights: fc.*, layers.0.* (+ embed_tokens.weight). No lm_head, no rotary buffers."""
+    def serving_tensors(self, with_embed=True):
+        """Serving-layout weights, not copied: fc.*, layers.0.* (+ embed_tokens.weight). No lm_head, no rotary
+        buffers."""
         sd = {k: v for k, v in self.state_dict().items()
               if k.startswith("fc.") or k.startswith("layers.")}
         if with_embed:
             sd["embed_tokens.weight"] = self.embed_tokens.weight
-        return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        return sd
+
+    def trainable_state_dict(self, with_embed=True):
+        return {k: v.detach().contiguous().cpu() for k, v in self.serving_tensors(with_embed).items()}
+
+    @staticmethod
+    def config_from_dict(cfg_dict):
+        """The config of a saved draft's config.json (a copy of its target family's config, one layer)."""
+        cfg_dict = dict(cfg_dict)
+        config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
+        config.fc_bias = fc_bias(config)
+        return config
 
     def save_pretrained(self, out_dir, with_embed=True, dtype=None):
         """Write config.json + model.safetensors (SGLang/vLLM EAGLE layout), atomically."""
@@ -309,9 +321,7 @@ def expected_shapes(target_cfg, bias=False):
     """{key: shape} of a draft for this target, computed without allocating weights."""
     with torch.device("meta"):
         draft = EagleDraft(make_draft_config(target_cfg, bias=bias))
-    shapes = {k: tuple(v.shape) for k, v in draft.state_dict().items() if k.startswith(("fc.", "layers."))}
-    shapes["embed_tokens.weight"] = tuple(draft.embed_tokens.weight.shape)
-    return shapes
+    return {k: tuple(v.shape) for k, v in draft.serving_tensors(with_embed=True).items()}
 
 
 def check_fits_target(state_dict, target_cfg, where):

@@ -10,7 +10,8 @@ Each entry names the module that defines the draft model and, as `KIND`, its `Dr
   - how to decode with it (modules/decode/tree_decoding.py): tree_adapter(draft, vocab_ids=None); parallel
   - how vLLM serves it:                              vllm_method, vllm_speculative_config(folder, k)
   - how to save a run's draft and export it for the engines (modules/export/engines.py rules):
-                                                     save_trained(...), export(...), export_files
+                                                     save_trained(...), export(...), export_files,
+                                                     export_tensors(config) (what an export must hold)
   - how to load a saved folder:                      load(folder, target, dtype, attn_implementation)
 and recognises its own drafts: instances of `draft_class`, folders whose config.json `owns_config` accepts.
 Adding a kind is one file (draft model + its DraftKind) and one line in KINDS (docs/extending.md). Nothing
@@ -88,6 +89,13 @@ class DraftKind:
     def export(self, draft, out_dir, target=None, dtype=torch.bfloat16):
         """Engine layouts (SGLang / vLLM / official EAGLE) of a draft or a checkpoint folder; returns the folder."""
         raise NotImplementedError
+
+    def export_tensors(self, config: dict) -> dict[str, tuple[int, ...]]:
+        """{name: shape} of every tensor an export of this kind with this config.json holds: the draft built
+        from the config on the meta device (no memory), in its serving layout (modules/draft/export_check.py)."""
+        with torch.device("meta"):
+            draft = self.draft_class(self.draft_class.config_from_dict(config))
+        return {k: tuple(v.shape) for k, v in draft.serving_tensors(with_embed=True).items()}
 
 
 def get(name: str) -> DraftKind:

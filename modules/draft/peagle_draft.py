@@ -82,10 +82,8 @@ class PEagleDraft(Eagle3Draft):
         ids, g = self.mask_inputs(*input_ids.shape)
         return super().ttt_step(ids, g, cache, mask0, step)
 
-    def serving_state_dict(self, with_embed=True):
-        sd = super().serving_state_dict(with_embed=with_embed)
-        sd["mask_hidden"] = self.mask_hidden.detach().contiguous().cpu()
-        return sd
+    def serving_tensors(self, with_embed=True):
+        return {**super().serving_tensors(with_embed=with_embed), "mask_hidden": self.mask_hidden}
 
     def config_dict(self, dtype=None) -> dict:
         """EAGLE-3's config plus the parallel-drafting fields (modules/export/engines.py: what vLLM reads)."""

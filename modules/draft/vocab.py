@@ -86,7 +86,7 @@ def build_mappings(draft_ids: torch.Tensor, vocab_size: int):
     draft_ids = draft_ids.long()
     if draft_ids.numel() > 1 and not bool((draft_ids[1:] > draft_ids[:-1]).all()):
         raise ValueError("draft ids must be sorted and unique")
-    d2t = draft_ids - torch.arange(draft_ids.numel(), dtype=torch.long)
-    t2d = torch.zeros(vocab_size, dtype=torch.bool)
+    d2t = draft_ids - torch.arange(draft_ids.numel(), dtype=torch.long, device=draft_ids.device)
+    t2d = torch.zeros(vocab_size, dtype=torch.bool, device=draft_ids.device)
     t2d[draft_ids] = True
     return d2t, t2d

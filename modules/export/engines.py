@@ -171,6 +171,24 @@ def dflash_config_fields(mask_token_id: int, aux_layers) -> dict:
             "causal": False}
 
 
+# ---- the hybrid proposer (our vLLM plugin) ------------------------------------------------------
+# vLLM itself never reads this field; the plugin (modules/vllm_plugin/, loaded through the
+# vllm.general_plugins entry point) reads it from the draft folder of the speculative config and then
+# applies the hybrid rule (modules/decode/hybrid.py) to every greedy request. Written by
+# `train/export.py --hybrid-lookup N`; an export without it is served as the draft alone.
+HYBRID_KEY = "hybrid_lookup"
+
+
+def hybrid_lookup_fields(min_match: int) -> dict:
+    """The config.json field asking the plugin for the hybrid rule with this min_match."""
+    return {HYBRID_KEY: {"min_match": int(min_match)}}
+
+
+def read_hybrid_min_match(config: dict) -> int:
+    """min_match of an export's hybrid field; 0 when it has none."""
+    return int((config.get(HYBRID_KEY) or {}).get("min_match", 0))
+
+
 # ---- fields no engine should see -------------------------------------------------------------
 MACHINE_FIELDS = ("_name_or_path", "_attn_implementation_autoset", "_commit_hash")
 
