@@ -109,3 +109,43 @@ def test_a_folder_no_kind_reads_is_refused(tmp_path):
         draft_kinds.get("medusa")
     with pytest.raises(ValueError, match="not a registered draft kind"):
         draft_kinds.kind_of(torch.nn.Linear(2, 2))
+
+
+def test_a_kinds_own_options_reach_the_training_scripts_flags_without_editing_them(monkeypatch, tmp_path):
+    """A kind declares its build options (DraftKind.options, fields made with `setting`): registered, they are flags
+    of train/train_eagle_ttt.py with their help and --config entries, and reach build() by name. Control: the
+    registry without that kind has no such flag."""
+    import dataclasses
+    import importlib
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    from modules.draft.eagle3_draft import Eagle3Kind
+    from modules.settings import setting, settings_parser
+    from train import train_eagle_ttt
+
+    @dataclass
+    class ToyOptions:
+        toy_width: int = setting(3, "toy: the width of the toy's own thing")
+
+    class ToyKind(Eagle3Kind):
+        name = "optioned-toy"
+        options = ToyOptions
+
+    module = types.ModuleType("modules.draft.optioned_toy")
+    module.KIND = ToyKind()
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(draft_kinds.KINDS, ToyKind.name, module.__name__)
+    script = importlib.reload(train_eagle_ttt)
+    try:
+        args = script.parse_args(["--arch", ToyKind.name, "--toy-width", "7"])
+        assert args.toy_width == 7 and draft_kinds.kind_options(module.KIND, args) == {"toy_width": 7}
+        assert draft_kinds.kind_options(draft_kinds.get("dflash"), args) == {"parallel_tokens": 4, "draft_layers": 2}
+        (tmp_path / "run.json").write_text(json.dumps({"arch": ToyKind.name, "toy_width": 5}))
+        assert script.parse_args(["--config", str(tmp_path / "run.json")]).toy_width == 5
+        assert "--toy-width" in settings_parser(script.Settings).format_help()
+    finally:
+        monkeypatch.undo()
+        script = importlib.reload(train_eagle_ttt)
+    assert "toy_width" not in {f.name for f in dataclasses.fields(script.Settings)}

@@ -41,22 +41,17 @@ ONLINE = "online training (features computed by the target inside the loop)"  # 
 # Edit a default here or pass the flag (--arch eagle2). The settings shared with train.py (--lr,
 # --max-steps, --grad-accum, ...) are TrainingSettings in modules/training/settings.py, and the TTT ones
 # (--ttt-steps, --ttt-decay, --topk-distill, --topk-distill-weight) TTTSettings there (the trainer's
-# arguments inherit them); --w-reg, --w-cls and --noise-std default to the draft kind's loss weights.
+# arguments inherit them); --w-reg, --w-cls and --noise-std default to the draft kind's loss weights. Each draft
+# kind's own build options (--parallel-tokens, --draft-layers, --eagle31-norms) are its DraftKind.options, declared
+# in its file (modules/draft/*_draft.py) and added here as bases: a new kind's options need no edit of this file.
 @dataclass
-class Settings(TrainingSettings, TTTSettings):
+class Settings(TrainingSettings, TTTSettings, *draft_kinds.option_settings()):
     arch: str = setting("eagle3", "eagle3 | eagle2 (EAGLE-1/2 draft with the TTT loss) | peagle (P-EAGLE: EAGLE-3 "
                                   "proposing --parallel-tokens tokens in one forward) | dflash (DFlash block drafter)",
                         choices=draft_kinds.KINDS)
     data: list[str] = setting([str(DEFAULT_FUSED_DATA_DIR)], "offline data folders (ignored with --online)")
     output_dir: str = setting(str(DEFAULT_TTT_TRAIN_DIR), "checkpoints, the exported draft and the run's json files",
                               hf="output_dir")
-    parallel_tokens: int = setting(4, "parallel kinds (peagle, dflash): tokens proposed per draft forward (the "
-                                      "block size K, saved in the draft's config); they unroll K steps, not "
-                                      "--ttt-steps")
-    draft_layers: int = setting(2, "dflash: decoder layers of the draft")
-    eagle31_norms: bool = setting(False, "eagle3, peagle: EAGLE-3.1's norms, an RMSNorm before fc and the normed "
-                                         "state fed to the next step (config norm_before_fc / norm_output; vLLM "
-                                         "0.32 serves them)", action="store_true")
     draft_vocab_size: int | None = setting(None, "N most frequent trained tokens (eagle3); None = smallest N "
                                                  "covering --draft-vocab-coverage of the trained tokens")
     draft_vocab_coverage: float = setting(0.95, "share of the trained tokens the draft vocabulary covers (used "
@@ -238,8 +233,7 @@ def build_trainer(args, kind, cfg, display, ds, aux_layers, target):
     ids, covered = draft_vocab_ids(args, train_ds, cfg.vocab_size) if kind.own_vocab else (None, 1.0)
     set_seed(args.seed)  # the same initial draft for the same seed (as train/train.py)
     draft = kind.build(cfg, weights=(embed, head), draft_ids=ids, aux_layers=aux_layers, bias=args.bias,
-                       parallel_tokens=args.parallel_tokens, draft_layers=args.draft_layers,
-                       eagle31_norms=args.eagle31_norms)
+                       **draft_kinds.kind_options(kind, args))
     draft.config.target_model = display
     draft.config._attn_implementation = pick_attention(args.attn)
     trainer = TTTTrainer(model=draft, args=training_arguments(args, eval_ds is not None, cls=TTTTrainingArguments),

@@ -22,6 +22,7 @@ simulated tau, DDP and checkpoints apply unchanged. Every trained slot can ancho
 `--block-anchors` sampled anchors per conversation (DFlashKind.anchored), evaluation every one.
 """
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +33,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 from modules.draft.adapter import DraftAdapter
 from modules.draft.eagle3_draft import Eagle3Draft, Eagle3MLP, check_fits_target
-from modules.draft.kinds import DraftKind
+from modules.draft.kinds import DraftKind, ParallelOptions
+from modules.settings import setting
 from modules.draft.vocab import build_mappings
 from modules.export import engines
 from modules.io import cast_floats, save_draft_folder
@@ -328,6 +330,12 @@ class DFlashAdapter(DraftAdapter):
 
 # ---- the registry entry (modules/draft/kinds.py) -------------------------------------------------------
 
+@dataclass
+class DFlashOptions(ParallelOptions):
+    """DFlash's build options: its block size and its depth."""
+    draft_layers: int = setting(2, "dflash: decoder layers of the draft")
+
+
 class DFlashKind(DraftKind):
     """DFlash: target-conditioned layers filling a block of K masked positions in one non-causal forward."""
 
@@ -340,6 +348,7 @@ class DFlashKind(DraftKind):
     export_files = ("config.json", "model.safetensors")
     vllm_method = "dflash"  # vLLM 0.32: config/speculative.py
     anchored = True  # block_unroll costs a block per anchor: training samples --block-anchors per conversation
+    options = DFlashOptions
 
     def owns_config(self, config):
         return DFLASH_ARCHITECTURE in (config.get("architectures") or [])

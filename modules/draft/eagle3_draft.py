@@ -25,6 +25,7 @@ weights (bf16 by default; d2t/t2d keep their int64/bool types), writes the captu
 engine's convention (modules/export/engines.py) and a clean folder without trainer files.
 """
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ from modules.export import engines
 from modules.draft import ttt_attention
 from modules.draft.adapter import DraftAdapter
 from modules.draft.kinds import DraftKind
+from modules.settings import setting
 from modules.draft.vocab import build_mappings
 from modules.io import cast_floats, save_draft_folder
 from modules.kv_cache import TreeKVCache
@@ -485,6 +487,14 @@ def export_eagle3(draft, out_dir, target=None, dtype=torch.bfloat16):
 
 # ---- the registry entry (modules/draft/kinds.py) --------------------------------------------
 
+@dataclass
+class Eagle3Options:
+    """EAGLE-3's own build options (flags of train/train_eagle_ttt.py; DraftKind.options)."""
+    eagle31_norms: bool = setting(False, "eagle3, peagle: EAGLE-3.1's norms, an RMSNorm before fc and the normed state "
+                                         "fed to the next step (config norm_before_fc / norm_output; vLLM 0.32 serves "
+                                         "them)", action="store_true")
+
+
 class Eagle3Kind(DraftKind):
     """EAGLE-3: fused low/mid/high target features in, its own head over a draft vocabulary out."""
 
@@ -495,6 +505,7 @@ class Eagle3Kind(DraftKind):
     loss_weights = {"w_reg": 0.0, "w_cls": 1.0, "noise_std": 0.0}
     export_files = ("config.json", "model.safetensors")
     vllm_method = "eagle3"  # vLLM 0.32: config/speculative.py
+    options = Eagle3Options
 
     def owns_config(self, config):
         return config.get("eagle_version") == 3 or any("Eagle3" in a for a in config.get("architectures") or [])

@@ -20,9 +20,12 @@ Kinds are imported on first use, so importing this module costs nothing.
 """
 import importlib
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+
+from modules.settings import setting
 
 KINDS = {"eagle2": "modules.draft.eagle_draft", "eagle3": "modules.draft.eagle3_draft",
          "peagle": "modules.draft.peagle_draft", "dflash": "modules.draft.dflash_draft"}  # name -> module of KIND
@@ -42,6 +45,9 @@ class DraftKind:
     train_script = "train/train_eagle_ttt.py"  # the trainer of this kind: the TTT trainer trains every kind
     anchored = False        # trains one block per anchor slot in one pass (DFlash): the trainer calls the draft's
                             # block_unroll instead of unrolling ttt_step, and samples --block-anchors anchors
+    options = None          # a dataclass of this kind's own build options (fields made with `setting`): they
+                            # become flags of train/train_eagle_ttt.py, --help and --config entries, and reach
+                            # build() by name (kind_options); None = none
 
     @property
     def data_script(self) -> str:
@@ -96,6 +102,26 @@ class DraftKind:
         with torch.device("meta"):
             draft = self.draft_class(self.draft_class.config_from_dict(config))
         return {k: tuple(v.shape) for k, v in draft.serving_tensors(with_embed=True).items()}
+
+
+@dataclass
+class ParallelOptions:
+    """The build option every parallel kind (P-EAGLE, DFlash) declares: its block size."""
+    parallel_tokens: int = setting(4, "parallel kinds (peagle, dflash): tokens proposed per draft forward (the block "
+                                      "size K, saved in the draft's config); they unroll K steps, not --ttt-steps")
+
+
+def option_settings() -> tuple:
+    """The option dataclasses of every registered kind (each once), the bases a training script's Settings adds
+    so that a kind's own options are its flags, --help and --config entries without editing generic settings."""
+    found = list(dict.fromkeys(kind.options for kind in all_kinds() if kind.options is not None))
+    # a kind's options that another kind's extend come in through the derived class (one consistent MRO)
+    return tuple(cls for cls in found if not any(other is not cls and issubclass(other, cls) for other in found))
+
+
+def kind_options(kind: DraftKind, settings) -> dict:
+    """{option: value} of `kind`'s own options, read from a script's settings: what build() receives."""
+    return {f.name: getattr(settings, f.name) for f in fields(kind.options)} if kind.options is not None else {}
 
 
 def get(name: str) -> DraftKind:

@@ -27,10 +27,13 @@ step-k query at slot t the real keys 0..t plus the step-1..k keys at slot t, at 
 exactly the mask slots above. So what is trained is what vLLM serves, and the unroll has K steps
 (`parallel_draft_tokens` in the config, set by train_eagle_ttt.py --parallel-tokens).
 """
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from modules.draft.eagle3_draft import Eagle3Adapter, Eagle3Draft, Eagle3Kind, export_eagle3
+from modules.draft.eagle3_draft import Eagle3Adapter, Eagle3Draft, Eagle3Kind, Eagle3Options, export_eagle3
+from modules.draft.kinds import ParallelOptions
 from modules.export import engines
 
 PARALLEL_KEY = engines.PARALLEL_TOKENS_KEY  # K: tokens proposed per draft forward (= vLLM's num_speculative_tokens)
@@ -117,12 +120,18 @@ def mask_slot_block(adapter, ids, feats, start, cache, masks, mask_ids, mask_fea
     return h[:, L - 1:]
 
 
+@dataclass
+class PEagleOptions(ParallelOptions, Eagle3Options):
+    """P-EAGLE's build options: its block size, and EAGLE-3's own."""
+
+
 class PEagleKind(Eagle3Kind):
     """P-EAGLE: EAGLE-3 trained to fill K positions in one forward (mask token + learned mask_hidden)."""
 
     name = "peagle"
     draft_class = PEagleDraft
     parallel = True
+    options = PEagleOptions
 
     def owns_config(self, config):
         return bool(config.get("parallel_drafting")) and config.get("eagle_version") == 3
