@@ -137,6 +137,9 @@ def check_pre_norm(target, input_ids: torch.Tensor) -> dict:
         "wrong_normed_rel": float((wrong - ref).norm() / ref.norm()),
         "wrong_logits_max_abs": float((logits_wrong - logits_ref).abs().max()),
         "wrong_top1_agree": float((logits_wrong.argmax(-1) == logits_ref.argmax(-1)).float().mean()),
+        # the eps effect: rms(post / w) = sqrt(ms / (ms + eps)) for the true state's mean square ms, so the trick's
+        # relative error is at most ~eps / (2 ms) at the token with the smallest ms
+        "eps_bound_rel": eps / (2 * float(pre_true.pow(2).mean(-1).min())),
         "norm_weight_min_abs": float(w.abs().min()), "norm_weight_max_abs": float(w.abs().max()),
         # as stored and trained: our data keeps post in bf16, the peer's files and loader are bf16 too
         "bf16_trick_normed_rel": rel(rms_norm(pre_norm_state(bf16(post), w).to(torch.bfloat16), w, eps)),
