@@ -57,6 +57,8 @@ class Settings:
                                                                "(make install-speculators)")
     peer_tokens_per_step: int | None = setting(None, "speculators' --total-seq-len; None = one epoch's training "
                                                      "tokens / our steps per epoch")
+    concurrent: bool = setting(False, "train speculators while ours trains (faster; their wall times and tokens/s "
+                                      "then are not a speed comparison)", action="store_true")
     prompts: str = setting("mt-bench", "prompt set both drafts decode (benchmark/prompt_sets.py)")
     questions: int = setting(6, "questions of the prompt set (both turns each)")
     max_new_tokens: int = setting(96, "tokens generated per turn")
@@ -122,6 +124,44 @@ def run_ours(args, lc_args, cell):
     run = Path(lc_args.out) / cell["name"]
     summary = json.loads((run / "summary.json").read_text())
     return run, round(seconds, 1), summary.get("steps")
+
+
+def planned_draft_ids(lc_args, cell, ds, train_rows):
+    """The draft vocabulary our trainer will count for the cell (its own function and settings), known before
+    it trains, so that speculators can train at the same time."""
+    import torch
+
+    from benchmark import bench_learning_curve as lc
+    from modules.target_weights import target_config
+    from train import train_eagle_ttt
+
+    settings = train_eagle_ttt.parse_args(lc.train_command(lc_args, cell)[2:])
+    ids, _ = train_eagle_ttt.draft_vocab_ids(settings, torch.utils.data.Subset(ds, train_rows),
+                                             target_config(settings.model).vocab_size)
+    return torch.as_tensor(ids).long()
+
+
+def in_background(fn, *a):
+    """Run fn(*a) in a thread (its subprocess runs beside ours); returns join() -> its value (or its exit)."""
+    import threading
+
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn(*a)
+        except SystemExit as e:  # a failed stage: re-raised in the caller by join()
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join():
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+    return join
 
 
 def our_draft_ids(run):
@@ -257,16 +297,19 @@ def print_table(rows, tau):
             ("step3", "{:.3f}"), ("EAL", "{:.3f}"), ("sim tau", "{:.3f}"), (tau, "{:.3f}"), ("= plain", "{}")]
     keys = ["trainer", "steps", "train_wall_s", "train_tokens_per_s", "trainable_params", "step0_acc", "step1_acc",
             "step2_acc", "step3_acc", "eal", "tau_sim", tau, "matched"]
-    print("\n" + " ".join(f"{c:>11}" for c, _ in cols))
+    print("\n" + " ".join(f"{c:<11}" if c == "trainer" else f"{c:>11}" for c, _ in cols))
     for r in rows:
         cells = []
         for (_, fmt), k in zip(cols, keys):
             v = r.get(k)
-            cells.append(f"{'-' if v is None else fmt.format(v):>11}")
+            text = "-" if v is None else fmt.format(v)
+            cells.append(f"{text:<11}" if k == "trainer" else f"{text:>11}")
         print(" ".join(cells))
 
 
 def main(argv=None):
+    import torch
+
     from benchmark import bench_learning_curve as lc
     from benchmark.bench_eagle import resolve_draft_dir
     from benchmark.peers import speculators_format as sf
@@ -282,11 +325,8 @@ def main(argv=None):
     print(f"{len(train_rows)} training / {len(eval_rows)} held-out conversations of {args.data} "
           f"(bench_learning_curve's split, seed {args.seed})")
 
-    # 1. ours (the draft vocabulary comes from it)
-    our_run, our_wall, our_steps = run_ours(args, lc_args, cell)
-    draft_ids = our_draft_ids(our_run)
-
-    # 2. the peer: its data, then its trainer
+    # 1. the draft vocabulary (ours: counted by our trainer's function, or read from --ours) and the peer's data
+    draft_ids = our_draft_ids(args.ours) if args.ours else planned_draft_ids(lc_args, cell, ds, train_rows)
     target, tokenizer = load_target(args.model, dtype="fp32")
     first = ds[train_rows[0]]
     check = sf.check_pre_norm(target, first["input_ids"][:args.max_length].unsqueeze(0))
@@ -298,9 +338,18 @@ def main(argv=None):
     target_dir = target_folder(args)
     data, lengths, d2t, t2d = prepare_peer_data(args, ds, train_rows, eval_rows, draft_ids, target)
     aux_layers = list(ds.aux_layers)
-    peer_argv, seq_len = peer_train_argv(args, data, lengths, len(train_rows), our_steps or steps_per_epoch *
-                                         math.ceil(args.epochs), steps_per_epoch, aux_layers, d2t, t2d, target_dir)
-    peer_wall = _peer_run(args, peer_argv, f"{PEER}-train")
+    planned_steps = math.ceil(steps_per_epoch * args.epochs)
+    if args.ours:
+        planned_steps = json.loads((Path(args.ours) / "summary.json").read_text()).get("steps") or planned_steps
+    peer_argv, seq_len = peer_train_argv(args, data, lengths, len(train_rows), planned_steps, steps_per_epoch,
+                                         aux_layers, d2t, t2d, target_dir)
+
+    # 2. both trainers (one after the other, or with --concurrent side by side)
+    peer_join = in_background(_peer_run, args, peer_argv, f"{PEER}-train") if args.concurrent else None
+    our_run, our_wall, our_steps = run_ours(args, lc_args, cell)
+    peer_wall = peer_join() if peer_join else _peer_run(args, peer_argv, f"{PEER}-train")
+    if not torch.equal(our_draft_ids(our_run), draft_ids):
+        sys.exit(f"error: {our_run}: its draft vocabulary is not the one handed to speculators")
     ckpt = last_checkpoint(Path(args.out) / PEER / "checkpoints")
     peer_draft = sf.load_speculators_eagle3(ckpt, target=args.model)
     peer_run = Path(args.out) / PEER
@@ -328,7 +377,8 @@ def main(argv=None):
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "result", "data", "model", "peer_python")}
     settings |= {"data": Path(args.data).name, "model": Path(model_display_name(args.model)).name,
                  "draft_vocab_size": int(draft_ids.numel()), "aux_layers": aux_layers,
-                 "peer_total_seq_len": seq_len, "train_tokens_per_epoch": cell["tokens_per_epoch"],
+                 "peer_total_seq_len": seq_len, "planned_steps": planned_steps,
+                 "train_tokens_per_epoch": cell["tokens_per_epoch"],
                  "peer_command": ["python", *[_no_paths(a, args) for a in peer_argv]]}
     result = {"settings": settings, "pre_norm_check": check, "rows": rows,
               "peer_checkpoint": ckpt.name, "held_out_rows": [int(ds.row_ids[i]) for i in eval_rows]}
