@@ -59,6 +59,9 @@ class Settings:
                                                      "tokens / our steps per epoch")
     concurrent: bool = setting(False, "train speculators while ours trains (faster; their wall times and tokens/s "
                                       "then are not a speed comparison)", action="store_true")
+    only: str | None = setting(None, "train only this trainer and stop (e.g. speculators in a second process while "
+                                     "the full run trains ours: the full run then finds it done)",
+                               choices=[OURS, PEER])
     prompts: str = setting("mt-bench", "prompt set both drafts decode (benchmark/prompt_sets.py)")
     questions: int = setting(6, "questions of the prompt set (both turns each)")
     max_new_tokens: int = setting(96, "tokens generated per turn")
@@ -345,6 +348,10 @@ def main(argv=None):
                                          aux_layers, d2t, t2d, target_dir)
 
     # 2. both trainers (one after the other, or with --concurrent side by side)
+    if args.only:
+        seconds = _peer_run(args, peer_argv, f"{PEER}-train") if args.only == PEER else run_ours(args, lc_args, cell)[1]
+        print(f"{args.only}: trained in {seconds:.0f} s (rerun without --only to train the other and measure both)")
+        return 0
     peer_join = in_background(_peer_run, args, peer_argv, f"{PEER}-train") if args.concurrent else None
     our_run, our_wall, our_steps = run_ours(args, lc_args, cell)
     peer_wall = peer_join() if peer_join else _peer_run(args, peer_argv, f"{PEER}-train")
