@@ -398,7 +398,10 @@ def main(argv=None):
 
 def _no_paths(a: str, args) -> str:
     """A command argument with this machine's folders replaced by names (results carry no machine paths)."""
-    for folder, name in ((str(Path(args.out)), "OUT"), (str(REPO_ROOT), ".")):
+    pairs = [(str(Path(args.out)), "OUT"), (str(REPO_ROOT), ".")]
+    if args.model and Path(args.model).exists():
+        pairs.insert(0, (str(Path(args.model)), "MODEL"))
+    for folder, name in pairs:
         a = a.replace(folder, name)
     return a
 
