@@ -3,6 +3,7 @@
     make install-speculators                                  # once: .venv-speculators, CPU-patched (opt-in)
     python benchmark/bench_vs_speculators.py --data lc_data   # trains both, measures both, writes the result
     python benchmark/bench_vs_speculators.py --data lc_data --ours outputs/learning_curve/sharegpt-eagle3-250
+    python benchmark/bench_vs_speculators.py --data lc_data --only speculators &   # the peer in a second process
 
 Both trainers get the learning-curve cell's conversations (benchmark/bench_learning_curve.py: the same split, so the
 same training and held-out conversations), our token ids, loss masks and capture layers, and the same draft
