@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo lint test test-server test-vllm test-gpu gpu-smoke gpu-probe test-multinode install install-test install-vllm clean-demo
+.PHONY: demo lint test test-server test-vllm test-gpu gpu-smoke gpu-probe test-multinode install install-test install-vllm install-speculators clean-demo
 
 $(STAMP): requirements.txt requirements-embedded.txt
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,27 @@ install-vllm: $(VLLM_REPO_STAMP)
 test-vllm: $(VLLM_REPO_STAMP)
 	$(VLLM_PY) -m pytest -q tests/test_export_vllm_serving.py tests/test_vllm_hybrid.py tests/test_data_engine_vllm.py \
 		tests/test_training_engine_online.py
+
+# Opt-in: vLLM's `speculators` 0.9.0 trainer, the peer of benchmark/bench_vs_speculators.py, in its own virtualenv
+# (it pins datasets<=5.1.0; ours pins 5.2.0). torch first (the CPU wheel), then speculators and its dependencies with
+# torch pinned in the same resolve (else torchvision's newest pulls a CUDA torch 2.14.1 and its nvidia wheels);
+# torchvision/torchaudio (pulled by speculators, never imported by its trainer) break `import transformers` with
+# this torch build: removed. benchmark/peers/patch_speculators.py then applies the CPU device-plumbing patches
+# (each listed there with the exact line it changes; it refuses a file that does not match).
+SPEC_VENV := .venv-speculators
+SPEC_PY := $(SPEC_VENV)/bin/python
+SPEC_STAMP := $(SPEC_VENV)/.installed
+$(SPEC_STAMP): benchmark/peers/patch_speculators.py
+	$(PYTHON) -m venv $(SPEC_VENV)
+	$(SPEC_PY) -m pip install -q --upgrade pip
+	$(SPEC_PY) -m pip install -q torch==2.13.0
+	$(SPEC_PY) -m pip install -q torch==2.13.0 speculators==0.9.0
+	$(SPEC_PY) -c "import torch, sys; sys.exit(0 if torch.__version__.endswith('+cpu') else 'not the CPU torch: ' + torch.__version__)"
+	$(SPEC_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(SPEC_PY) benchmark/peers/patch_speculators.py --site-packages auto
+	touch $@
+
+install-speculators: $(SPEC_STAMP)
 
 # CUDA checks (tests/test_gpu.py, marker gpu): on a machine without CUDA every one reports itself skipped.
 # They need no .venv: GPU_PY is .venv's python when there is one, else the system python3 (the lent GPU

@@ -153,10 +153,14 @@ class Eagle3Layer(nn.Module):
         self.self_attn = Eagle3Attention(config)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=eps)
         self.mlp = Eagle3MLP(config)
+        # config norm_before_residual (speculators' default, read by its loader here): the attention's residual is
+        # the normed hidden stream. Off (ours, SpecForge, the official code): the un-normed one.
+        self.norm_before_residual = bool(getattr(config, "norm_before_residual", False))
 
     def forward(self, embeds, hidden, attend):
-        x2 = torch.cat((self.input_layernorm(embeds), self.hidden_norm(hidden)), dim=-1)
-        x = hidden + attend(x2)  # residual is the (un-normed) hidden stream
+        normed = self.hidden_norm(hidden)
+        x2 = torch.cat((self.input_layernorm(embeds), normed), dim=-1)
+        x = (normed if self.norm_before_residual else hidden) + attend(x2)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
