@@ -23,6 +23,8 @@ import torch
 
 PEER_WEIGHTS = "model.safetensors"
 
+PEER_EAGLE3_TYPE = "eagle3"  # speculators' own `speculators_model_type` of an EAGLE-3 checkpoint (its format)
+
 
 class PeerFormatError(ValueError):
     pass
@@ -155,7 +157,7 @@ def our_config(peer_cfg: dict, target_num_hidden_layers: int | None = None):
 
     from modules.draft.eagle3_draft import EAGLE3_ARCHITECTURE
 
-    if peer_cfg.get("speculators_model_type") != "eagle3":
+    if peer_cfg.get("speculators_model_type") != PEER_EAGLE3_TYPE:
         raise PeerFormatError(f"speculators_model_type {peer_cfg.get('speculators_model_type')!r}: not an EAGLE-3 "
                               "speculators checkpoint")
     tl = dict(peer_cfg.get("transformer_layer_config") or {})
