@@ -318,7 +318,7 @@ def report(args, summary, records, settings):
     if args.temperature > 0:
         print("(temperature > 0: every method samples, so the counts differ between rounds by design; outputs are "
               "not compared, the decoder's exactness in distribution is a test: tests/test_decode_lossless.py)")
-    result = {"settings": settings, "summary": summary, "runs": records}
+    result = {"settings": settings, "note": rounds_note(summary, args.rounds), "summary": summary, "runs": records}
     if args.sweep:
         eagle = {m: s for m, s in summary.items() if m.startswith("eagle")}
         best = max(eagle, key=lambda m: eagle[m]["tokens_per_s"])

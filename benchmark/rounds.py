@@ -92,7 +92,7 @@ def combine(rounds_by_method, *, timing, tau_key, speedup_key="speedup", plain="
             speedups = [round(t / p, 4) for t, p in zip(tps, base)]
             for figures, s in zip(per_round, speedups):
                 figures[speedup_key] = s
-            summary[speedup_key] = statistics.median(speedups)
+            summary[speedup_key] = round(statistics.median(speedups), 4)
             summary["speedup_range"] = value_range(speedups)
             summary["speedup_paired"] = paired
             summary["suspicious"] = is_suspicious(speedups, first.get(tau_key))
