@@ -245,7 +245,8 @@ def summarize(methods, rounds, reused=None):
 def print_table(results, n_prompts, rounds):
     """The results as a table: median tokens/s and speedup with their [min..max] over the rounds; '!' flags a
     speedup above the acceptance length by more than its range, '*' a result taken from --baselines."""
-    print(f"{'method':<30} {'tokens/s':>8} {'[range]':>13} {'speedup':>8} {'[range]':>13} {'accept len':>10} "
+    width = max([30] + [len(r["label"]) for r in results.values()])
+    print(f"{'method':<{width}} {'tokens/s':>8} {'[range]':>13} {'speedup':>8} {'[range]':>13} {'accept len':>10} "
           f"{'per position':>16} {'= plain':>8}")
     for r in results.values():
         c = r["counters"]
@@ -256,7 +257,7 @@ def print_table(results, n_prompts, rounds):
         tps_range = "[{:.1f}..{:.1f}]".format(*r["tokens_per_s_range"])
         sp_range = "[{:.2f}..{:.2f}]".format(*r["speedup_range"]) if "speedup_range" in r else ""
         marks = (" *" if r.get("from_baselines") else "") + (" !" if r.get("suspicious") else "")
-        print(f"{r['label']:<30} {r['tokens_per_s']:>8.1f} {tps_range:>13} {sp:>8} {sp_range:>13} {acc:>10} "
+        print(f"{r['label']:<{width}} {r['tokens_per_s']:>8.1f} {tps_range:>13} {sp:>8} {sp_range:>13} {acc:>10} "
               f"{pos:>16} {eq:>8}{marks}")
     print(rounds_note(results, rounds))
     if any(r.get("from_baselines") for r in results.values()):

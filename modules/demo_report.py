@@ -167,7 +167,7 @@ def _demo_vllm_section(path: Path) -> list[str]:
              f"{run.get('prompts', '?')} MT-bench first turns x {settings.get('max_new_tokens', '?')} tokens, "
              f"{settings.get('num_spec_tokens', '?')} draft tokens per cycle, {settings.get('dtype', '?')}, greedy, "
              f"one request at a time, each method of each round a fresh engine. Sized for the demo's 30 minutes: "
-             f"every engine start costs ~35 s on 2 cores.", ""]
+             f"every engine start costs ~35 s on 2 idle cores (more on a busy machine).", ""]
     lines += _vllm_table(run) + _rounds_lines(run)
     lines.append("\nhybrid: the draft plus this repo's vLLM plugin: a prompt-lookup match of at least min_match tokens "
                  "replaces the draft's tokens in that cycle (modules/decode/hybrid.py, docs/serving.md).")

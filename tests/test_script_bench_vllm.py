@@ -56,7 +56,8 @@ def test_rounds_run_every_method_once_a_round_in_a_rotated_order(monkeypatch, ca
     def fake(method, argv):
         calls.append(method)
         n = sum(c == method for c in calls) - 1
-        return raw(seconds[method][n], accepted=0 if method == "plain" else 20, drafts=0 if method == "plain" else 25)
+        return raw(seconds[method][n], accepted=0 if method == "plain" else 20,
+                   drafts=0 if method == "plain" else 25) | {"label": f"vLLM {method}"}
 
     monkeypatch.setattr(bench_vllm, "run_in_subprocess", fake)
     methods = ["plain", "ngram", "draft"]
