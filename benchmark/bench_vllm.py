@@ -19,9 +19,10 @@ greedy, one sequence at a time) each method generates the same prompts:
 The methods run in --rounds interleaved rounds (default 3): each round runs every method once, each in its own
 process (a fresh engine, no thread settings left over from the previous one), in an order rotated per round
 (benchmark/rounds.py). Reports per method the median tokens/s over the rounds and its range, the speedup over vLLM
-plain taken within each round (median, range), mean acceptance length (tokens per draft-verify cycle, bonus
-included), accepted tokens per draft position, whether each output equals plain greedy, whether every round
-counted the same, and flags a speedup above the acceptance length by more than its range (noise). Writes --out
+plain taken within each round (median, range), mean acceptance length (vLLM's: tokens per step that drafted, bonus
+included), tokens per target forward (tok/fwd: every step counted, also those where n-gram found no match; the
+figure to compare methods on), accepted tokens per draft position, whether each output equals plain greedy,
+whether every round counted the same, and flags a speedup above tok/fwd by more than its range (noise). Writes --out
 (JSON, with every round's figures) and a PNG beside it.
 --baselines FILE takes plain and ngram from an earlier --out of the same prompts and settings instead of running
 them again (several drafts, one baseline). Those were measured at another time, so they cannot be interleaved
@@ -221,6 +222,10 @@ def describe(raw, plain_outputs):
     r = dict(raw)
     c = r["counters"]
     r["tokens_per_s"] = r["tokens"] / r["seconds"]
+    # Tokens per target forward: each forward (the prefill included) yields one token plus the draft tokens it
+    # accepted, so forwards = tokens - accepted. Unlike acceptance_length (over the steps that drafted), it counts
+    # the steps where a method proposed nothing (n-gram without a match): the figure methods compare on.
+    r["tokens_per_forward"] = r["tokens"] / max(r["tokens"] - c.get("num_accepted_tokens", 0), 1)
     if plain_outputs is not None:
         r["outputs_equal_plain"] = sum(a == b for a, b in zip(r["outputs"], plain_outputs))
     if c["num_drafts"]:
@@ -238,16 +243,16 @@ def summarize(methods, rounds, reused=None):
     plain = reused.get("plain") or [r["plain"] for r in rounds if "plain" in r]
     plain_outputs = plain[0]["outputs"] if plain else None
     by_method = {m: reused[m] if m in reused else [describe(r[m], plain_outputs) for r in rounds] for m in methods}
-    return combine(by_method, timing=TIMING_KEYS, tau_key="acceptance_length", speedup_key="speedup_vs_vllm_plain",
+    return combine(by_method, timing=TIMING_KEYS, tau_key="tokens_per_forward", speedup_key="speedup_vs_vllm_plain",
                    reused=set(reused))
 
 
 def print_table(results, n_prompts, rounds):
     """The results as a table: median tokens/s and speedup with their [min..max] over the rounds; '!' flags a
-    speedup above the acceptance length by more than its range, '*' a result taken from --baselines."""
+    speedup above the tokens per target forward by more than its range, '*' a result taken from --baselines."""
     width = max([30] + [len(r["label"]) for r in results.values()])
     print(f"{'method':<{width}} {'tokens/s':>8} {'[range]':>13} {'speedup':>8} {'[range]':>13} {'accept len':>10} "
-          f"{'per position':>16} {'= plain':>8}")
+          f"{'tok/fwd':>7} {'per position':>16} {'= plain':>8}")
     for r in results.values():
         c = r["counters"]
         pos = "/".join(str(x) for x in c["accepted_per_pos"]) or "-"
@@ -258,7 +263,7 @@ def print_table(results, n_prompts, rounds):
         sp_range = "[{:.2f}..{:.2f}]".format(*r["speedup_range"]) if "speedup_range" in r else ""
         marks = (" *" if r.get("from_baselines") else "") + (" !" if r.get("suspicious") else "")
         print(f"{r['label']:<{width}} {r['tokens_per_s']:>8.1f} {tps_range:>13} {sp:>8} {sp_range:>13} {acc:>10} "
-              f"{pos:>16} {eq:>8}{marks}")
+              f"{r['tokens_per_forward']:>7.2f} {pos:>16} {eq:>8}{marks}")
     print(rounds_note(results, rounds))
     if any(r.get("from_baselines") for r in results.values()):
         print(f"* {BASELINES_NOTE}")

@@ -8,8 +8,9 @@ per round (`round_order`: no method always goes first, or always right after the
 - tokens/s: the median over the rounds, and their range (min..max): with 3 rounds the range is every measurement;
 - speedup over plain: computed WITHIN each round (the method's tokens/s over the same round's plain), then the
   median and the range of those per-round ratios. A slow round slows both, so the ratio keeps what the pair shares;
-- suspicious: the median speedup exceeds the method's acceptance length (tau: tokens per draft-verify cycle, bonus
-  included) by more than the speedup's range. A cycle costs at least one target forward, i.e. at least a plain
+- suspicious: the median speedup exceeds the method's tau (tokens per target forward: bench_eagle.py's tokens per
+  draft-verify cycle, bench_vllm.py's tokens over forwards, steps without a draft included) by more than the
+  speedup's range. A cycle costs at least one target forward, i.e. at least a plain
   step, so a method cannot beat plain by more than its tau; beyond it by more than its own spread is noise (e.g.
   plain measured while another process ran), not speed.
 

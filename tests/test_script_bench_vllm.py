@@ -97,3 +97,15 @@ def test_a_draft_measured_against_lent_baselines_says_they_were_not_interleaved(
     assert out["plain"]["from_baselines"] and "from_baselines" not in out["draft"]
     assert out["ngram"]["speedup_paired"] and out["ngram"]["speedup_range"] == [2.0, 2.5]  # its own run's rounds
     assert not out["draft"]["speedup_paired"] and out["draft"]["speedup_range"] == [1.6, 2.0]  # vs plain's median 25
+
+
+def test_tokens_per_forward_counts_the_steps_that_drafted_nothing():
+    from benchmark.bench_vllm import describe
+
+    # n-gram drafted in 10 of the 80 steps and had 20 tokens accepted: 2.0 per drafting step, 1.25 per forward
+    ngram = describe({"outputs": [[0] * 100], "seconds": 1.0, "tokens": 100,
+                      "counters": {"num_drafts": 10, "num_draft_tokens": 30, "num_accepted_tokens": 20}}, None)
+    assert ngram["acceptance_length"] == 3.0
+    assert ngram["tokens_per_forward"] == 100 / 80
+    plain = describe({"outputs": [[0] * 100], "seconds": 1.0, "tokens": 100, "counters": {"num_drafts": 0}}, None)
+    assert plain["tokens_per_forward"] == 1.0 and "acceptance_length" not in plain
