@@ -9,7 +9,8 @@
 Per variant and cell size: the mean, min and max over seeds of MT-bench tau (our decoder), held-out step-0 accuracy,
 simulated tau and training seconds, and each variant's difference from the first one, per seed where the seeds pair
 up (same seed: the same split of the data) and as a mean. A difference counts as a win only when every paired seed
-agrees in sign and the mean difference exceeds the first variant's own spread (max - min over its seeds). Writes
+agrees in sign (at least 2 paired seeds) and the mean difference exceeds the first variant's own spread (max - min
+over all its seeds). Writes
 RESULT (.json + .png: every seed as a point, the mean as a bar).
 """
 import json
@@ -89,7 +90,7 @@ def compare(variants: dict[str, dict]) -> dict:
                     diffs = [runs[s][m] - base[(size, s)][m] for s in paired]
                     if not diffs:
                         continue
-                    base_vals = [base[(size, s)][m] for s in paired]
+                    base_vals = [cell[m] for (n, _), cell in base.items() if n == size]  # all its seeds
                     spread = max(base_vals) - min(base_vals)
                     sign = 1 if HIGHER_IS_BETTER[m] else -1
                     mean = sum(diffs) / len(diffs)
