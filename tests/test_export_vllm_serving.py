@@ -39,6 +39,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from modules.decode.proposals import agreement
 from modules.target import cache_dir
 from tests.conftest import REPO_ROOT
 
@@ -48,6 +49,9 @@ if importlib.util.find_spec("vllm") is None:
 K = 3                      # speculative tokens per cycle (vLLM) = chain depth (ours)
 PROMPTS, MAX_NEW = 10, 96  # MT-bench first turns, tokens each
 ACCEPT_TOL_MIN, ACCEPT_TOL_FRACTION = 2, 0.005
+MIN_SAME_FIRST, MIN_SAME_CHAIN = 0.97, 0.95  # proposals equal to ours after the same context (first token, chain)
+MIN_SHARED = 0.5           # ... over at least this share of our decoder's contexts (vLLM proposed after them too)
+MAX_BROKEN_CHAIN = 0.8     # a broken export served must miss the chain threshold by this much at least
 MIN_TRAINED_ACCEPT = 0.10  # accepted tokens per draft a trained draft must reach
 MAX_ZERO_ACCEPT = 0.02     # ... and an all-zero draft must stay under
 DRAFTS = cache_dir() / "test-vllm-drafts-v1"
@@ -115,7 +119,7 @@ def bench(tmp_path, name, methods, draft=None, reference=None, k=K, extra=()):
     None if vLLM refused the draft."""
     out = tmp_path / f"{name}.json"
     args = ["benchmark/bench_vllm.py", "--methods", *methods, "--num-spec-tokens", k, "--num-questions", PROMPTS,
-            "--max-new-tokens", MAX_NEW, "--dtype", "fp32", "--out", out]
+            "--max-new-tokens", MAX_NEW, "--dtype", "fp32", "--proposals", "--out", out]
     if draft is not None:
         args += ["--draft", draft]
     if reference is not None:
@@ -132,6 +136,14 @@ def bench(tmp_path, name, methods, draft=None, reference=None, k=K, extra=()):
 @pytest.fixture(scope="session")
 def plain(tmp_path_factory):
     return bench(tmp_path_factory.mktemp("plain"), "plain", ["plain"])["plain"]
+
+
+@pytest.fixture(scope="session")
+def ours(exports, checkpoints, tmp_path_factory):
+    """{kind: our decoder's run}, a chain of K with the TRAINING checkpoint (a parallel draft: its trained block),
+    made on first use: what every serving of that kind, correct or broken, is compared with."""
+    root = tmp_path_factory.mktemp("ours")
+    return PerKind(lambda kind: bench(root, kind, ["ours"], exports[kind], checkpoints[kind])["ours"])
 
 
 def accepted_per_draft(result):
@@ -152,22 +164,34 @@ def served_as_trained(served, ours, plain):
     if len(v) != len(o) or any(abs(a - b) > slack for a, b in zip(v, o)):
         problems.append(f"vLLM accepts {v} tokens per draft position, our decoder {o} with the trained draft "
                         f"(slack {slack:.1f})")
+    a = proposals_agreement(served, ours)
+    if a.coverage < MIN_SHARED or a.first_share < MIN_SAME_FIRST or a.chain_share < MIN_SAME_CHAIN:
+        problems.append(f"vLLM's draft proposes otherwise than ours: {a}; served as trained needs >= "
+                        f"{MIN_SAME_FIRST:.0%} the same first token and >= {MIN_SAME_CHAIN:.0%} the same chain over "
+                        f">= {MIN_SHARED:.0%} of our contexts")
     return problems
 
 
-def check(tmp_path, name, draft, reference, plain, k=K):
-    r = bench(tmp_path, name, ["draft", "ours"], draft, reference, k)
-    served, ours = (r["draft"], r["ours"]) if r else (None, None)
-    if ours is None:  # vLLM failed: our side alone, for the report
-        ours = bench(tmp_path, name + "-ours", ["ours"], draft, reference)["ours"]
+def proposals_agreement(served, ours):
+    """Their proposals (bench_vllm.py --proposals) compared after the contexts both proposed from; none recorded
+    (the plugin not loaded) shares nothing."""
+    return agreement(ours.get("proposals", {}), served.get("proposals", {}))
+
+
+def check(tmp_path, name, draft, kind, ours, plain, k=K):
+    """vLLM serving `draft` against our decoder's run of the trained `kind` -> (vLLM's result or None when it
+    refused the draft, the problems)."""
+    r = bench(tmp_path, name, ["draft"], draft, k=k)
+    served, ours = None if r is None else r["draft"], ours[kind]
     print(f"{name}: accepted per position: vLLM {None if served is None else served['counters']['accepted_per_pos']}"
-          f" ours {ours['counters']['accepted_per_pos']} over {ours['counters']['num_drafts']} drafts")
-    return served, ours, served_as_trained(served, ours, plain)
+          f" ours {ours['counters']['accepted_per_pos']} over {ours['counters']['num_drafts']} drafts; proposals: "
+          f"{'-' if served is None else proposals_agreement(served, ours)}")
+    return served, served_as_trained(served, ours, plain)
 
 
 @pytest.mark.parametrize("kind", ["eagle2", "eagle3", "eagle3-31", "peagle", "dflash"])
-def test_vllm_serves_the_trained_draft_as_our_decoder_measures(tmp_path, kind, exports, checkpoints, plain):
-    served, ours, problems = check(tmp_path, kind, exports[kind], checkpoints[kind], plain)
+def test_vllm_serves_the_trained_draft_as_our_decoder_measures(tmp_path, kind, exports, ours, plain):
+    served, problems = check(tmp_path, kind, exports[kind], kind, ours, plain)
     assert problems == []
     assert accepted_per_draft(served) >= MIN_TRAINED_ACCEPT  # a check that a zero draft passes proves nothing
     assert len(served["counters"]["accepted_per_pos"]) == K
@@ -182,13 +206,14 @@ def zero_draft(src, dst):
     return dst
 
 
-@pytest.mark.parametrize("kind", ["eagle2", "eagle3", "peagle", "dflash"])
-def test_control_all_zero_draft_is_lossless_and_accepts_nothing(tmp_path, kind, exports, checkpoints, plain):
-    served, ours, problems = check(tmp_path, f"zero-{kind}", zero_draft(exports[kind], tmp_path / "zero"),
-                                   checkpoints[kind], plain)
+@pytest.mark.parametrize("kind", ["eagle2", "eagle3", "eagle3-31", "peagle", "dflash"])
+def test_control_all_zero_draft_is_lossless_and_accepts_nothing(tmp_path, kind, exports, ours, plain):
+    served, problems = check(tmp_path, f"zero-{kind}", zero_draft(exports[kind], tmp_path / "zero"), kind, ours,
+                             plain)
     assert served is not None and accepted_per_draft(served) <= MAX_ZERO_ACCEPT
     assert sum(a == b for a, b in zip(served["outputs"], plain["outputs"])) == PROMPTS
     assert problems and "vLLM accepts" in problems[0]  # the check tells it from the trained draft
+    assert "proposes otherwise" in problems[-1]
 
 
 def shift_capture_layers(folder):
@@ -207,18 +232,25 @@ def old_architecture_name(folder):
 
 
 def drop_weight(folder, name=None):
-    """One weight left out: `name`, or the last layer's MLP down-projection (DFlash: its last layer's).
-    vLLM 0.32 loads a draft with a weight missing without a word, so only the acceptance can tell. An EAGLE-3
-    draft without its midlayer's down-projection measured 143 / 16 / 1 against our 143 / 17 / 1 (2026-12-04, the
-    200-step draft): inside the slack, the MLP barely moves its argmax. Its fused-feature projection `fc` is
-    the EAGLE-3 weight dropped here."""
+    """One weight left out: `name`, or the last layer's MLP down-projection (sorted names: EAGLE-3's midlayer's,
+    DFlash's last layer's). The plugin's export check (modules/draft/export_check.py) refuses such an export at
+    load; vLLM 0.32 itself would load it without a word."""
     sd = load_file(str(folder / "model.safetensors"))
     del sd[name or sorted(k for k in sd if k.endswith("mlp.down_proj.weight"))[-1]]
     save_file(sd, str(folder / "model.safetensors"))
 
 
-def drop_fc(folder):
-    drop_weight(folder, "fc.weight")
+def unchecked(folder):
+    """The config without `target_model`: the plugin checks only the folders train/export.py writes (their config
+    names the target), so vLLM serves this one as any other folder, a missing weight and all."""
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["target_model"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def drop_weight_unchecked(folder):
+    drop_weight(folder)
+    unchecked(folder)
 
 
 def drop_eagle31_norms(folder):
@@ -247,24 +279,45 @@ def drop_dflash_mask_token(folder):
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("kind,mutate", [("eagle3", shift_capture_layers), ("eagle2", old_architecture_name),
-                                         ("eagle3", drop_fc), ("peagle", drop_mask_hidden),
-                                         ("peagle", drop_mask_token), ("dflash", drop_dflash_mask_token),
-                                         ("dflash", shift_capture_layers), ("dflash", drop_weight),
-                                         ("eagle3-31", drop_eagle31_norms)],
-                         ids=["capture-layer-ids", "architecture-name", "dropped-fc-weight", "no-mask-hidden",
-                              "no-mask-token", "dflash-no-mask-token", "dflash-capture-layer-ids",
-                              "dflash-dropped-weight", "eagle31-norms-dropped"])
-def test_a_broken_export_fails_the_check(tmp_path, kind, mutate, exports, checkpoints, plain):
+REFUSED, OTHERWISE = "refused", "proposes otherwise"  # how a control fails: vLLM refuses it, or serves it and
+                                                       # the step-by-step check sees other proposals
+CONTROLS = [  # (kind, mutation, how it must fail, test id)
+    ("eagle3", shift_capture_layers, OTHERWISE, "eagle3-capture-layer-ids"),
+    ("eagle3-31", shift_capture_layers, OTHERWISE, "eagle3-31-capture-layer-ids"),
+    ("peagle", shift_capture_layers, OTHERWISE, "peagle-capture-layer-ids"),
+    ("dflash", shift_capture_layers, OTHERWISE, "dflash-capture-layer-ids"),
+    ("eagle2", old_architecture_name, REFUSED, "eagle2-architecture-name"),
+    ("eagle2", drop_weight_unchecked, OTHERWISE, "eagle2-dropped-weight"),
+    ("eagle3", drop_weight_unchecked, OTHERWISE, "eagle3-dropped-weight"),
+    ("eagle3-31", drop_weight_unchecked, OTHERWISE, "eagle3-31-dropped-weight"),
+    ("peagle", drop_weight_unchecked, OTHERWISE, "peagle-dropped-weight"),
+    ("dflash", drop_weight_unchecked, OTHERWISE, "dflash-dropped-weight"),
+    ("dflash", drop_weight, REFUSED, "dflash-dropped-weight-refused-by-the-plugin"),
+    ("peagle", drop_mask_hidden, REFUSED, "peagle-no-mask-hidden"),
+    ("peagle", drop_mask_token, REFUSED, "peagle-no-mask-token"),
+    ("dflash", drop_dflash_mask_token, REFUSED, "dflash-no-mask-token"),
+    ("eagle3-31", drop_eagle31_norms, OTHERWISE, "eagle31-norms-dropped"),
+]
+
+
+@pytest.mark.parametrize("kind,mutate,fails", [c[:3] for c in CONTROLS], ids=[c[3] for c in CONTROLS])
+def test_a_broken_export_fails_the_check(tmp_path, kind, mutate, fails, exports, ours, plain):
     broken = tmp_path / "broken"
     shutil.copytree(exports[kind], broken)
     mutate(broken)
-    served, ours, problems = check(tmp_path, f"broken-{kind}", broken, checkpoints[kind], plain)
+    served, problems = check(tmp_path, f"broken-{kind}", broken, kind, ours, plain)
     assert problems, "a broken export passed as served-as-trained"
+    if fails == REFUSED:
+        assert served is None, problems
+    else:
+        assert served is not None and OTHERWISE in problems[-1], problems
+        assert proposals_agreement(served, ours[kind]).chain_share <= MAX_BROKEN_CHAIN  # by a wide margin
 
 
 @pytest.mark.parametrize("kind", ["peagle", "dflash"])
-def test_parallel_draft_served_with_another_block_size_fails_the_check(tmp_path, kind, exports, checkpoints, plain):
-    served, ours, problems = check(tmp_path, f"{kind}-block", exports[kind], checkpoints[kind], plain, k=K + 1)
+def test_parallel_draft_served_with_another_block_size_fails_the_check(tmp_path, kind, exports, ours, plain):
+    served, problems = check(tmp_path, f"{kind}-block", exports[kind], kind, ours, plain, k=K + 1)
     assert served is not None and len(served["counters"]["accepted_per_pos"]) == K + 1
-    assert problems, "a parallel draft served with a block other than the trained one passed"
+    first_k = agreement(ours[kind]["proposals"], {c: t[:K] for c, t in served["proposals"].items()})
+    print(f"{kind}-block: its first {K} tokens: {first_k}")
+    assert problems and OTHERWISE in problems[-1], "a parallel draft served with another block than trained passed"
