@@ -240,25 +240,25 @@ def drop_weight(folder, name=None):
     save_file(sd, str(folder / "model.safetensors"))
 
 
-def unchecked(folder):
-    """The config without `target_model`: the plugin checks only the folders train/export.py writes (their config
-    names the target), so vLLM serves this one as any other folder, a missing weight and all."""
-    cfg = json.loads((folder / "config.json").read_text())
-    del cfg["target_model"]
-    (folder / "config.json").write_text(json.dumps(cfg))
-
-
-def drop_weight_unchecked(folder):
-    drop_weight(folder)
-    unchecked(folder)
-
-
 def drop_eagle31_norms(folder):
     """The config without norm_before_fc / norm_output: vLLM then skips input_norm.weight without a word and feeds
-    the raw output back, a plain EAGLE-3 draft with the 3.1 weights."""
+    the raw output back, a plain EAGLE-3 draft with the 3.1 weights (the plugin's export check refuses the weight
+    the config no longer names)."""
     cfg = json.loads((folder / "config.json").read_text())
     del cfg["norm_before_fc"], cfg["norm_output"]
     (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def unchecked(mutate):
+    """`mutate`, then the config without `target_model`: the plugin's export check looks only at folders
+    train/export.py wrote (their config names the target), so vLLM serves this one as any other folder, silently:
+    what the step-by-step check must catch on its own."""
+    def mutate_unchecked(folder):
+        mutate(folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        del cfg["target_model"]
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return mutate_unchecked
 
 
 def drop_mask_hidden(folder):
@@ -287,16 +287,16 @@ CONTROLS = [  # (kind, mutation, how it must fail, test id)
     ("peagle", shift_capture_layers, OTHERWISE, "peagle-capture-layer-ids"),
     ("dflash", shift_capture_layers, OTHERWISE, "dflash-capture-layer-ids"),
     ("eagle2", old_architecture_name, REFUSED, "eagle2-architecture-name"),
-    ("eagle2", drop_weight_unchecked, OTHERWISE, "eagle2-dropped-weight"),
-    ("eagle3", drop_weight_unchecked, OTHERWISE, "eagle3-dropped-weight"),
-    ("eagle3-31", drop_weight_unchecked, OTHERWISE, "eagle3-31-dropped-weight"),
-    ("peagle", drop_weight_unchecked, OTHERWISE, "peagle-dropped-weight"),
-    ("dflash", drop_weight_unchecked, OTHERWISE, "dflash-dropped-weight"),
+    ("eagle2", unchecked(drop_weight), OTHERWISE, "eagle2-dropped-weight"),
+    ("eagle3", unchecked(drop_weight), OTHERWISE, "eagle3-dropped-weight"),
+    ("eagle3-31", unchecked(drop_weight), OTHERWISE, "eagle3-31-dropped-weight"),
+    ("peagle", unchecked(drop_weight), OTHERWISE, "peagle-dropped-weight"),
+    ("dflash", unchecked(drop_weight), OTHERWISE, "dflash-dropped-weight"),
     ("dflash", drop_weight, REFUSED, "dflash-dropped-weight-refused-by-the-plugin"),
     ("peagle", drop_mask_hidden, REFUSED, "peagle-no-mask-hidden"),
     ("peagle", drop_mask_token, REFUSED, "peagle-no-mask-token"),
     ("dflash", drop_dflash_mask_token, REFUSED, "dflash-no-mask-token"),
-    ("eagle3-31", drop_eagle31_norms, OTHERWISE, "eagle31-norms-dropped"),
+    ("eagle3-31", unchecked(drop_eagle31_norms), OTHERWISE, "eagle31-norms-dropped"),
 ]
 
 
