@@ -49,9 +49,9 @@ if importlib.util.find_spec("vllm") is None:
 K = 3                      # speculative tokens per cycle (vLLM) = chain depth (ours)
 PROMPTS, MAX_NEW = 10, 96  # MT-bench first turns, tokens each
 ACCEPT_TOL_MIN, ACCEPT_TOL_FRACTION = 2, 0.005
-MIN_SAME_FIRST, MIN_SAME_CHAIN = 0.97, 0.95  # proposals equal to ours after the same context (first token, chain)
+MIN_SAME_FIRST, MIN_SAME_CHAIN = 0.95, 0.90  # proposals equal to ours after the same context (first token, chain)
 MIN_SHARED = 0.5           # ... over at least this share of our decoder's contexts (vLLM proposed after them too)
-MAX_BROKEN_CHAIN = 0.8     # a broken export served must miss the chain threshold by this much at least
+MAX_BROKEN_CHAIN = 0.8     # a broken export vLLM serves stays at or under this share of same chains (a wide margin)
 MIN_TRAINED_ACCEPT = 0.10  # accepted tokens per draft a trained draft must reach
 MAX_ZERO_ACCEPT = 0.02     # ... and an all-zero draft must stay under
 DRAFTS = cache_dir() / "test-vllm-drafts-v1"
