@@ -63,7 +63,8 @@ TRAIN_ARGS = ["--max-steps", "200", "--grad-accum", "2", "--max-length", "768", 
 def run(*cmd):
     proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO_ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n" + "\n".join(proc.stderr.splitlines()[-20:]))
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed (exit code {proc.returncode}, negative: killed by that "
+                           f"signal):\n" + "\n".join(proc.stderr.splitlines()[-20:]))
     return proc
 
 
@@ -143,7 +144,13 @@ def ours(exports, checkpoints, tmp_path_factory):
     """{kind: our decoder's run}, a chain of K with the TRAINING checkpoint (a parallel draft: its trained block),
     made on first use: what every serving of that kind, correct or broken, is compared with."""
     root = tmp_path_factory.mktemp("ours")
-    return PerKind(lambda kind: bench(root, kind, ["ours"], exports[kind], checkpoints[kind])["ours"])
+
+    def run_ours(kind):
+        r = bench(root, kind, ["ours"], exports[kind], checkpoints[kind])
+        if r is None:
+            raise RuntimeError(f"our decoder's run of the {kind} draft failed (its log is printed above)")
+        return r["ours"]
+    return PerKind(run_ours)
 
 
 def accepted_per_draft(result):
