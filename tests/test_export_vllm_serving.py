@@ -286,6 +286,15 @@ def drop_dflash_mask_token(folder):
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
+def other_mask_token(folder):
+    """The mask slots fed the token after the trained one (P-EAGLE: mask_token_id, DFlash: under dflash_config):
+    every field and tensor is there, only the input of the mask slots differs."""
+    cfg = json.loads((folder / "config.json").read_text())
+    fields = cfg.get("dflash_config", cfg)
+    fields["mask_token_id"] = (fields["mask_token_id"] + 1) % cfg["vocab_size"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
 REFUSED, OTHERWISE = "refused", "proposes otherwise"  # how a control fails: vLLM refuses it, or serves it and
                                                        # the step-by-step check sees other proposals
 CONTROLS = [  # (kind, mutation, how it must fail, test id)
@@ -303,6 +312,8 @@ CONTROLS = [  # (kind, mutation, how it must fail, test id)
     ("peagle", drop_mask_hidden, REFUSED, "peagle-no-mask-hidden"),
     ("peagle", drop_mask_token, REFUSED, "peagle-no-mask-token"),
     ("dflash", drop_dflash_mask_token, REFUSED, "dflash-no-mask-token"),
+    ("peagle", other_mask_token, OTHERWISE, "peagle-other-mask-token"),
+    ("dflash", other_mask_token, OTHERWISE, "dflash-other-mask-token"),
     ("eagle3-31", unchecked(drop_eagle31_norms), OTHERWISE, "eagle31-norms-dropped"),
 ]
 
