@@ -129,7 +129,7 @@ test-multinode: $(TEST_STAMP)
 DEMO_OUT ?= demo_out
 DEMO_ROWS ?= 600
 DEMO_STEPS ?= 320
-DEMO_QUESTIONS ?= 6
+DEMO_QUESTIONS ?= 4
 demo: $(REPO_STAMP)
 	$(PY) demo.py --out $(DEMO_OUT) --rows $(DEMO_ROWS) --steps $(DEMO_STEPS) --questions $(DEMO_QUESTIONS)
 

@@ -8,10 +8,13 @@
 
 Both turns of every question are run (the second after the model's own first answer). Per
 question and turn the methods run one after another (interleaved, so machine noise hits them
-alike), after a warm-up. Reports tokens/s, speedup over plain decoding, tau (tokens per
-draft-verify cycle, bonus included), the acceptance histogram, the decoder's own overhead (time
-outside target and draft forwards) and whether every greedy output matched plain decoding.
-Writes --out (JSON) and a PNG next to it.
+alike), after a warm-up, and the whole pass is repeated --rounds times with the order rotated per
+round (benchmark/rounds.py). Reports the median tokens/s over the rounds with its range, the speedup
+over plain decoding taken within each round (median, range), tau (tokens per draft-verify cycle,
+bonus included), the acceptance histogram, the decoder's own overhead (time outside target and draft
+forwards), whether every greedy output matched plain decoding and whether every round counted the
+same; a speedup above tau by more than its range is flagged (noise). Writes --out (JSON, with every
+run and every round's figures) and a PNG next to it.
 """
 import json
 import os
@@ -19,7 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from modules.settings import parse_settings, setting
+from benchmark.rounds import RoundsSettings, rounds_note
+from modules.settings import like, parse_settings, setting
 
 # the tree shapes --sweep tries: (total, depth, top_k)
 SWEEP_SHAPES = [(4, 3, 1), (6, 3, 2), (8, 4, 2), (10, 4, 3), (12, 4, 4), (16, 5, 4), (24, 6, 4)]
@@ -59,6 +63,7 @@ class Settings:
                                          "sits on its LM head's GPU")
     threads: int | None = setting(None, "torch threads on CPU (None: torch's default)")
     turns: int = setting(2, "turns per question (MT-bench has 2)")
+    rounds: int = like(RoundsSettings, "rounds")
     sweep: bool = setting(False, "try tree shapes (first turns only), report the fastest", action="store_true")
     out: str = setting("benchmark/results/eagle.json", "result file (JSON; a PNG is written beside it)")
     seed: int = setting(0, "sampling seed")
@@ -102,16 +107,22 @@ def draft_vocab_ids(n, data_dir, vocab_size, eos):
     return ids, source
 
 
-def print_table(summary):
-    print(f"{'method':<30}{'tok/s':>8}{'speedup':>9}{'tau':>7}{'ms/cyc':>8}{'draft':>7}{'verify':>8}"
-          f"{'ovh%':>6}{'lookup%':>8}{'match':>8}")
+def print_table(summary, rounds):
+    """The summary as a table: median tokens/s and speedup with their [min..max] over the rounds; '!' flags a
+    speedup above tau by more than its range (benchmark/rounds.py)."""
+    print(f"{'method':<30}{'tok/s':>7}{'[range]':>13}{'speedup':>9}{'[range]':>13}{'tau':>6}{'ms/cyc':>8}"
+          f"{'draft':>7}{'verify':>8}{'ovh%':>6}{'lookup%':>8}{'match':>8}")
     for m, s in summary.items():
         f = lambda k, fmt: (fmt.format(s[k]) if s.get(k) is not None else "-")  # noqa: E731
-        print(f"{m:<30}{f('tokens_per_s', '{:.1f}'):>8}{f('speedup', '{:.2f}x'):>9}{f('tau', '{:.2f}'):>7}"
+        span = lambda k, fmt: ("[" + "..".join(fmt.format(v) for v in s[k]) + "]" if s.get(k) else "")  # noqa: E731
+        print(f"{m:<30}{f('tokens_per_s', '{:.1f}'):>7}{span('tokens_per_s_range', '{:.1f}'):>13}"
+              f"{f('speedup', '{:.2f}x'):>9}{span('speedup_range', '{:.2f}'):>13}{f('tau', '{:.2f}'):>6}"
               f"{f('ms_per_cycle', '{:.1f}'):>8}{f('draft_ms_per_cycle', '{:.1f}'):>7}"
               f"{f('target_ms_per_cycle', '{:.1f}'):>8}{f('overhead_pct', '{:.1f}'):>6}"
               f"{f('lookup_cycle_share', '{:.0%}'):>8}"
-              + (f"{s['matched_plain']:>4}/{s['runs']:<3}" if s["matched_plain"] is not None else f"{'-':>8}"))
+              + (f"{s['matched_plain']:>4}/{s['runs']:<3}" if s["matched_plain"] is not None else f"{'-':>8}")
+              + (" !" if s.get("suspicious") else ""))
+    print(rounds_note(summary, rounds))
 
 
 def plot(summary, path, title):
@@ -123,12 +134,21 @@ def plot(summary, path, title):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     names = list(summary)
-    axes[0].bar(names, [summary[m]["tokens_per_s"] or 0 for m in names], color="tab:blue")
+    medians = [summary[m]["tokens_per_s"] or 0 for m in names]
+    ranges = [summary[m].get("tokens_per_s_range") or [v, v] for m, v in zip(names, medians)]
+    axes[0].bar(names, medians, color="tab:blue",
+                yerr=[[v - lo for v, (lo, _) in zip(medians, ranges)], [hi - v for v, (_, hi) in zip(medians, ranges)]],
+                capsize=4, ecolor="black")
     for i, m in enumerate(names):
-        if summary[m].get("speedup"):
-            axes[0].text(i, summary[m]["tokens_per_s"], f"{summary[m]['speedup']:.2f}x", ha="center", va="bottom")
+        s = summary[m]
+        if s.get("speedup"):
+            low, high = s.get("speedup_range") or (s["speedup"], s["speedup"])
+            axes[0].text(i, ranges[i][1], f"{s['speedup']:.2f}x\n[{low:.2f}..{high:.2f}]"
+                         + ("\n(!) > tau" if s.get("suspicious") else ""), ha="center", va="bottom", fontsize=8)
     axes[0].set_ylabel("tokens / s")
-    axes[0].set_title("throughput")
+    rounds = len(next(iter(summary.values())).get("rounds", [None]))
+    axes[0].set_title(f"throughput: median of {rounds} round(s), bars min..max")
+    axes[0].set_ylim(0, max(hi for _, hi in ranges) * 1.3)
     axes[0].tick_params(axis="x", labelrotation=20)
     for m in names:
         hist = summary[m].get("accept_length_histogram")
@@ -241,17 +261,17 @@ def first_mismatch(tokens, reference):
     return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
 
 
-def run_turn(args, target, ids, methods, eos, generator, question_id, turn):
-    """Every method, one after another, on one prompt: (run records, plain decoding's tokens)."""
+def run_turn(args, target, ids, methods, eos, generator, question_id, turn, round_number):
+    """Every method, one after another in the order given, on one prompt: (run records in that order, plain
+    decoding's tokens), each output compared with plain's once all have run (plain need not go first)."""
     greedy = args.temperature <= 0
-    records, plain_tokens = [], None
-    for name, fn, kw in methods:
-        tokens, sec, extra = fn(target, ids, args.max_new_tokens, eos, generator=generator,
-                                temperature=args.temperature, **kw)
-        if name == "plain":
-            plain_tokens = tokens
-        rec = {"method": name, "question_id": question_id, "turn": turn + 1, "prompt_tokens": len(ids),
-               "new_tokens": len(tokens), "seconds": round(sec, 5),
+    runs = [(name, *fn(target, ids, args.max_new_tokens, eos, generator=generator, temperature=args.temperature,
+                       **kw)) for name, fn, kw in methods]
+    plain_tokens = next(tokens for name, tokens, _, _ in runs if name == "plain")
+    records = []
+    for name, tokens, sec, extra in runs:
+        rec = {"method": name, "round": round_number, "question_id": question_id, "turn": turn + 1,
+               "prompt_tokens": len(ids), "new_tokens": len(tokens), "seconds": round(sec, 5),
                "matches_plain": tokens == plain_tokens if greedy else None, **extra}
         if greedy and tokens != plain_tokens:
             rec["first_mismatch"] = first_mismatch(tokens, plain_tokens)
@@ -260,10 +280,12 @@ def run_turn(args, target, ids, methods, eos, generator, question_id, turn):
 
 
 def run_benchmark(args, target, tokenizer, methods, questions, turns, generator):
-    """Warm every method up, then run them on every question and turn; the run records."""
+    """Warm every method up, then run them on every question and turn, --rounds times (the order rotated per
+    round, benchmark/rounds.py); the run records."""
     from tqdm import tqdm
 
     from benchmark.mt_bench import conversation, prompt_ids
+    from benchmark.rounds import round_order
 
     eos = tokenizer.eos_token_id
     # Warm-up: every method once on a short prompt (allocator, kernels, lazy inits).
@@ -272,32 +294,36 @@ def run_benchmark(args, target, tokenizer, methods, questions, turns, generator)
         fn(target, warm, 8, eos, generator=generator, temperature=args.temperature, **kw)
 
     records = []
-    bar = tqdm(total=len(questions) * turns, desc="questions x turns")
-    for q in questions:
-        answers = []
-        for turn in range(min(turns, len(q["turns"]))):
-            ids = prompt_ids(tokenizer, conversation(q["turns"][:turn + 1], answers))
-            turn_records, plain_tokens = run_turn(args, target, ids, methods, eos, generator, q["question_id"], turn)
-            records += turn_records
-            # The next turn follows the model's own answer (plain greedy decoding's).
-            answers.append(tokenizer.decode(plain_tokens, skip_special_tokens=True).strip())
-            bar.update(1)
+    bar = tqdm(total=args.rounds * sum(min(turns, len(q["turns"])) for q in questions),
+               desc="rounds x questions x turns")
+    for r in range(args.rounds):
+        order = round_order(methods, r)
+        for q in questions:
+            answers = []
+            for turn in range(min(turns, len(q["turns"]))):
+                ids = prompt_ids(tokenizer, conversation(q["turns"][:turn + 1], answers))
+                turn_records, plain_tokens = run_turn(args, target, ids, order, eos, generator, q["question_id"],
+                                                      turn, r + 1)
+                records += turn_records
+                # The next turn follows the model's own answer (plain greedy decoding's).
+                answers.append(tokenizer.decode(plain_tokens, skip_special_tokens=True).strip())
+                bar.update(1)
     bar.close()
     return records
 
 
 def report(args, summary, records, settings):
     """Print the table (and the fastest shape of a sweep); the result to save."""
-    print_table(summary)
+    print_table(summary, args.rounds)
     if args.temperature > 0:
-        print("(temperature > 0: every method samples; outputs are not compared, the decoder's exactness "
-              "in distribution is a test: tests/test_decode_lossless.py)")
-    result = {"settings": settings, "summary": summary, "runs": records}
+        print("(temperature > 0: every method samples, so the counts differ between rounds by design; outputs are "
+              "not compared, the decoder's exactness in distribution is a test: tests/test_decode_lossless.py)")
+    result = {"settings": settings, "note": rounds_note(summary, args.rounds), "summary": summary, "runs": records}
     if args.sweep:
         eagle = {m: s for m, s in summary.items() if m.startswith("eagle")}
         best = max(eagle, key=lambda m: eagle[m]["tokens_per_s"])
         result["best_shape"] = best
-        print(f"fastest tree shape here: {best} ({eagle[best]['tokens_per_s']:.1f} tok/s, "
+        print(f"fastest tree shape here: {best} (median {eagle[best]['tokens_per_s']:.1f} tok/s, "
               f"{eagle[best]['speedup']:.2f}x, tau {eagle[best]['tau']:.2f})")
     return result
 
@@ -320,7 +346,7 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from benchmark.methods import summarize
+    from benchmark.methods import summarize_rounds
     from modules import paths
     from modules.placement import output_device
 
@@ -335,7 +361,7 @@ def main(argv=None):
 
     records = run_benchmark(args, target, tokenizer, methods, questions, turns, generator)
 
-    summary = summarize(records, max(d for _, d, _ in shapes))
+    summary = summarize_rounds(records, max(d for _, d, _ in shapes))
     settings = vars(args) | {
         "draft": str(draft_dir), "model": args.model or paths.EMBEDDED_MODEL_NAME,
         "dtype": str(target.dtype).replace("torch.", ""), "device": str(target.device),
@@ -343,8 +369,8 @@ def main(argv=None):
         "draft_dtype": str(next(draft.parameters()).dtype).replace("torch.", ""),
         "shapes": [list(s) for s in shapes]}
     result = report(args, summary, records, settings)
-    save(result, args.out, f"{settings['model']} on {settings['device']}, "
-                           f"{len(questions)} questions x {turns} turns, {args.max_new_tokens} new tokens")
+    save(result, args.out, f"{settings['model']} on {settings['device']}, {len(questions)} questions x {turns} turns, "
+                           f"{args.max_new_tokens} new tokens, {args.rounds} round(s)")
     return result
 
 

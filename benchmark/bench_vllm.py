@@ -18,12 +18,20 @@ greedy, one sequence at a time) each method generates the same prompts:
           should match. Give the training checkpoint as reference to check the export itself.
 --proposals adds, to draft / hybrid / ours / ours-hybrid, the draft's own proposal of every step keyed by its
 context (modules/decode/proposals.py): after the same context a draft served as trained proposes the same tokens.
-Reports tokens/s, speedup over vLLM plain, mean acceptance length (tokens per draft-verify cycle,
-bonus included), accepted tokens per draft position, and whether each output equals plain greedy.
-Writes --out (JSON) and a PNG beside it. --baselines FILE takes plain and ngram from an earlier --out of the
-same prompts and settings instead of running them again (several drafts, one baseline). Each method runs in
-its own process (a fresh engine, no thread settings left over from the previous one). vLLM runs from its own
-virtualenv (`make install-vllm`; it pins the same torch and transformers as this repo).
+The methods run in --rounds interleaved rounds (default 3): each round runs every method once, each in its own
+process (a fresh engine, no thread settings left over from the previous one), in an order rotated per round
+(benchmark/rounds.py). Reports per method the median tokens/s over the rounds and its range, the speedup over vLLM
+plain taken within each round (median, range), mean acceptance length (vLLM's: tokens per step that drafted, bonus
+included), tokens per target forward (tok/fwd: every step counted, also those where n-gram found no match; the
+figure to compare methods on), accepted tokens per draft position, whether each output equals plain greedy,
+whether every round counted the same, and flags a speedup above tok/fwd by more than its range (noise). Writes --out
+(JSON, with every round's figures) and a PNG beside it.
+--baselines FILE takes plain and ngram from an earlier --out of the same prompts and settings instead of running
+them again (several drafts, one baseline). Those were measured at another time, so they cannot be interleaved
+with this run's rounds: the speedup of this run's methods is then taken against the earlier plain's median (not
+round by round), its range covers this run's rounds only, and the table and the JSON (baselines_interleaved:
+false) say so. Without --baselines everything is interleaved. vLLM runs from its own virtualenv
+(`make install-vllm`; it pins the same torch and transformers as this repo).
 """
 import gc
 import json
@@ -33,8 +41,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmark.rounds import RoundsSettings, combine, round_order, rounds_note
 from modules.paths import DEFAULT_TTT_TRAIN_DIR, EMBEDDED_MODEL_NAME
-from modules.settings import parse_settings, setting
+from modules.settings import like, parse_settings, setting
 
 # ---- SETTINGS ----------------------------------------------------------------------------
 # Edit a default here or pass the flag (--num-spec-tokens 5); --config FILE reads them from a JSON/YAML file.
@@ -56,6 +65,7 @@ class Settings:
                                        "or an MT-bench-style .jsonl file; each question's first turn")
     num_questions: int = setting(10, "questions of the prompt set (first turns)")
     max_new_tokens: int = setting(128, "tokens generated per question")
+    rounds: int = like(RoundsSettings, "rounds")
     concurrency: int = setting(1, "vLLM methods: requests in flight at once (1: one at a time, the latency a single "
                                   "user sees; N: all prompts submitted together, N at a time, for throughput)")
     dtype: str = setting("fp32", "the target's (and vLLM's draft's) dtype", choices=["fp32", "bf16"])
@@ -63,7 +73,8 @@ class Settings:
     max_model_len: int = setting(2048, "vLLM max_model_len")
     out: str = setting("benchmark/results/vllm.json", "result file (JSON; a PNG is written beside it)")
     baselines: str | None = setting(None, "an earlier --out: its plain and ngram results are used instead of running "
-                                          "them (its prompts and settings must be these)")
+                                          "them (its prompts and settings must be these; not interleaved with this "
+                                          "run's rounds: the report says so)")
     one_method: str | None = setting(None, "internal: run one method, write --out", hidden=True)
 # -------------------------------------------------------------------------------------------
 
@@ -223,49 +234,88 @@ def run_ours(target, draft, prompts, max_new_tokens, dtype, k, min_match=0, prop
     return r
 
 
-def summarize(results):
-    """Add tokens/s, speedup over vLLM plain, acceptance length and output equality to each method."""
-    plain = results.get("plain")
-    for name, r in results.items():
-        c = r["counters"]
-        r["tokens_per_s"] = r["tokens"] / r["seconds"]
-        if plain is not None:
-            r["speedup_vs_vllm_plain"] = r["tokens_per_s"] / plain["tokens_per_s"]
-            r["outputs_equal_plain"] = sum(a == b for a, b in zip(r["outputs"], plain["outputs"]))
-        if c["num_drafts"]:
-            r["acceptance_length"] = 1 + c["num_accepted_tokens"] / c["num_drafts"]
-            r["acceptance_rate"] = c["num_accepted_tokens"] / max(c["num_draft_tokens"], 1)
-    return results
+# the figures of a round that are measurements of time (they vary between rounds); the others are counts
+TIMING_KEYS = ("seconds", "tokens_per_s", "speedup_vs_vllm_plain")
 
 
-def print_table(results, n_prompts):
-    print(f"{'method':<28} {'tokens/s':>9} {'speedup':>8} {'accept len':>10} {'per position':>16} {'= plain':>8}")
-    for name, r in results.items():
+def describe(raw, plain_outputs):
+    """One method's result of one round with its tokens/s, and from its counts: acceptance length and rate, and
+    (plain_outputs given) how many outputs equal plain's."""
+    r = dict(raw)
+    c = r["counters"]
+    r["tokens_per_s"] = r["tokens"] / r["seconds"]
+    # Tokens per target forward: each forward (the prefill included) yields one token plus the draft tokens it
+    # accepted, so forwards = tokens - accepted. Unlike acceptance_length (over the steps that drafted), it counts
+    # the steps where a method proposed nothing (n-gram without a match): the figure methods compare on.
+    r["tokens_per_forward"] = r["tokens"] / max(r["tokens"] - c.get("num_accepted_tokens", 0), 1)
+    if plain_outputs is not None:
+        r["outputs_equal_plain"] = sum(a == b for a, b in zip(r["outputs"], plain_outputs))
+    if c["num_drafts"]:
+        r["acceptance_length"] = 1 + c["num_accepted_tokens"] / c["num_drafts"]
+        r["acceptance_rate"] = c["num_accepted_tokens"] / max(c["num_draft_tokens"], 1)
+    return r
+
+
+def summarize(methods, rounds, reused=None):
+    """{method: result}: the first round's outputs and counts with the figures across the rounds
+    (benchmark/rounds.py: median tokens/s and range, speedup over the same round's vLLM plain, rounds_agree,
+    suspicious, the per-round figures). rounds: [{method: raw result}] per round; reused: {method: [its rounds]}
+    from --baselines (load_baselines)."""
+    reused = reused or {}
+    plain = reused.get("plain") or [r["plain"] for r in rounds if "plain" in r]
+    plain_outputs = plain[0]["outputs"] if plain else None
+    by_method = {m: reused[m] if m in reused else [describe(r[m], plain_outputs) for r in rounds] for m in methods}
+    return combine(by_method, timing=TIMING_KEYS, tau_key="tokens_per_forward", speedup_key="speedup_vs_vllm_plain",
+                   reused=set(reused))
+
+
+def print_table(results, n_prompts, rounds):
+    """The results as a table: median tokens/s and speedup with their [min..max] over the rounds; '!' flags a
+    speedup above the tokens per target forward by more than its range, '*' a result taken from --baselines."""
+    width = max([30] + [len(r["label"]) for r in results.values()])
+    print(f"{'method':<{width}} {'tokens/s':>8} {'[range]':>13} {'speedup':>8} {'[range]':>13} {'accept len':>10} "
+          f"{'tok/fwd':>7} {'per position':>16} {'= plain':>8}")
+    for r in results.values():
         c = r["counters"]
         pos = "/".join(str(x) for x in c["accepted_per_pos"]) or "-"
         acc = f"{r['acceptance_length']:.2f}" if "acceptance_length" in r else "-"
         eq = f"{r['outputs_equal_plain']}/{n_prompts}" if "outputs_equal_plain" in r else "-"
         sp = f"{r['speedup_vs_vllm_plain']:.2f}x" if "speedup_vs_vllm_plain" in r else "-"
-        print(f"{r['label']:<28} {r['tokens_per_s']:>9.1f} {sp:>8} {acc:>10} {pos:>16} {eq:>8}")
+        tps_range = "[{:.1f}..{:.1f}]".format(*r["tokens_per_s_range"])
+        sp_range = "[{:.2f}..{:.2f}]".format(*r["speedup_range"]) if "speedup_range" in r else ""
+        marks = (" *" if r.get("from_baselines") else "") + (" !" if r.get("suspicious") else "")
+        print(f"{r['label']:<{width}} {r['tokens_per_s']:>8.1f} {tps_range:>13} {sp:>8} {sp_range:>13} {acc:>10} "
+              f"{r['tokens_per_forward']:>7.2f} {pos:>16} {eq:>8}{marks}")
+    print(rounds_note(results, rounds))
+    if any(r.get("from_baselines") for r in results.values()):
+        print(f"* {BASELINES_NOTE}")
 
 
-def plot(results, path):
+def plot(results, path, rounds):
     from modules.training.curves import save_figure
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.5 * len(results)))
     names = list(results)
-    ax.barh([results[n]["label"] for n in names], [results[n]["tokens_per_s"] for n in names], color="#4c72b0")
+    medians = [results[n]["tokens_per_s"] for n in names]
+    lows, highs = zip(*(results[n]["tokens_per_s_range"] for n in names))
+    ax.barh([results[n]["label"] for n in names], medians, color="#4c72b0",
+            xerr=[[m - lo for m, lo in zip(medians, lows)], [hi - m for m, hi in zip(medians, highs)]],
+            capsize=3, ecolor="black")
     for i, n in enumerate(names):
         r = results[n]
         note = f" {r['tokens_per_s']:.1f} tok/s"
+        if "speedup_range" in r:
+            note += " ({:.2f}x, {:.2f}..{:.2f})".format(r["speedup_vs_vllm_plain"], *r["speedup_range"])
         if "acceptance_length" in r:
             note += f", accept len {r['acceptance_length']:.2f}"
-        ax.text(r["tokens_per_s"], i, note, va="center", fontsize=8)
+        note += " (!)" if r.get("suspicious") else ""
+        ax.text(highs[i], i, note, va="center", fontsize=8)
     ax.set_xlabel("tokens/s (greedy, batch 1)")
-    ax.set_xlim(0, max(r["tokens_per_s"] for r in results.values()) * 1.6)
+    ax.set_title(f"median of {rounds} interleaved round(s); bars: min..max", fontsize=9)
+    ax.set_xlim(0, max(highs) * 2.2)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
@@ -307,12 +357,19 @@ def run_in_subprocess(method, argv):
         return json.loads(raw.read_text())
 
 
-def run_methods(argv, methods):
-    """{method: raw result} for each method, each in its own process."""
-    results = {}
-    for method in methods:
-        print(f"== {method}", flush=True)
-        results[method] = run_in_subprocess(method, argv)
+def run_rounds(argv, methods, rounds):
+    """[{method: raw result}] per round: every method once a round, each in its own process, in an order rotated
+    per round (benchmark/rounds.py)."""
+    from tqdm import tqdm
+
+    results = []
+    with tqdm(total=rounds * len(methods), desc="rounds x methods (each a fresh engine)") as bar:
+        for r in range(rounds if methods else 0):
+            results.append({})
+            for method in round_order(methods, r):
+                bar.set_postfix_str(f"round {r + 1}: {method}")
+                results[-1][method] = run_in_subprocess(method, argv)
+                bar.update(1)
     return results
 
 
@@ -327,21 +384,29 @@ def report_settings(args) -> dict:
 
 
 BASELINES = ("plain", "ngram")                 # methods that do not depend on the draft
+BASELINES_NOTE = ("from --baselines (an earlier run): not interleaved with this run's rounds, so this run's speedups "
+                  "are against that plain's median, and their range covers this run's rounds only")
 SAME_FOR_BASELINES = ("model", "prompts", "num_questions", "max_new_tokens", "concurrency", "dtype", "num_spec_tokens",
                       "ngram_max", "kv_cache_fraction", "max_model_len")
 
 
 def load_baselines(args) -> dict:
-    """{method: raw result} of the plain/ngram runs of an earlier --out, after checking it measured the same."""
+    """{method: [its result in each round]} of the plain/ngram runs of an earlier --out (one round for a file
+    written before --rounds), after checking it measured the same; each marked from_baselines."""
     report = json.loads(Path(args.baselines).read_text())
     ours, theirs = report_settings(args), report.get("settings", {})
     differ = [k for k in SAME_FOR_BASELINES if theirs.get(k, getattr(Settings, k)) != ours[k]]  # missing: default
     if differ:
         raise SystemExit(f"error: --baselines {args.baselines} was measured with other settings: "
                          + ", ".join(f"{k} {theirs.get(k)!r} (here {ours[k]!r})" for k in differ))
-    return {m: {k: v for k, v in r.items() if k not in ("tokens_per_s", "speedup_vs_vllm_plain",
-                                                         "outputs_equal_plain", "acceptance_length", "acceptance_rate")}
-            for m, r in report["results"].items() if m in BASELINES}
+    derived = set(TIMING_KEYS) | {"outputs_equal_plain", "acceptance_length", "acceptance_rate", "tokens_per_s_range",
+                                  "speedup_range", "speedup_paired", "suspicious", "rounds_agree", "rounds"}
+    lent = {m: r for m, r in report["results"].items() if m in BASELINES}
+    plain_outputs = lent["plain"]["outputs"] if "plain" in lent else None
+    return {m: [describe({k: v for k, v in r.items() if k not in derived} | {"from_baselines": True, **figures},
+                         plain_outputs)
+                for figures in r.get("rounds") or [{"seconds": r["seconds"]}]]
+            for m, r in lent.items()}
 
 
 def reported_methods(args, reused) -> list[str]:
@@ -359,20 +424,26 @@ def main(argv=None):
         Path(args.out).write_text(json.dumps(run_method(args.one_method, args, target, prompts)))
         return 0
     reused = load_baselines(args) if args.baselines else {}
-    results = {m: reused[m] if m in reused else run_methods(argv, [m])[m] for m in reported_methods(args, reused)}
-    summarize(results)
-    print_table(results, len(prompts))
+    methods = reported_methods(args, reused)
+    fresh = [m for m in methods if m not in reused]
+    rounds = run_rounds(argv, fresh, args.rounds)
+    results = summarize(methods, rounds, reused)
+    print_table(results, len(prompts), args.rounds)
     import vllm
     report = {"engine": f"vllm {vllm.__version__}",
               "target": EMBEDDED_MODEL_NAME if args.model is None else engines_name(args.model),
               "draft": engines_name(args.draft) if set(args.methods) - set(BASELINES) else None,
-              "settings": report_settings(args), "baselines_from": engines_name(args.baselines) if reused else None,
-              "prompts": len(prompts), "threads": os.cpu_count(), "results": results}
+              "settings": report_settings(args), "prompts": len(prompts), "threads": os.cpu_count(),
+              "rounds": args.rounds, "round_orders": [round_order(fresh, r) for r in range(len(rounds))],
+              "baselines_from": engines_name(args.baselines) if reused else None,
+              "baselines_interleaved": False if reused else None,
+              "baselines_note": BASELINES_NOTE if reused else None, "note": rounds_note(results, args.rounds),
+              "results": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from modules.io import atomic_write_text
     atomic_write_text(out, json.dumps(report, indent=1))
-    plot(results, out.with_suffix(".png"))
+    plot(results, out.with_suffix(".png"), args.rounds)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

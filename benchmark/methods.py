@@ -1,6 +1,7 @@
 """What the decoding benchmarks measure, shared by benchmark/bench_eagle.py and benchmark/bench_eagle3.py:
 the methods (plain greedy, HF prompt lookup, our EAGLE decoder), each taking prompt ids and returning
-(new token ids, seconds, extra stats), and the per-method summary of their records."""
+(new token ids, seconds, extra stats), the per-method summary of their records, and (bench_eagle.py) that summary
+across interleaved rounds (benchmark/rounds.py)."""
 import time
 
 
@@ -40,6 +41,11 @@ def run_eagle(target, ids, max_new, eos, decoder=None, generator=None, **_):
 
 # ---- summary -------------------------------------------------------------------------------
 
+# the figures of `summarize` that are measurements of time (they vary between rounds); the others are counts
+TIMING_KEYS = ("seconds", "tokens_per_s", "speedup", "speedup_vs_prompt_lookup", "ms_per_cycle", "draft_ms_per_cycle",
+               "target_ms_per_cycle", "overhead_pct")
+
+
 def summarize(records, depth):
     """Per-method totals from the per-run records."""
     methods = []
@@ -77,6 +83,12 @@ def summarize(records, depth):
             used = [u for r in rs for u in r.get("from_lookup", [])]
             if any(used):  # the hybrid rule (modules/decode/hybrid.py): cycles that verified the lookup's tokens
                 s["lookup_cycle_share"] = round(sum(used) / len(used), 4)
+                # tokens per cycle in the cycles the lookup's tokens were verified, and in the draft's own cycles
+                # (docs/serving.md, "Projected on a GPU", combines them with a published tau)
+                by_lookup = [a for a, u in zip(acc, used) if u]
+                by_draft = [a for a, u in zip(acc, used) if not u]
+                s["tau_lookup_cycles"] = round(sum(by_lookup) / len(by_lookup), 4)
+                s["tau_draft_cycles"] = round(sum(by_draft) / len(by_draft), 4) if by_draft else None
         summary[m] = s
         if m == "plain":
             plain_tps = s["tokens_per_s"]
@@ -86,3 +98,14 @@ def summarize(records, depth):
         if lookup_tps and s["tokens_per_s"]:
             s["speedup_vs_prompt_lookup"] = round(s["tokens_per_s"] / lookup_tps, 3)
     return summary
+
+
+def summarize_rounds(records, depth):
+    """Per method across the rounds of the records (their 'round' field; none: one round): each round summarized
+    alone (summarize), then combined (benchmark/rounds.py: median tokens/s and its range, the speedup over the
+    same round's plain, the first round's counts and whether every round repeated them, the suspicious flag)."""
+    from benchmark.rounds import combine
+
+    numbers = sorted({r.get("round", 1) for r in records})
+    per_round = [summarize([r for r in records if r.get("round", 1) == n], depth) for n in numbers]
+    return combine({m: [s[m] for s in per_round] for m in per_round[0]}, timing=TIMING_KEYS, tau_key="tau")

