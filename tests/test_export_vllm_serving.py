@@ -2,7 +2,8 @@
 
 Five drafts (EAGLE-1/2, EAGLE-3, EAGLE-3.1, P-EAGLE, DFlash) are trained a few hundred steps on the embedded
 default with the repo's own scripts (EAGLE-1/2: train/train.py, the others: train/train_eagle_ttt.py, on
-generate_data_fused_features.py data), cached under the eagle-train cache folder, and exported with train/export.py as a user would.
+generate_data_fused_features.py data), cached under the eagle-train cache folder, and exported with
+train/export.py as a user would.
 P-EAGLE and DFlash are trained with a block of K tokens and served by vLLM (eagle3 + parallel_drafting,
 dflash) with K tokens; our decoder then proposes the block in one forward (modules/decode/parallel.py).
 benchmark/bench_vllm.py then runs vLLM plain, vLLM with each export, and our decoder as a chain of the
