@@ -16,6 +16,8 @@ greedy, one sequence at a time) each method generates the same prompts:
   ours    our EAGLE decoder (modules/decode/tree_decoding.py) run as a CHAIN of the same length on the same
           target folder, with --reference-draft (default: the same draft): what vLLM's acceptance
           should match. Give the training checkpoint as reference to check the export itself.
+--proposals adds, to draft / hybrid / ours / ours-hybrid, the draft's own proposal of every step keyed by its
+context (modules/decode/proposals.py): after the same context a draft served as trained proposes the same tokens.
 The methods run in --rounds interleaved rounds (default 3): each round runs every method once, each in its own
 process (a fresh engine, no thread settings left over from the previous one), in an order rotated per round
 (benchmark/rounds.py). Reports per method the median tokens/s over the rounds and its range, the speedup over vLLM
@@ -54,6 +56,9 @@ class Settings:
     methods: list[str] = setting(["plain", "draft", "ngram", "ours"], "methods to run",
                                  choices=["plain", "draft", "ngram", "hybrid", "ours", "ours-hybrid"])
     hybrid_min_match: int = setting(2, "hybrid, ours-hybrid: the rule's min_match (modules/decode/hybrid.py)")
+    proposals: bool = setting(False, "draft, hybrid, ours, ours-hybrid: also report the draft's own proposal of every "
+                                     "step, {context key: tokens} (modules/decode/proposals.py), to compare step by "
+                                     "step", action="store_true")
     num_spec_tokens: int = setting(3, "draft tokens per cycle (vLLM's num_speculative_tokens; our chain depth)")
     ngram_max: int = setting(4, "n-gram: longest prompt n-gram to match")
     prompts: str = setting("mt-bench", "prompt set (benchmark/prompt_sets.py: mt-bench, humaneval, sharegpt-heldout) "
@@ -149,10 +154,15 @@ def spec_counters(llm):
 
 
 def run_vllm(target, prompts, max_new_tokens, dtype, spec=None, kv_fraction=Settings.kv_cache_fraction,
-             max_model_len=Settings.max_model_len, concurrency=1):
-    """Generate greedily with a fresh vLLM engine. -> {outputs, seconds, tokens, counters}."""
+             max_model_len=Settings.max_model_len, concurrency=1, proposals=None):
+    """Generate greedily with a fresh vLLM engine. -> {outputs, seconds, tokens, counters}, and `proposals` when
+    given a file: the plugin logs the draft's proposals there (modules/vllm_plugin/), read back as
+    {context key: tokens} (the warm-up's contexts included)."""
     from vllm import LLM, SamplingParams
 
+    if proposals is not None:  # read by the plugin in vLLM's engine process, which inherits the environment
+        from modules.vllm_plugin.hybrid_runner import RECORD_ENV
+        os.environ[RECORD_ENV] = str(proposals)
     llm = LLM(model=target, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype], max_model_len=max_model_len,
               max_num_seqs=concurrency, gpu_memory_utilization=kv_fraction, enforce_eager=True,
               disable_log_stats=False, speculative_config=spec, seed=0)
@@ -172,44 +182,56 @@ def run_vllm(target, prompts, max_new_tokens, dtype, spec=None, kv_fraction=Sett
     counters["accepted_per_pos"] = [a - b for a, b in zip(after["accepted_per_pos"], pos_before)]
     del llm
     gc.collect()
-    return {"outputs": outputs, "seconds": seconds, "tokens": sum(map(len, outputs)), "counters": counters}
+    r = {"outputs": outputs, "seconds": seconds, "tokens": sum(map(len, outputs)), "counters": counters}
+    if proposals is not None:
+        from modules.decode.proposals import read_proposals
+        r["proposals"] = read_proposals(proposals)
+    return r
 
 
-def run_ours(target, draft, prompts, max_new_tokens, dtype, k, min_match=0):
+def run_ours(target, draft, prompts, max_new_tokens, dtype, k, min_match=0, proposals=False):
     """Our decoder as a chain of k draft tokens (top-1, depth k) with the same draft and target folder; a
     parallel draft (P-EAGLE) proposes the block it was trained for in one forward (modules/decode/parallel.py).
-    min_match > 0: with the hybrid rule (modules/decode/hybrid.py)."""
+    min_match > 0: with the hybrid rule (modules/decode/hybrid.py). proposals: also return the draft's proposal of
+    every cycle, {context key: tokens} (modules/decode/proposals.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from modules.draft.kinds import kind_of
     from modules.draft.loading import load_draft
     from modules.decode.parallel import ParallelDecoder
+    from modules.decode.proposals import keyed
     from modules.decode.tree_decoding import EagleDecoder
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, attn_implementation="sdpa").eval()
     drafter = load_draft(draft, target_model=model, dtype=torch_dtype)
     if kind_of(drafter).parallel:
-        decoder = ParallelDecoder(model, drafter, hybrid_min_match=min_match)
+        decoder = ParallelDecoder(model, drafter, hybrid_min_match=min_match, record_proposals=proposals)
         k = decoder.block
     else:
-        decoder = EagleDecoder(model, drafter, total_tokens=k + 1, depth=k, top_k=1, hybrid_min_match=min_match)
+        decoder = EagleDecoder(model, drafter, total_tokens=k + 1, depth=k, top_k=1, hybrid_min_match=min_match,
+                               record_proposals=proposals)
     eos = model.generation_config.eos_token_id
     decoder.generate(prompts[0][:16], max_new_tokens=8, eos_token_id=eos)  # warm-up
-    outputs, lengths, from_lookup, t0 = [], [], [], time.perf_counter()
+    outputs, lengths, from_lookup, proposed, t0 = [], [], [], [], time.perf_counter()
     for ids in prompts:
         r = decoder.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos)
         outputs.append(r.tokens)
         lengths += r.accept_lengths
         from_lookup += r.from_lookup
+        proposed.append(r.proposals)
     seconds = time.perf_counter() - t0
     accepted = [n - 1 for n in lengths]
     counters = {"num_drafts": len(accepted), "num_draft_tokens": k * len(accepted),
                 "num_accepted_tokens": sum(accepted),
                 "accepted_per_pos": [sum(a > i for a in accepted) for i in range(k)],
                 "lookup_cycles": sum(from_lookup)}
-    return {"outputs": outputs, "seconds": seconds, "tokens": sum(map(len, outputs)), "counters": counters}
+    r = {"outputs": outputs, "seconds": seconds, "tokens": sum(map(len, outputs)), "counters": counters}
+    if proposals:
+        r["proposals"] = {key: tokens for ids, out, steps in zip(prompts, outputs, proposed)
+                          for key, tokens in keyed(ids, out, steps).items()}
+    return r
 
 
 # the figures of a round that are measurements of time (they vary between rounds); the others are counts
@@ -305,13 +327,15 @@ def run_method(method, args, target, prompts):
     k = args.num_spec_tokens
     if method in ("ours", "ours-hybrid"):
         rule = args.hybrid_min_match if method == "ours-hybrid" else 0
-        r = run_ours(target, args.reference_draft or args.draft, prompts, args.max_new_tokens, args.dtype, k, rule)
+        r = run_ours(target, args.reference_draft or args.draft, prompts, args.max_new_tokens, args.dtype, k, rule,
+                     args.proposals)
         r["label"] = f"our decoder, chain of {k}" + (f" + lookup rule {rule}" if rule else "")
         return r
     with tempfile.TemporaryDirectory() as tmp:
         spec = speculative_config(method, args.draft, k, args.ngram_max, args.hybrid_min_match, tmp)
+        log = Path(tmp) / "proposals.jsonl" if args.proposals and method in ("draft", "hybrid") else None
         r = run_vllm(target, prompts, args.max_new_tokens, args.dtype, spec, args.kv_cache_fraction,
-                     args.max_model_len, args.concurrency)
+                     args.max_model_len, args.concurrency, log)
     r["label"] = "vLLM plain" if spec is None else f"vLLM {spec['method']}, {k} tokens"
     if method == "hybrid":
         r["label"] += f" + lookup rule {args.hybrid_min_match}"

@@ -5,7 +5,9 @@ accepted, so what vLLM accepts comes from the lookup and the check of the rule i
 `train/export.py --hybrid-lookup 1` and served by benchmark/bench_vllm.py, as a user would:
 - outputs equal vLLM plain on every prompt (greedy, fp32);
 - vLLM's accepted tokens per position equal our decoder's chain with the same rule (modules/decode/hybrid.py)
-  within the serving test's slack, and exceed the draft alone's;
+  within the serving test's slack, and exceed the draft alone's; the draft's own proposals, which the plugin
+  records before the rule replaces any, equal our decoder's after the same contexts (the serving test's
+  step-by-step check: our decoder's lookup cycles run no draft, so the contexts compared are its draft cycles);
 - 8 concurrent requests: outputs equal plain at the same concurrency, acceptance equals the one-at-a-time run
   (each request's lookup state is its own).
 Controls that must fail the same parity check: the plugin not loaded (VLLM_PLUGINS=none: vLLM serves the draft

@@ -8,4 +8,5 @@ Decoding uses the drafts (modules/draft/: their kinds and adapters); no draft fi
     lookup.py         prompt lookup: a chain from the context grafted onto the draft tree (hybrid trees)
     parallel.py       ParallelDecoder: one draft forward proposes a block (P-EAGLE, DFlash); make_decoder
     hybrid.py         the hybrid rule: a prompt-lookup match of >= min_match tokens replaces a chain's K draft tokens
+    proposals.py      proposals keyed by their context, logged and compared step by step (ours against vLLM's)
 """

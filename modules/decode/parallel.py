@@ -30,7 +30,8 @@ from modules.decode.tree_decoding import EagleDecoder, draft_kind, make_adapter
 class ParallelDecoder(EagleDecoder):
     """Chain speculative decoding, one draft forward per cycle proposing the adapter's block_size tokens."""
 
-    def __init__(self, target, draft, timing=False, lookup_tokens=0, lookup_ngram=3, hybrid_min_match=0):
+    def __init__(self, target, draft, timing=False, lookup_tokens=0, lookup_ngram=3, hybrid_min_match=0,
+                 record_proposals=False):
         """draft: a draft of a parallel kind, or its adapter (block_size, propose_block)."""
         kind = draft_kind(draft)
         if kind is not None and not kind.parallel:
@@ -40,7 +41,7 @@ class ParallelDecoder(EagleDecoder):
         self.block = int(adapter.block_size)
         super().__init__(target, adapter, total_tokens=self.block + 1, depth=self.block, top_k=1, temperature=0.0,
                          timing=timing, lookup_tokens=lookup_tokens, lookup_ngram=lookup_ngram,
-                         hybrid_min_match=hybrid_min_match)
+                         hybrid_min_match=hybrid_min_match, record_proposals=record_proposals)
 
     def _buffers(self, P, max_new):
         """EagleDecoder's, with draft cache and mask rows for the K-1 mask slots after every catch-up."""

@@ -57,6 +57,9 @@ class DecodeResult:
     tokens: list                  # new token ids (prompt excluded), EOS included when hit
     accept_lengths: list = field(default_factory=list)  # per cycle: accepted draft tokens + 1 bonus
     from_lookup: list = field(default_factory=list)     # per cycle: the hybrid rule verified the lookup's tokens
+    # per cycle the draft proposed: (context length, prompt included, [its chain]), when the decoder records them
+    # (record_proposals=True; a lookup cycle of the hybrid rule has none); modules/decode/proposals.py keys them
+    proposals: list | None = None
     # prefill_s .. cycles_s are measured only by a decoder built with timing=True (else 0)
     prefill_s: float = 0.0
     draft_s: float = 0.0          # draft forwards + log-probs inside cycles
@@ -121,13 +124,15 @@ class EagleDecoder:
     context's last >= hybrid_min_match tokens occurred earlier, the `depth` tokens that followed are verified as
     a chain instead of the draft's tree (no draft forwards that cycle), else the draft's tree is. With a chain
     shape (top_k 1, total_tokens depth + 1) this is what the vLLM plugin serves (modules/vllm_plugin/).
+    record_proposals: DecodeResult.proposals lists the draft's chain of every cycle with its context (a chain only,
+    top_k 1: a tree is no one proposal), to compare with another serving step by step (modules/decode/proposals.py).
     timing: fill DecodeResult's prefill / draft / target / cycle times. On a GPU this synchronises
     with the device around every forward, so it is off unless a benchmark asks for it; total_s is
     always measured (each cycle ends by reading the accepted tokens on the host anyway).
     """
 
     def __init__(self, target, draft, total_tokens=16, depth=4, top_k=4, temperature=0.0, timing=False,
-                 lookup_tokens=0, lookup_ngram=3, hybrid_min_match=0):
+                 lookup_tokens=0, lookup_ngram=3, hybrid_min_match=0, record_proposals=False):
         if total_tokens < 1 or depth < 1 or top_k < 1:
             raise ValueError(f"need total_tokens, depth, top_k >= 1, got {total_tokens}, {depth}, {top_k}")
         if lookup_tokens < 0 or lookup_ngram < 1:
@@ -140,6 +145,9 @@ class EagleDecoder:
                              "lookup replaces the tree) are two ways to combine them: pick one")
         if hybrid_min_match:
             HybridLookup(depth, hybrid_min_match)  # a bad min_match is refused here, not mid-generation
+        if record_proposals and top_k != 1:
+            raise ValueError(f"record_proposals needs a chain (top_k 1), got top_k {top_k}: a tree is no one proposal")
+        self.record_proposals = record_proposals
         self.lookup_tokens, self.lookup_ngram, self.hybrid_min_match = lookup_tokens, lookup_ngram, hybrid_min_match
         self.target = target
         self.adapter = make_adapter(draft)
@@ -239,7 +247,7 @@ class EagleDecoder:
         """
         t0 = time.perf_counter()
         t_prefill = self._clock()
-        result = DecodeResult(tokens=[])
+        result = DecodeResult(tokens=[], proposals=[] if self.record_proposals else None)
         ids = self._prompt_ids(input_ids)
         P = ids.shape[1]
         max_new = min(max_new_tokens, self.max_positions - P)
@@ -262,6 +270,8 @@ class EagleDecoder:
                 tree = chain_tree(torch.tensor([int(root)] + chain[:tree_depth], device=self.device))
             else:
                 tree = self._grow_tree(root, h[0, -1], lp[0], n, tree_depth, buf, result)
+                if result.proposals is not None:  # after the prompt and `tokens`, the root included
+                    result.proposals.append((P + len(tokens), tree.tokens[1:].tolist()))
             if isinstance(lookup, PromptLookup):  # hybrid tree: the prompt-lookup branch rides in the same verify
                 tree = graft(tree, lookup.propose()[:self.max_positions - 1 - n])
             result.from_lookup.append(chain is not None)

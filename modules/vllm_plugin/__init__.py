@@ -10,7 +10,8 @@ installs the repo into .venv-vllm), in every vLLM process. `register()`:
   - wraps `GPUModelRunner.propose_draft_token_ids` (the CPU runner inherits it): the draft proposes as
     always, every step, then, when the export's config.json has the `hybrid_lookup` field (train/export.py
     --hybrid-lookup N), the hybrid rule replaces the draft's tokens of every greedy request whose context
-    matches (modules/vllm_plugin/hybrid_runner.py).
+    matches, and when EAGLE_RECORD_PROPOSALS names a file, the draft's own proposals are logged to it step by
+    step (modules/vllm_plugin/hybrid_runner.py).
 Why a patch and not a stock hook: vLLM's `custom_class` proposer is handed token ids only (no hidden states),
 so it cannot run an EAGLE draft; the EAGLE/DFlash proposers have no hook for the tokens they return.
 """
