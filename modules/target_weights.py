@@ -83,7 +83,13 @@ def target_config(target):
         cfg = AutoConfig.from_pretrained(loc, gguf_file=gguf_file)
     else:
         cfg = AutoConfig.from_pretrained(loc)
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return text_config(cfg)
+
+
+def text_config(config):
+    """The text model's part of a config (a multimodal target's language model; a text model's own config). The
+    one place that decides it: drafts, data and engines read the target's sizes through it."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _from_safetensors(folder):

@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 
 from modules.data.chat import BadRow
 from modules.data.generation import GenerationError
+from modules.target_weights import text_config
 
 CPU_KV_CACHE_GIB = 2.0   # KV cache in RAM when --engine-kv-cache-gib is 0 on CPU (vLLM's fraction of RAM
                          # minus the worker's RSS goes negative on a small box)
@@ -115,7 +116,7 @@ def __getattr__(name):  # vLLM's workers load the connector as getattr(this modu
 
 def _final_norm(model_dir: Path, config) -> tuple[torch.Tensor, float]:
     """(weight, eps) of the target's final RMSNorm, read from its safetensors files."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     if getattr(text, "model_type", "").startswith("gemma"):
         raise EngineError("--engine vllm: Gemma-style final norms (1 + weight) are not supported yet")
     eps = getattr(text, "rms_norm_eps", None)

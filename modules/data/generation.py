@@ -34,6 +34,7 @@ from modules.settings import setting
 from modules.data.storage import (FORMAT, MANIFEST, SHARD_RE, DataFormatError, list_shards, read_manifest,
                                   read_shard_stats, shard_name, write_manifest, write_shard)
 from modules.io import atomic_write_text
+from modules.target_weights import text_config
 
 SHARD_BYTES = 2**30  # default shard size bound: few files (and memory maps) for large targets, still easy to copy
 # A batching window holds this many full batches of max-length rows: length-sorting a window's rows
@@ -262,7 +263,7 @@ def manifest_header(settings: GenerationSettings, tokenizer, config, device, ext
     With auto rows per shard or auto batch tokens, a folder begun with otherwise equal settings keeps
     its own (begun under another --shard-bytes or an older default, e.g. the fused generator's former
     8192 batch tokens), so its shards stay valid and a resume writes the same bytes."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     hidden = text.hidden_size
     store_dtype = STORE_TORCH_DTYPES[settings.dtype]
     rps = settings.rows_per_shard or auto_rows_per_shard(hidden, settings.max_length, store_dtype,

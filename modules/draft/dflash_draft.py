@@ -39,6 +39,7 @@ from modules.draft.vocab import build_mappings
 from modules.export import engines
 from modules.io import cast_floats, save_draft_folder
 from modules.kv_cache import TreeKVCache
+from modules.target_weights import text_config
 
 DFLASH_ARCHITECTURE = "DFlashDraftModel"  # vLLM 0.32 models/registry.py -> qwen3_dflash.DFlashQwen3ForCausalLM
 WEIGHTS_NAME = "model.safetensors"
@@ -47,7 +48,7 @@ WEIGHTS_NAME = "model.safetensors"
 def make_dflash_config(target_config, draft_vocab_size, aux_layers, num_layers, block, mask_token_id,
                        target_model=None):
     """A Qwen3Config of `num_layers` layers shaped like the target, plus the fields vLLM's DFlash reads."""
-    t = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    t = text_config(target_config)
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     cfg = Qwen3Config(
         hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=int(num_layers),

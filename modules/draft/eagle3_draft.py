@@ -48,6 +48,7 @@ from modules.settings import setting
 from modules.draft.vocab import build_mappings
 from modules.io import cast_floats, save_draft_folder
 from modules.kv_cache import TreeKVCache
+from modules.target_weights import text_config
 
 EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
 WEIGHTS_NAME = "model.safetensors"
@@ -56,7 +57,7 @@ WEIGHTS_NAME = "model.safetensors"
 def make_eagle3_config(target_config, draft_vocab_size, aux_layers, target_model=None,
                        intermediate_size=None):
     """A one-layer LlamaConfig shaped like the target, plus the EAGLE-3 fields serving engines read."""
-    t = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    t = text_config(target_config)
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     cfg = LlamaConfig(
         hidden_size=t.hidden_size,
@@ -423,7 +424,7 @@ class Eagle3ExportError(ValueError):
 
 
 def check_fits_target(draft, target_config, where="draft"):
-    t = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    t = text_config(target_config)
     problems = []
     if draft.fused_size != 3 * t.hidden_size:
         problems.append(f"fc takes {draft.fused_size} features, the target gives 3 x {t.hidden_size}")

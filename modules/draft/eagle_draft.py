@@ -46,6 +46,7 @@ from modules.draft import ttt_attention
 from modules.draft.adapter import DraftAdapter
 from modules.draft.kinds import DraftKind
 from modules.io import atomic_write, save_draft_folder
+from modules.target_weights import text_config
 
 EAGLE_ARCHITECTURE = "LlamaForCausalLMEagle"  # checkpoints of families no engine serves (see engines.py)
 WEIGHTS_NAME = "model.safetensors"
@@ -75,7 +76,7 @@ def family_classes(config):
 
 def make_draft_config(target_config, bias=False, target_model=None, attn_implementation="sdpa"):
     """Draft config = copy of the target's text config with one layer plus EAGLE fields."""
-    cfg = copy.deepcopy(target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config)
+    cfg = copy.deepcopy(text_config(target_config))
     cfg.num_hidden_layers = 1
     if getattr(cfg, "layer_types", None):
         # Families with per-layer attention types (Qwen2, ...): the draft layer is full attention.
